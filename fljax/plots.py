@@ -1,0 +1,55 @@
+"""PNG plots of runs and partitions (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_label_histogram(hist: np.ndarray, path: str, *, max_clients: int = 100,
+                         title: str = "") -> None:
+  """Stacked bars: the label counts of each client (first `max_clients` clients)."""
+  plt = _pyplot()
+  hist = np.asarray(hist)[:max_clients]
+  c, k = hist.shape
+  fig, ax = plt.subplots(figsize=(max(6, 0.12 * c + 2), 3.5))
+  bottom = np.zeros(c)
+  cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+  for j in range(k):
+    ax.bar(np.arange(c), hist[:, j], bottom=bottom, width=0.9, color=cmap(j % cmap.N),
+           label=str(j))
+    bottom += hist[:, j]
+  ax.set_xlabel("client")
+  ax.set_ylabel("examples")
+  ax.set_title(title or "labels per client")
+  ax.legend(title="label", fontsize=6, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+                xlabel: str = "round", ylabel: str = "test accuracy", title: str = "") -> None:
+  """One line per named `(x, y)` curve."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, (x, y) in curves.items():
+    ax.plot(x, y, marker="." if len(x) < 60 else None, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title)
+  if len(curves) > 1:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

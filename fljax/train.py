@@ -1,0 +1,274 @@
+"""Federated training runs: `train_and_evaluate(config, workdir)` and its command line.
+
+A run loads a dataset, partitions it over clients, trains a model with FedAvg/FedSGD,
+evaluates on the test split and writes to `workdir`:
+
+  config.json          the resolved config (a rerun with another config is refused)
+  metrics.jsonl        one JSON record per round (train loss, test accuracy, wall time)
+  accuracy.png         test accuracy per round
+  label_histogram.txt  labels per client (and .png)
+  checkpoints/         orbax checkpoints of the server state every `checkpoint_every` rounds
+
+Rerunning the same command resumes from the newest checkpoint; the resumed run ends with
+parameters bit-identical to an uninterrupted one. Ctrl-C saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fljax import config as config_lib
+from fljax import datasets, models, partitions, plots
+from fljax import federated as fed
+from fljax.checkpoint import Checkpointer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Which data, and how it is split over clients.
+
+  Attributes:
+    name: dataset: mnist (embedded), digits, fashion_mnist, or tfds:<name>.
+    data_dir: folder for fashion_mnist IDX files or a prepared TFDS data_dir.
+    image_size: resize/pad images to this square size (none: native).
+    channels: convert to this many channels (none: native).
+    train_subset: keep this many training examples, stratified (none: all).
+    test_subset: keep this many test examples, stratified (none: all).
+    num_clients: number of clients C.
+    partition: iid, dirichlet, shards or quantity_skew.
+    alpha: Dirichlet label-skew concentration (partition=dirichlet).
+    min_size: minimum examples per client (partition=dirichlet).
+    shards_per_client: k label-sorted shards per client (partition=shards).
+    quantity_method: dirichlet or lognormal client sizes (partition=quantity_skew).
+    quantity_beta: Dirichlet concentration of client sizes (quantity_method=dirichlet).
+    quantity_sigma: log-normal sigma of client sizes (quantity_method=lognormal).
+  """
+
+  name: str = "mnist"
+  data_dir: str | None = None
+  image_size: int | None = None
+  channels: int | None = None
+  train_subset: int | None = None
+  test_subset: int | None = None
+  num_clients: int = 100
+  partition: str = "iid"
+  alpha: float = 0.5
+  min_size: int = 10
+  shards_per_client: int = 2
+  quantity_method: str = "dirichlet"
+  quantity_beta: float = 0.5
+  quantity_sigma: float = 1.0
+
+  def partition_kwargs(self) -> dict[str, Any]:
+    return {
+        "iid": {},
+        "dirichlet": {"alpha": self.alpha, "min_size": self.min_size},
+        "shards": {"k": self.shards_per_client},
+        "quantity_skew": {"method": self.quantity_method, "beta": self.quantity_beta,
+                          "sigma": self.quantity_sigma},
+    }.get(self.partition, {})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """The classifier.
+
+  Attributes:
+    name: lenet (DLG), mlp, cnn (TF-Privacy/Opacus MNIST CNN) or resnet (GroupNorm).
+    init: default (Flax/LeCun) or uniform (DLG's uniform(-0.5, 0.5)).
+  """
+
+  name: str = "cnn"
+  init: str = "default"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+  """One federated training run.
+
+  Attributes:
+    rounds: number of federated rounds.
+    seed: seed of every random choice in the run (partition, init, sampling, clients).
+    eval_every: evaluate on the test split every this many rounds (and at the end).
+    checkpoint_every: save the server state every this many rounds (and at the end).
+    devices: shard the client axis over this many local devices (0: all of them).
+  """
+
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  fed: fed.FedConfig = fed.FedConfig()
+  rounds: int = 50
+  seed: int = 0
+  eval_every: int = 1
+  checkpoint_every: int = 10
+  devices: int = 1
+
+  def __post_init__(self):
+    for name in ("rounds", "eval_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.devices < 0:
+      raise ValueError(f"devices must be >= 0, got {self.devices}")
+
+
+def load_clients(cfg: DataConfig, *, key: jax.Array
+                 ) -> tuple[datasets.Dataset, partitions.Batch, np.ndarray]:
+  """The dataset, its clients as a padded `Batch [C, N_max, ...]`, and their label histogram."""
+  ds = datasets.load(cfg.name, image_size=cfg.image_size, channels=cfg.channels,
+                     train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                     data_dir=cfg.data_dir)
+  parts = partitions.partition(cfg.partition, ds.y_train, cfg.num_clients, key=key,
+                               **cfg.partition_kwargs())
+  clients = partitions.make_clients(ds.x_train, ds.y_train, parts)
+  return ds, clients, partitions.label_histogram(ds.y_train, parts, ds.num_classes)
+
+
+class _Log:
+  """metrics.jsonl, truncated to the resumed round so that no round appears twice."""
+
+  def __init__(self, path: Path, resume_round: int):
+    self.path = path
+    records = []
+    if path.exists() and resume_round > 0:
+      records = [r for r in map(json.loads, path.read_text().splitlines())
+                 if r["round"] <= resume_round]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    self.records = records
+
+  def append(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _check_workdir(workdir: Path, config: ExperimentConfig, overwrite: bool) -> None:
+  path = workdir / "config.json"
+  current = config_lib.to_dict(config)
+  if path.exists() and not overwrite:
+    saved = json.loads(path.read_text())
+    # Only the number of rounds may change on resume (to extend a run).
+    differ = {k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k)}
+    if differ:
+      raise SystemExit(f"error: {workdir} holds a run with a different config ({', '.join(sorted(differ))} "
+                       f"differ); choose a new --workdir, or pass --overwrite to start afresh")
+  if overwrite and (workdir / "checkpoints").exists():
+    import shutil
+    shutil.rmtree(workdir / "checkpoints")
+  workdir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
+                       overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) a federated training run; returns the last metrics record."""
+  from tqdm import tqdm
+
+  workdir = Path(workdir)
+  _check_workdir(workdir, config, overwrite)
+  k_partition, k_init, k_run = jax.random.split(jax.random.key(config.seed), 3)
+
+  ds, clients, hist = load_clients(config.data, key=k_partition)
+  (workdir / "label_histogram.txt").write_text(partitions.format_histogram(hist) + "\n")
+  plots.plot_label_histogram(hist, str(workdir / "label_histogram.png"),
+                             title=f"{config.data.partition} over {config.data.num_clients} clients")
+  model = models.make(config.model.name, num_classes=ds.num_classes,
+                      input_shape=ds.image_shape, init=config.model.init)
+
+  mesh = None
+  if config.devices != 1:
+    mesh = fed.make_mesh(config.devices or None)
+  client_update = fed.make_client_update(fed.make_loss_fn(model.apply), config.fed)
+  round_step = jax.jit(fed.make_round_step(client_update, config.fed, clients.num_clients,
+                                           mesh=mesh), donate_argnums=0)
+  evaluate = jax.jit(fed.make_evaluate(model.apply))
+
+  state = fed.init_server_state(model.init(k_init), config.fed, key=k_run)
+  ckpt = Checkpointer(workdir / "checkpoints")
+  start = ckpt.latest_round() or 0
+  if start:
+    state = ckpt.restore(state)
+  log = _Log(workdir / "metrics.jsonl", start)
+  clients = fed.replicate(jax.tree.map(jnp.asarray, clients), mesh)
+  state = fed.replicate(state, mesh)
+  x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+
+  say = tqdm.write if progress else print
+  say(f"{ds.describe()}; {config.data.partition} over {config.data.num_clients} clients; "
+      f"{config.model.name} with {models.num_params(state.params):,} parameters; "
+      f"{config.fed.algorithm}, {fed.num_sampled(config.fed, clients.num_clients)} client slots/round"
+      + (f"; resuming at round {start}" if start else ""))
+  bar = tqdm(total=config.rounds, initial=start, desc="rounds", disable=not progress,
+             dynamic_ncols=True, leave=False)
+  t_run = time.perf_counter()
+  record: dict[str, Any] = {}
+  try:
+    while int(state.round) < config.rounds:
+      t0 = time.perf_counter()
+      state, metrics = round_step(state, clients)
+      metrics = jax.device_get(metrics)
+      r = int(state.round)
+      record = {"round": r, **{k: float(v) for k, v in metrics.items()}}
+      if not np.isfinite(record["train_loss"]):
+        ckpt.close()
+        raise FloatingPointError(
+            f"training diverged at round {r} (train loss {record['train_loss']}); the last "
+            f"checkpoint is kept: lower --fed.local_lr or --fed.server_lr and rerun with a new --workdir")
+      if r % config.eval_every == 0 or r == config.rounds:
+        ev = jax.device_get(evaluate(state.params, x_test, y_test))
+        record.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
+      record["round_seconds"] = time.perf_counter() - t0
+      log.append(record)
+      if "test_accuracy" in record:
+        say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
+            f"test_acc {record['test_accuracy']:.4f}  {record['round_seconds']:.2f}s")
+      if r % config.checkpoint_every == 0 or r == config.rounds:
+        ckpt.save(state)
+      bar.update(1)
+  except KeyboardInterrupt:
+    ckpt.save(state)
+    bar.close()
+    ckpt.close()
+    print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
+          f"rerun the same command to resume", file=sys.stderr)
+    raise SystemExit(130) from None
+  bar.close()
+  ckpt.close()
+
+  evaluated = [r for r in log.records if "test_accuracy" in r]
+  plots.plot_curves({config.data.partition: ([r["round"] for r in evaluated],
+                                             [r["test_accuracy"] for r in evaluated])},
+                    str(workdir / "accuracy.png"),
+                    title=f"{config.fed.algorithm} on {config.data.name}, {config.model.name}")
+  if record:
+    say(f"done: {config.rounds} rounds in {time.perf_counter() - t_run:.1f}s this session; "
+        f"test accuracy {evaluated[-1]['test_accuracy']:.4f}; outputs in {workdir}")
+  return log.records[-1] if log.records else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+  def extra(parser):
+    parser.add_argument("--workdir", default="runs/fl", help="output folder (default: runs/fl)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard checkpoints in --workdir and start afresh")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  config, ns = config_lib.parse(ExperimentConfig, argv, extra=extra,
+                                description="Federated training on offline datasets "
+                                            "(FedAvg/FedSGD), resumable.")
+  try:
+    train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
+  except (datasets.DatasetError, ValueError, FloatingPointError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  main()
