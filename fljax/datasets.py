@@ -104,6 +104,8 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
   c = x.shape[-1]
+  if channels < 1:
+    raise DatasetError(f"channels must be positive, got {channels}")
   if c == channels:
     return x
   if c == 1:
@@ -211,12 +213,12 @@ def _load_tfds(name: str, data_dir: str | None, *, image_key: str = "image",
   arrays = {}
   for split in ("train", test_split):
     try:
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                builder_kwargs=None)
-    except NotImplementedError as e:
-      raise DatasetError(f"tfds:{name} is stored as tfrecord, which needs TensorFlow to read; "
-                         f"rebuild it with --file_format=array_record ({e})") from None
-    records = source[list(range(len(source)))] if len(source) else []
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfrecord-only folders, corrupt files
+      raise DatasetError(f"cannot read tfds:{name} split {split!r} in {where} ({e}); fljax reads "
+                         f"the array_record format without TensorFlow: rebuild with "
+                         f"--file_format=array_record") from None
+    records = source.__getitems__(list(range(len(source)))) if len(source) else []
     if records and (image_key not in records[0] or label_key not in records[0]):
       raise DatasetError(f"tfds:{name} records have keys {sorted(records[0])}; "
                          f"expected {image_key!r} and {label_key!r}")

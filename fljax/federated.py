@@ -65,8 +65,13 @@ class FedConfig:
     server_optimizer: 'sgd', 'momentum' or 'adam' on the pseudo-gradient.
     server_lr: server learning rate (1.0 with 'sgd' is plain averaging).
     server_momentum: momentum for 'momentum' (FedAvgM).
-    client_batching: 'vmap' or 'map' (jax.lax.map) over the sampled clients.
+    client_batching: 'vmap', 'map' (jax.lax.map) or 'auto' over the sampled clients. 'auto'
+      is 'map' on CPU, where vmapping over per-client weights turns convolutions into
+      slow grouped convolutions (measured by scripts/bench_fl_round.py), else 'vmap'.
     map_batch_size: clients per lax.map step (0: one at a time).
+    local_unroll: local SGD steps unrolled per loop iteration (0: all). XLA:CPU runs ops
+      inside loops markedly slower, so unrolling short local loops pays there, at the
+      cost of compile time.
   """
 
   algorithm: str = "fedavg"
@@ -79,8 +84,9 @@ class FedConfig:
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
   server_momentum: float = 0.9
-  client_batching: str = "map"
+  client_batching: str = "auto"
   map_batch_size: int = 0
+  local_unroll: int = 8
 
   def __post_init__(self):
     checks = [
@@ -94,8 +100,10 @@ class FedConfig:
         (self.server_optimizer in SERVER_OPTIMIZERS,
          f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}"),
         (self.server_lr > 0, "server_lr must be > 0"),
-        (self.client_batching in ("vmap", "map"), "client_batching must be 'vmap' or 'map'"),
+        (self.client_batching in ("auto", "vmap", "map"),
+         "client_batching must be 'auto', 'vmap' or 'map'"),
         (self.map_batch_size >= 0, "map_batch_size must be >= 0"),
+        (self.local_unroll >= 0, "local_unroll must be >= 0"),
     ]
     for ok, message in checks:
       if not ok:
@@ -144,13 +152,18 @@ def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
+  def unroll(length: int) -> int:
+    return length if cfg.local_unroll == 0 else min(cfg.local_unroll, length)
+
   def fedsgd(params: Params, data: Batch, key: jax.Array) -> tuple[Update, Metrics]:
     grads, aux = grad_fn(params, data, key)
     return grads, {"loss": aux["loss_sum"] / jnp.maximum(aux["count"], 1.0),
                    "count": aux["count"]}
 
   def fedavg(params: Params, data: Batch, key: jax.Array) -> tuple[Update, Metrics]:
-    n_max, b = data.mask.shape[0], cfg.local_batch_size
+    # No client holds more than N_max examples: a larger batch would only be padding.
+    n_max = data.mask.shape[0]
+    b = min(cfg.local_batch_size, n_max)
     steps = math.ceil(n_max / b)
     pad = steps * b - n_max
 
@@ -171,11 +184,11 @@ def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
       mask = jnp.concatenate([data.mask[order[:n_max]], jnp.zeros((pad,), data.mask.dtype)])
       inputs = (order.reshape(steps, b), mask.reshape(steps, b),
                 jax.random.split(steps_key, steps))
-      p, (loss_sums, counts) = jax.lax.scan(sgd_step, p, inputs)
+      p, (loss_sums, counts) = jax.lax.scan(sgd_step, p, inputs, unroll=unroll(steps))
       return p, (loss_sums.sum(), counts.sum())
 
     local, (loss_sums, counts) = jax.lax.scan(
-        epoch, params, jax.random.split(key, cfg.local_epochs))
+        epoch, params, jax.random.split(key, cfg.local_epochs), unroll=unroll(cfg.local_epochs))
     delta = jax.tree.map(jnp.subtract, local, params)
     return delta, {"loss": loss_sums.sum() / jnp.maximum(counts.sum(), 1.0),
                    "count": data.mask.sum()}
@@ -203,8 +216,16 @@ def weighted_mean(updates: Update, weights: jax.Array, key: jax.Array) -> Update
   return jax.tree.map(lambda u: jnp.tensordot(weights * scale, u, axes=1), updates)
 
 
+def resolve_batching(mode: str) -> str:
+  """'auto' -> 'map' on CPU, 'vmap' on accelerators; other modes pass through."""
+  if mode == "auto":
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+  return mode
+
+
 def batch_over(fn: Callable, mode: str, batch_size: int = 0) -> Callable:
   """`fn` mapped over the leading axis of all its arguments, by vmap or lax.map."""
+  mode = resolve_batching(mode)
   if mode == "vmap":
     return jax.vmap(fn)
   if mode == "map":

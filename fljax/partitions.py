@@ -116,7 +116,10 @@ def shards(labels: np.ndarray, num_clients: int, *, key: jax.Array, k: int = 2) 
   if not 1 <= k <= num_classes:
     raise ValueError(f"shards per client k must be in [1, {num_classes}] (the number of "
                      f"classes), got {k}")
-  _check_clients(len(labels), num_clients * k)
+  _check_clients(len(labels), num_clients)
+  if num_clients * k > len(labels):
+    raise ValueError(f"{num_clients} clients x {k} shards exceeds the {len(labels)} examples; "
+                     f"use fewer clients or shards")
   rng = _rng(key)
   # Stable sort by label, ties broken randomly, so shards are label-pure where possible.
   order = np.lexsort((rng.permutation(len(labels)), labels))

@@ -1,0 +1,95 @@
+"""Benchmark: one FedAvg round, batched in one jit vs a Python loop over clients.
+
+One FedAvg round on the embedded MNIST (small CNN, 1 local epoch, local batch 10, every
+client participating) for C clients, done as
+  (a) fljax's jitted round: all clients batched (vmap and lax.map) in one computation;
+  (b) FedJAX's `for_each_client` style: a Python loop calling a jitted single-client
+      update, accumulating the weighted sum with a jitted add, then the server step.
+Both run in this process on the same data; it prints client-updates per second and the
+ratio batched/loop. The headline `ratio=` is the best batched mode over the loop at the
+largest C.
+
+  python scripts/bench_fl_round.py            # C in 10, 100, 1000
+  python scripts/bench_fl_round.py --quick    # C in 10, 100 on 1,000 examples
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fljax import datasets, models, partitions
+from fljax import federated as fed
+
+
+def timed(fn, repeats):
+  fn()  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+  parser.add_argument("--clients", default=None, help="comma-separated C values")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--unroll", type=int, default=1, help="FedConfig.local_unroll")
+  args = parser.parse_args()
+  sizes = [int(c) for c in args.clients.split(",")] if args.clients else (
+      [10, 100] if args.quick else [10, 100, 1000])
+  repeats = args.repeats or (2 if args.quick else 5)
+  ds = datasets.load("mnist", train_subset=1000 if args.quick else None)
+  model = models.make("cnn", num_classes=10, input_shape=ds.image_shape)
+  params = model.init(jax.random.key(0))
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} {ds.describe()}")
+  print(f"{'C':>6} {'ex/client':>9} {'vmap u/s':>10} {'map u/s':>10} {'loop u/s':>10} {'ratio':>7}")
+  result = {}
+  for c in sizes:
+    parts = partitions.iid(ds.y_train, c, key=jax.random.key(1))
+    clients = jax.tree.map(jnp.asarray, partitions.make_clients(ds.x_train, ds.y_train, parts))
+    ups = {}
+    for mode in ("vmap", "map"):
+      cfg = fed.FedConfig(local_epochs=1, local_batch_size=10, local_lr=0.1,
+                          clients_per_round=1.0, client_batching=mode,
+                          local_unroll=args.unroll)
+      client_update = fed.make_client_update(fed.make_loss_fn(model.apply), cfg)
+      step = jax.jit(fed.make_round_step(client_update, cfg, c))
+      state = fed.init_server_state(params, cfg, key=jax.random.key(2))
+      ups[mode] = c / timed(lambda: jax.block_until_ready(step(state, clients)), repeats)
+
+    # (b) the loop baseline: one jitted client update per client, FedJAX style.
+    one = jax.jit(client_update)
+    add = jax.jit(lambda acc, u, w: jax.tree.map(lambda a, b: a + w * b, acc, u))
+    server = jax.jit(lambda p, acc, total: jax.tree.map(lambda w, d: w + d / total, p, acc))
+    per_client = [jax.tree.map(lambda a: a[i], clients) for i in range(c)]
+    weights = [float(w) for w in clients.mask.sum(1)]
+    keys = jax.random.split(jax.random.key(3), c)
+
+    def loop_round():
+      acc = jax.tree.map(jnp.zeros_like, params)
+      for data, w, k in zip(per_client, weights, keys):
+        update, _ = one(params, data, k)
+        acc = add(acc, update, w)
+      return jax.block_until_ready(server(params, acc, sum(weights)))
+
+    ups["loop"] = c / timed(loop_round, repeats)
+    best = max(ups["vmap"], ups["map"])
+    ratio = best / ups["loop"]
+    n = int(clients.mask.sum(1).max())
+    print(f"{c:>6} {n:>9} {ups['vmap']:>10.1f} {ups['map']:>10.1f} {ups['loop']:>10.1f} "
+          f"{ratio:>7.2f}", flush=True)
+    result = {"ratio": ratio, "clients": c, "vmap_ups": ups["vmap"], "map_ups": ups["map"],
+              "loop_ups": ups["loop"]}
+  print("RESULT bench_fl_round " + " ".join(
+      f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+      + f" backend={jax.default_backend()}")
+
+
+if __name__ == "__main__":
+  main()
