@@ -379,7 +379,7 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
         "clients": real.sum(),
         "examples": total,
         "clients_dropped": dropped,
-        "update_norm": optax.global_norm(aggregated),
+        "update_norm": optax.tree.norm(aggregated),
     }
     new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
                             key=state.key)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,34 @@ class _Log:
       f.write(json.dumps(record) + "\n")
 
 
+class _StopRequests:
+  """Turns Ctrl-C and SIGTERM into a request that the loop honours between rounds.
+
+  The first signal lets the current round finish, then the run checkpoints and exits
+  with status 130; a second one interrupts at once (losing only the rounds since the
+  last checkpoint). Handlers are installed only in the main thread.
+  """
+
+  requested = False
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __enter__(self):
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
 def _check_workdir(workdir: Path, config: ExperimentConfig, overwrite: bool) -> None:
   path = workdir / "config.json"
   current = config_lib.to_dict(config)
@@ -211,8 +241,15 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
              dynamic_ncols=True, leave=False)
   t_run = time.perf_counter()
   record: dict[str, Any] = {}
-  try:
+  with _StopRequests() as stop:
     while int(state.round) < config.rounds:
+      if stop.requested:
+        ckpt.save(state)
+        bar.close()
+        ckpt.close()
+        print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
+              f"rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
       t0 = time.perf_counter()
       state, metrics = round_step(state, clients)
       metrics = jax.device_get(metrics)
@@ -234,13 +271,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
       if r % config.checkpoint_every == 0 or r == config.rounds:
         ckpt.save(state)
       bar.update(1)
-  except KeyboardInterrupt:
-    ckpt.save(state)
-    bar.close()
-    ckpt.close()
-    print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
-          f"rerun the same command to resume", file=sys.stderr)
-    raise SystemExit(130) from None
   bar.close()
   ckpt.close()
 
@@ -256,6 +286,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
 
 
 def main(argv: list[str] | None = None) -> None:
+  """The command line: config flags derived from `ExperimentConfig`, plus --workdir."""
   def extra(parser):
     parser.add_argument("--workdir", default="runs/fl", help="output folder (default: runs/fl)")
     parser.add_argument("--overwrite", action="store_true",

@@ -1,0 +1,56 @@
+"""Tests of fljax/models.py: output shapes, initialisers, no batch coupling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fljax import models
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("shape", [(32, 32, 3), (16, 16, 1)])
+def test_output_shapes(name, shape):
+  model = models.make(name, num_classes=7, input_shape=shape)
+  params = model.init(jax.random.key(0))
+  logits = model.apply(params, jnp.zeros((3,) + shape))
+  assert logits.shape == (3, 7) and bool(jnp.isfinite(logits).all())
+  logits_jit = jax.jit(model.apply)(params, jnp.zeros((3,) + shape))
+  np.testing.assert_allclose(logits, logits_jit, atol=1e-5)
+
+
+def test_lenet_matches_dlg_shapes():
+  params = models.make("lenet", num_classes=10, input_shape=(32, 32, 3)).init(jax.random.key(0))
+  shapes = {k: v["kernel"].shape for k, v in params.items()}
+  assert shapes == {"Conv_0": (5, 5, 3, 12), "Conv_1": (5, 5, 12, 12),
+                    "Conv_2": (5, 5, 12, 12), "Dense_0": (768, 10)}
+
+
+def test_cnn_has_opacus_parameter_count():
+  params = models.make("cnn", num_classes=10, input_shape=(28, 28, 1)).init(jax.random.key(0))
+  assert models.num_params(params) == 26_010
+
+
+def test_uniform_init_is_dlg_range():
+  params = models.make("lenet", num_classes=10, input_shape=(8, 8, 1),
+                       init="uniform").init(jax.random.key(0))
+  leaves = jnp.concatenate([p.ravel() for p in jax.tree.leaves(params)])
+  assert -0.5 <= float(leaves.min()) < -0.45 and 0.45 < float(leaves.max()) <= 0.5
+  assert abs(float(leaves.mean())) < 0.02  # biases are drawn too, not zero
+
+
+def test_no_batch_coupling():
+  # GroupNorm, not BatchNorm: an example's logits do not depend on its batch companions.
+  model = models.make("resnet", num_classes=10, input_shape=(8, 8, 3))
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  np.testing.assert_allclose(model.apply(params, x)[:1], model.apply(params, x[:1]), atol=1e-5)
+
+
+def test_bad_model_arguments():
+  with pytest.raises(ValueError, match="unknown model"):
+    models.make("vgg", num_classes=10, input_shape=(8, 8, 1))
+  with pytest.raises(ValueError, match="unknown init"):
+    models.make("mlp", num_classes=10, input_shape=(8, 8, 1), init="xavier")
+  with pytest.raises(ValueError, match="at least 12x12"):
+    models.make("cnn", num_classes=10, input_shape=(8, 8, 1))
