@@ -151,6 +151,7 @@ def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
   Metrics: the mean training loss over the examples seen and their number.
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
+  skip_with_cond = resolve_batching(cfg.client_batching) == "map"
 
   def unroll(length: int) -> int:
     return length if cfg.local_unroll == 0 else min(cfg.local_unroll, length)
@@ -169,11 +170,25 @@ def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
 
     def sgd_step(p, inputs):
       index, mask, step_key = inputs
-      batch = Batch(x=data.x[index], y=data.y[index], mask=mask)
-      grads, aux = grad_fn(p, batch, step_key)
+
+      def step(p):
+        batch = Batch(x=data.x[index], y=data.y[index], mask=mask)
+        grads, aux = grad_fn(p, batch, step_key)
+        p = jax.tree.map(lambda w, g: w - cfg.local_lr * g, p, grads)
+        return p, (aux["loss_sum"], aux["count"])
+
+      def skip(p):
+        zero = 0.0 * mask.sum()  # derived from the data, so it varies over a mesh like it
+        return p, (zero, zero)
+
+      # A batch of padding only (a client smaller than N_max) leaves the model as it is.
+      # Clients one at a time (lax.map) skip its work with a cond; vmapped clients compute
+      # it and select (a vmapped cond is a select anyway, and trips shard_map's checks).
       active = mask.sum() > 0
-      p = jax.tree.map(lambda w, g: jnp.where(active, w - cfg.local_lr * g, w), p, grads)
-      return p, (aux["loss_sum"], aux["count"])
+      if skip_with_cond:
+        return jax.lax.cond(active, step, skip, p)
+      stepped, sums = step(p)
+      return jax.tree.map(lambda a, b: jnp.where(active, a, b), stepped, p), sums
 
     def epoch(p, epoch_key):
       order_key, steps_key = jax.random.split(epoch_key)

@@ -26,7 +26,7 @@ def plot_label_histogram(hist: np.ndarray, path: str, *, max_clients: int = 100,
   for j in range(k):
     ax.bar(np.arange(c), hist[:, j], bottom=bottom, width=0.9, color=cmap(j % cmap.N),
            label=str(j))
-    bottom += hist[:, j]
+    bottom = bottom + hist[:, j]  # a new array: matplotlib may keep a reference to the old one
   ax.set_xlabel("client")
   ax.set_ylabel("examples")
   ax.set_title(title or "labels per client")

@@ -49,7 +49,8 @@ class DataConfig:
     num_clients: number of clients C.
     partition: iid, dirichlet, shards or quantity_skew.
     alpha: Dirichlet label-skew concentration (partition=dirichlet).
-    min_size: minimum examples per client (partition=dirichlet).
+    min_size: minimum examples per client (partition=dirichlet). NIID-Bench uses 10, which
+      100 clients on the 4,000 embedded digits cannot meet at alpha=0.1.
     shards_per_client: k label-sorted shards per client (partition=shards).
     quantity_method: dirichlet or lognormal client sizes (partition=quantity_skew).
     quantity_beta: Dirichlet concentration of client sizes (quantity_method=dirichlet).
@@ -65,7 +66,7 @@ class DataConfig:
   num_clients: int = 100
   partition: str = "iid"
   alpha: float = 0.5
-  min_size: int = 10
+  min_size: int = 2
   shards_per_client: int = 2
   quantity_method: str = "dirichlet"
   quantity_beta: float = 0.5
@@ -292,9 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard checkpoints in --workdir and start afresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (one process per host; "
+                             "the client axis then spans every host's devices with --devices 0)")
   config, ns = config_lib.parse(ExperimentConfig, argv, extra=extra,
                                 description="Federated training on offline datasets "
                                             "(FedAvg/FedSGD), resumable.")
+  if ns.distributed:
+    jax.distributed.initialize()
   try:
     train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
   except (datasets.DatasetError, ValueError, FloatingPointError) as e:

@@ -1,0 +1,20 @@
+"""Smoke test of the benchmark script (tests/fljax/test_train.py covers scripts/train_fl.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_fl_round_quick_prints_result_line():
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "bench_fl_round.py"), "--quick", "--clients", "20",
+       "--repeats", "1"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("RESULT bench_fl_round ratio=") and "clients=20" in last
+  ratio = float(last.split("ratio=")[1].split()[0])
+  assert ratio > 0
