@@ -238,7 +238,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
       f"{config.model.name} with {models.num_params(state.params):,} parameters; "
       f"{config.fed.algorithm}, {fed.num_sampled(config.fed, clients.num_clients)} client slots/round"
       + (f"; resuming at round {start}" if start else ""))
-  bar = tqdm(total=config.rounds, initial=start, desc="rounds", disable=not progress,
+  # disable=None: the bar shows on a terminal and stays out of redirected output.
+  bar = tqdm(total=config.rounds, initial=start, desc="rounds", disable=None if progress else True,
              dynamic_ncols=True, leave=False)
   t_run = time.perf_counter()
   record: dict[str, Any] = {}
