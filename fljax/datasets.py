@@ -175,7 +175,8 @@ def _find_idx(root: Path, stem: str) -> Path:
       return root / name
   raise DatasetError(
       f"Fashion-MNIST file {stem}(.gz) not found in {root}: install Debian's package "
-      f"(apt-get install dataset-fashion-mnist) or pass data_dir= a folder with the four IDX files")
+      f"(apt-get install dataset-fashion-mnist) or pass data_dir (--data.data_dir) a folder with "
+      f"the four IDX files")
 
 
 def _load_fashion_mnist(data_dir: str | None) -> Dataset:

@@ -258,7 +258,7 @@ def num_sampled(cfg: FedConfig, num_clients: int) -> int:
   return cfg.poisson_cap or num_clients
 
 
-def sample_clients(key: jax.Array, num_clients: int, cfg: FedConfig
+def sample_clients(num_clients: int, cfg: FedConfig, *, key: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Client indices `[m]`, a 0/1 float `[m]` marking real slots, and the number dropped.
 
@@ -372,7 +372,7 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
 
   def round_step(state: ServerState, clients: Batch) -> tuple[ServerState, Metrics]:
     keys = round_keys(state.key, state.round)
-    idx, real, dropped = sample_clients(keys["sample"], num_clients, cfg)
+    idx, real, dropped = sample_clients(num_clients, cfg, key=keys["sample"])
     if m_pad > m:
       idx = jnp.concatenate([idx, jnp.zeros((m_pad - m,), idx.dtype)])
       real = jnp.concatenate([real, jnp.zeros((m_pad - m,), real.dtype)])

@@ -116,10 +116,8 @@ def test_server_adam_and_momentum_use_the_pseudo_gradient():
     state = fed.init_server_state(params, cfg, key=jax.random.key(0))
     ref_params, ref_opt = params, tx.init(params)
     for r in range(2):
-      keys = fed.round_keys(state.key, r)
       deltas = [client_update(ref_params, jax.tree.map(lambda a: a[i], clients),
                               fed.client_key(state.key, r, i))[0] for i in range(2)]
-      del keys
       pseudo = jax.tree.map(lambda a, b: -(a + b) / 2, *deltas)
       updates, ref_opt = tx.update(pseudo, ref_opt, ref_params)
       ref_params = optax.apply_updates(ref_params, updates)
@@ -141,7 +139,7 @@ def test_the_update_a_client_sends_is_obtainable_on_its_own():
   step = jax.jit(fed.make_round_step(client_update, cfg, 4, aggregate=first_update))
   state = fed.init_server_state(params, cfg, key=jax.random.key(7))
   new_state, _ = step(state, clients)
-  idx, _, _ = fed.sample_clients(fed.round_keys(state.key, 0)["sample"], 4, cfg)
+  idx, _, _ = fed.sample_clients(4, cfg, key=fed.round_keys(state.key, 0)["sample"])
   i = int(idx[0])
   alone, _ = client_update(params, jax.tree.map(lambda a: a[i], clients),
                            fed.client_key(state.key, 0, i))
@@ -187,7 +185,7 @@ def test_weighted_mean():
 
 def test_fixed_sampling_distinct_and_uniform():
   cfg = fed.FedConfig(clients_per_round=0.2)
-  sample = jax.jit(lambda k: fed.sample_clients(k, 50, cfg))
+  sample = jax.jit(lambda k: fed.sample_clients(50, cfg, key=k))
   counts = np.zeros(50)
   for r in range(400):
     idx, real, dropped = sample(jax.random.fold_in(jax.random.key(0), r))
@@ -203,7 +201,7 @@ def test_poisson_sampling_rate_and_cap():
   cfg = fed.FedConfig(sampling="poisson", clients_per_round=0.1)
   sizes = []
   for r in range(300):
-    idx, real, dropped = fed.sample_clients(jax.random.fold_in(jax.random.key(1), r), 100, cfg)
+    idx, real, dropped = fed.sample_clients(100, cfg, key=jax.random.fold_in(jax.random.key(1), r))
     assert idx.shape == (100,) and int(dropped) == 0
     n = int(real.sum())
     assert np.all(np.asarray(real)[:n] == 1) and np.all(np.asarray(real)[n:] == 0)
@@ -212,7 +210,7 @@ def test_poisson_sampling_rate_and_cap():
   # Binomial(100, 0.1): mean 10, variance 9.
   assert abs(np.mean(sizes) - 10) < 0.6 and 5 < np.var(sizes) < 14
   capped = fed.FedConfig(sampling="poisson", clients_per_round=0.5, poisson_cap=10)
-  idx, real, dropped = fed.sample_clients(jax.random.key(2), 100, capped)
+  idx, real, dropped = fed.sample_clients(100, capped, key=jax.random.key(2))
   assert idx.shape == (10,) and float(real.sum()) == 10 and int(dropped) > 20
 
 
