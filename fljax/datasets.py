@@ -10,8 +10,10 @@ fixed train/test splits. Sources:
 - `fashion_mnist`: the IDX files of Debian's `dataset-fashion-mnist` package under
   /usr/share/datasets/fashion-mnist (parsed here; Debian re-gzipped them, so TFDS's
   checksums do not match).
-- `tfds:<name>`: tensorflow-datasets reading an already prepared `data_dir` in the
-  array_record format through `tfds.data_source`, always with `download=False`.
+- `tfds:<name>`: tensorflow-datasets reading an already prepared `data_dir`, always with
+  `download=False`: array_record through `tfds.data_source`, tfrecord through a reader
+  of the TFRecord framing here; records are decoded by TFDS's NumPy example parser, so
+  TensorFlow is never needed (images in PNG/JPEG are decoded with Pillow).
 
 Options resize or pad the images (`image_size`), convert channels (`channels`), and take
 deterministic stratified subsets (`train_subset`, `test_subset`).
@@ -169,6 +171,58 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return array.reshape(shape)
 
 
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_tfrecord(path: str | os.PathLike):
+  """Yields the records of a TFRecord file without TensorFlow.
+
+  Each record is `uint64 length | uint32 masked_crc32c(length) | data | uint32
+  masked_crc32c(data)`, little-endian. The length's CRC is checked (it guards the
+  framing); the data's is not (pure-Python CRC over every byte is slow), and a corrupt
+  record then fails when its protocol buffer is parsed.
+  """
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      if len(header) < 12:
+        raise DatasetError(f"{path}: truncated TFRecord header")
+      if _masked_crc32c(header[:8]) != int.from_bytes(header[8:], "little"):
+        raise DatasetError(f"{path}: corrupt TFRecord (length checksum mismatch)")
+      length = int.from_bytes(header[:8], "little")
+      data = f.read(length)
+      if len(data) < length or len(f.read(4)) < 4:
+        raise DatasetError(f"{path}: truncated TFRecord record")
+      yield data
+
+
+def write_tfrecord(path: str | os.PathLike, records) -> None:
+  """Writes records in TFRecord framing (with both checksums); the inverse of `read_tfrecord`."""
+  with open(path, "wb") as f:
+    for data in records:
+      length = len(data).to_bytes(8, "little")
+      f.write(length + _masked_crc32c(length).to_bytes(4, "little") + data
+              + _masked_crc32c(data).to_bytes(4, "little"))
+
+
 def _find_idx(root: Path, stem: str) -> Path:
   for name in (stem + ".gz", stem):
     if (root / name).exists():
@@ -194,7 +248,7 @@ def _load_fashion_mnist(data_dir: str | None) -> Dataset:
 
 def _load_tfds(name: str, data_dir: str | None, *, image_key: str = "image",
                label_key: str = "label") -> Dataset:
-  """Reads a prepared TFDS dataset (array_record) without TensorFlow and without downloading."""
+  """Reads a prepared TFDS dataset (array_record or tfrecord) without TensorFlow or downloads."""
   _need_package("tensorflow_datasets", "tensorflow-datasets", f"tfds:{name}")
   import tensorflow_datasets as tfds
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
@@ -211,16 +265,29 @@ def _load_tfds(name: str, data_dir: str | None, *, image_key: str = "image",
   test_split = next((s for s in ("test", "validation") if s in splits), None)
   if "train" not in splits or test_split is None:
     raise DatasetError(f"tfds:{name} has splits {list(splits)}; need 'train' and 'test'")
+  file_format = builder.info.file_format
+  tfrecord = file_format is not None and file_format.value == "tfrecord"
+  features = builder.info.features
   arrays = {}
   for split in ("train", test_split):
     try:
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfrecord-only folders, corrupt files
-      raise DatasetError(f"cannot read tfds:{name} split {split!r} in {where} ({e}); fljax reads "
-                         f"the array_record format without TensorFlow: rebuild with "
-                         f"--file_format=array_record") from None
-    records = source.__getitems__(list(range(len(source)))) if len(source) else []
-    if records and (image_key not in records[0] or label_key not in records[0]):
+      if tfrecord:
+        # The same serialized tf.train.Example records that data_source decodes from
+        # array_record, read from TFRecord framing here, so TensorFlow is not needed.
+        records = [features.deserialize_example_np(r)
+                   for path in builder.info.splits[split].filepaths
+                   for r in read_tfrecord(path)]
+      else:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        records = source.__getitems__(list(range(len(source)))) if len(source) else []
+    except DatasetError:
+      raise
+    except Exception as e:  # unknown formats, corrupt files
+      raise DatasetError(f"cannot read tfds:{name} split {split!r} ({file_format}) in {where} "
+                         f"({e}); fljax reads the array_record and tfrecord formats") from None
+    if not records:
+      raise DatasetError(f"tfds:{name} split {split!r} is empty")
+    if image_key not in records[0] or label_key not in records[0]:
       raise DatasetError(f"tfds:{name} records have keys {sorted(records[0])}; "
                          f"expected {image_key!r} and {label_key!r}")
     images = np.stack([np.asarray(r[image_key]) for r in records])
