@@ -404,10 +404,23 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
-  """Places a pytree on every device of `mesh` (no-op without a mesh)."""
+  """Places a pytree on every device of `mesh` (no-op without a mesh).
+
+  With several processes (`jax.distributed`), every process must pass the same values:
+  each contributes its copy to a global, fully replicated array.
+  """
   if mesh is None:
     return tree
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
 
 
 # ----------------------------------------------------------------------------- evaluation

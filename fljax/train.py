@@ -139,17 +139,20 @@ def load_clients(cfg: DataConfig, *, key: jax.Array
 class _Log:
   """metrics.jsonl, truncated to the resumed round so that no round appears twice."""
 
-  def __init__(self, path: Path, resume_round: int):
-    self.path = path
+  def __init__(self, path: Path, resume_round: int, *, write: bool = True):
+    self.path, self.write = path, write
     records = []
     if path.exists() and resume_round > 0:
       records = [r for r in map(json.loads, path.read_text().splitlines())
                  if r["round"] <= resume_round]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if write:
+      path.write_text("".join(json.dumps(r) + "\n" for r in records))
     self.records = records
 
   def append(self, record: dict[str, Any]) -> None:
     self.records.append(record)
+    if not self.write:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -192,11 +195,12 @@ def _check_workdir(workdir: Path, config: ExperimentConfig, overwrite: bool) -> 
     if differ:
       raise SystemExit(f"error: {workdir} holds a run with a different config ({', '.join(sorted(differ))} "
                        f"differ); choose a new --workdir, or pass --overwrite to start afresh")
-  if overwrite and (workdir / "checkpoints").exists():
+  if overwrite and jax.process_index() == 0 and (workdir / "checkpoints").exists():
     import shutil
     shutil.rmtree(workdir / "checkpoints")
   workdir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(current, indent=2) + "\n")
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(current, indent=2) + "\n")
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -208,10 +212,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   _check_workdir(workdir, config, overwrite)
   k_partition, k_init, k_run = jax.random.split(jax.random.key(config.seed), 3)
 
+  # With several processes (jax.distributed) all compute, the first one writes files.
+  primary = jax.process_index() == 0
   ds, clients, hist = load_clients(config.data, key=k_partition)
-  (workdir / "label_histogram.txt").write_text(partitions.format_histogram(hist) + "\n")
-  plots.plot_label_histogram(hist, str(workdir / "label_histogram.png"),
-                             title=f"{config.data.partition} over {config.data.num_clients} clients")
+  if primary:
+    (workdir / "label_histogram.txt").write_text(partitions.format_histogram(hist) + "\n")
+    plots.plot_label_histogram(hist, str(workdir / "label_histogram.png"),
+                               title=f"{config.data.partition} over {config.data.num_clients} clients")
   model = models.make(config.model.name, num_classes=ds.num_classes,
                       input_shape=ds.image_shape, init=config.model.init)
 
@@ -228,12 +235,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   start = ckpt.latest_round() or 0
   if start:
     state = ckpt.restore(state)
-  log = _Log(workdir / "metrics.jsonl", start)
+  log = _Log(workdir / "metrics.jsonl", start, write=primary)
   clients = fed.replicate(jax.tree.map(jnp.asarray, clients), mesh)
   state = fed.replicate(state, mesh)
-  x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+  x_test, y_test = fed.replicate((jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)), mesh)
 
-  say = tqdm.write if progress else print
+  say = (tqdm.write if progress else print) if primary else (lambda *_: None)
   say(f"{ds.describe()}; {config.data.partition} over {config.data.num_clients} clients; "
       f"{config.model.name} with {models.num_params(state.params):,} parameters; "
       f"{config.fed.algorithm}, {fed.num_sampled(config.fed, clients.num_clients)} client slots/round"
@@ -277,10 +284,11 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   ckpt.close()
 
   evaluated = [r for r in log.records if "test_accuracy" in r]
-  plots.plot_curves({config.data.partition: ([r["round"] for r in evaluated],
-                                             [r["test_accuracy"] for r in evaluated])},
-                    str(workdir / "accuracy.png"),
-                    title=f"{config.fed.algorithm} on {config.data.name}, {config.model.name}")
+  if primary:
+    plots.plot_curves({config.data.partition: ([r["round"] for r in evaluated],
+                                               [r["test_accuracy"] for r in evaluated])},
+                      str(workdir / "accuracy.png"),
+                      title=f"{config.fed.algorithm} on {config.data.name}, {config.model.name}")
   if record:
     say(f"done: {config.rounds} rounds in {time.perf_counter() - t_run:.1f}s this session; "
         f"test accuracy {evaluated[-1]['test_accuracy']:.4f}; outputs in {workdir}")
@@ -295,13 +303,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="discard checkpoints in --workdir and start afresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (one process per host; "
-                             "the client axis then spans every host's devices with --devices 0)")
+                        help="call jax.distributed.initialize() first: one process per host, all "
+                             "running the same command; with --devices 0 the client axis spans "
+                             "every process's devices and the first process writes the files")
+    parser.add_argument("--coordinator", default=None,
+                        help="with --distributed: host:port of process 0 (default: from the "
+                             "cluster environment, e.g. SLURM)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="with --distributed: number of processes")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="with --distributed: this process's rank")
   config, ns = config_lib.parse(ExperimentConfig, argv, extra=extra,
                                 description="Federated training on offline datasets "
                                             "(FedAvg/FedSGD), resumable.")
   if ns.distributed:
-    jax.distributed.initialize()
+    # CPU devices of several processes talk through gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
   try:
     train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
   except (datasets.DatasetError, ValueError, FloatingPointError) as e:

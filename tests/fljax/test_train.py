@@ -94,3 +94,33 @@ def test_interrupt_checkpoints_and_resumes(tmp_path):
   assert out.returncode == 0, out.stderr
   assert f"resuming at round {saved}" in out.stdout
   assert [r["round"] for r in _records(workdir)] == list(range(1, saved + 2))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_equal_one(tmp_path):
+  # 2 processes x 4 CPU devices (gloo collectives over loopback) against 1 process, 1 device.
+  args = ["--rounds", "2", "--data.num_clients", "16", *SMALL]
+  single = _cli("--workdir", str(tmp_path / "one"), *args)
+  assert single.returncode == 0, single.stderr
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / "scripts" / "train_fl.py"), "--workdir", str(tmp_path / "two"),
+       *args, "--devices", "0", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+       "--num-processes", "2", "--process-id", str(i)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  # Only the first process reports (gloo itself prints connection lines from C++).
+  assert "round    2/2" in outs[0][0] and "round" not in outs[1][0]
+  one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+  assert [r["round"] for r in two] == [1, 2]
+  for a, b in zip(one, two):
+    assert b["clients"] == a["clients"] and b["test_accuracy"] == pytest.approx(a["test_accuracy"])
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
