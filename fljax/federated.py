@@ -62,6 +62,7 @@ class FedConfig:
       independently with probability q).
     poisson_cap: static number of client slots for Poisson sampling (0: C, exact). With a
       smaller cap, clients past the cap are dropped and counted in `clients_dropped`.
+      Empty slots cost nothing under lax.map (they are skipped), a full client under vmap.
     server_optimizer: 'sgd', 'momentum' or 'adam' on the pseudo-gradient.
     server_lr: server learning rate (1.0 with 'sgd' is plain averaging).
     server_momentum: momentum for 'momentum' (FedAvgM).
@@ -349,25 +350,40 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
   n_dev = 1 if mesh is None else mesh.devices.size
   m_pad = -(-m // n_dev) * n_dev
 
-  def one_client(params, data, ckey, dkey):
-    update, metrics = client_update(params, data, ckey)
-    return defense(update, dkey), metrics
+  skip_empty_slots = resolve_batching(cfg.client_batching) == "map"
 
-  def local_clients(params, batch, ckeys, dkeys):
-    return batch_over(lambda d, c, k: one_client(params, d, c, k), cfg.client_batching,
-                      cfg.map_batch_size)(batch, ckeys, dkeys)
+  def one_client(params, data, ckey, dkey, real):
+    def run(_):
+      update, metrics = client_update(params, data, ckey)
+      return defense(update, dkey), metrics
+
+    if not skip_empty_slots:
+      return run(None)
+    # Slots that hold no sampled client (Poisson rounds, padding for the mesh) send zeros;
+    # clients run one at a time, so a cond skips their work (vmapped, it would not).
+    shapes = jax.eval_shape(run, None)
+
+    def empty(_):
+      zero = 0.0 * data.mask.sum()  # derived from the data, so it varies over a mesh like it
+      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype) + zero.astype(s.dtype), shapes)
+
+    return jax.lax.cond(real > 0, run, empty, None)
+
+  def local_clients(params, batch, ckeys, dkeys, real):
+    return batch_over(lambda d, c, k, r: one_client(params, d, c, k, r), cfg.client_batching,
+                      cfg.map_batch_size)(batch, ckeys, dkeys, real)
 
   if mesh is None:
     client_phase = local_clients
   else:
-    def sharded_body(params, batch, ckeys, dkeys):
+    def sharded_body(params, batch, ckeys, dkeys, real):
       # params enter replicated; mark them varying so that per-client gradients stay
       # per-device instead of being summed over the mesh by the transpose of a broadcast.
       params = jax.lax.pcast(params, CLIENT_AXIS, to="varying")
-      return local_clients(params, batch, ckeys, dkeys)
+      return local_clients(params, batch, ckeys, dkeys, real)
     client_phase = jax.shard_map(
         sharded_body, mesh=mesh,
-        in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+        in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
         out_specs=(P(CLIENT_AXIS), P(CLIENT_AXIS)))
 
   def round_step(state: ServerState, clients: Batch) -> tuple[ServerState, Metrics]:
@@ -379,7 +395,7 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
     batch = jax.tree.map(lambda a: a[idx], clients)
     ckeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["clients"], idx)
     dkeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["defense"], idx)
-    updates, cmetrics = client_phase(state.params, batch, ckeys, dkeys)
+    updates, cmetrics = client_phase(state.params, batch, ckeys, dkeys, real)
     weights = real * batch.mask.sum(axis=1)
     aggregated = aggregate(updates, weights, keys["aggregate"])
     if cfg.algorithm == "fedavg":

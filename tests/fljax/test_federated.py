@@ -272,3 +272,21 @@ def test_bad_config_is_rejected():
     fed.FedConfig(algorithm="fedprox")
   with pytest.raises(ValueError, match="client_batching"):
     fed.FedConfig(client_batching="pmap")
+
+
+def test_poisson_rounds_agree_between_vmap_and_map():
+  # lax.map skips the empty slots with a cond; vmap computes them and weights them 0.
+  _, _, _, clients = _toy_clients([5, 9, 3, 6, 8, 2, 7, 4])
+  model, params = _mlp()
+  results = {}
+  for batching in ("vmap", "map"):
+    cfg = fed.FedConfig(sampling="poisson", clients_per_round=0.4, local_batch_size=3,
+                        client_batching=batching)
+    step = jax.jit(fed.make_round_step(
+        fed.make_client_update(fed.make_loss_fn(model.apply), cfg), cfg, 8))
+    state = fed.init_server_state(params, cfg, key=jax.random.key(5))
+    for _ in range(3):
+      state, metrics = step(state, clients)
+    results[batching] = (state.params, metrics)
+  _close(results["vmap"][0], results["map"][0], atol=1e-6)
+  assert float(results["vmap"][1]["clients"]) == float(results["map"][1]["clients"]) < 8
