@@ -18,8 +18,9 @@ The sampled clients are batched with `jax.vmap` or `jax.lax.map` (a setting: on 
 lax.map avoids the grouped convolutions that vmapping over per-client weights creates),
 and with a `jax.sharding.Mesh` the client axis is split over devices by `jax.shard_map`.
 
-Client i's randomness in round r is `fold_in(fold_in(key, r), i)` split by purpose, so an
-attacker (or a test) can recompute exactly the update that client sent: `client_key`.
+Round r's key is `fold_in(key, r)`, split by purpose (sampling, clients, defense,
+aggregate); client i gets `fold_in(purpose_key, i)`. So an attacker (or a test) can
+recompute exactly the update that client sent: see `client_key`.
 """
 
 from __future__ import annotations
@@ -264,16 +265,20 @@ def sample_clients(num_clients: int, cfg: FedConfig, *, key: jax.Array
   """Client indices `[m]`, a 0/1 float `[m]` marking real slots, and the number dropped.
 
   'fixed': m = round(q*C) distinct clients, uniformly. 'poisson': every client joins
-  independently with probability q; the joined ones fill the first slots in index order,
-  the rest are padding with weight 0. Only a `poisson_cap` below C can drop clients.
+  independently with probability q; the joined ones fill the first slots in random order,
+  the rest are padding (index 0, weight 0). Only a `poisson_cap` below C can drop
+  clients, a uniformly random subset of those that joined.
   """
   m = num_sampled(cfg, num_clients)
   if cfg.sampling == "fixed":
     idx = jax.random.choice(key, num_clients, (m,), replace=False)
     return idx, jnp.ones((m,), jnp.float32), jnp.zeros((), jnp.int32)
-  joined = jax.random.uniform(key, (num_clients,)) < cfg.clients_per_round
-  (idx,) = jnp.nonzero(joined, size=m, fill_value=0)
+  join_key, order_key = jax.random.split(key)
+  joined = jax.random.uniform(join_key, (num_clients,)) < cfg.clients_per_round
+  # Joined clients first, in random order, so that a cap drops a uniformly random subset.
+  order = jnp.argsort(jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), 2.0))
   count = joined.sum()
+  idx = jnp.where(jnp.arange(m) < count, order[:m], 0)
   real = (jnp.arange(m) < count).astype(jnp.float32)
   return idx.astype(jnp.int32), real, jnp.maximum(count - m, 0).astype(jnp.int32)
 
