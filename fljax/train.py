@@ -289,7 +289,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
                                                [r["test_accuracy"] for r in evaluated])},
                       str(workdir / "accuracy.png"),
                       title=f"{config.fed.algorithm} on {config.data.name}, {config.model.name}")
-  if record:
+  if not record:
+    say(f"nothing to do: {workdir} already holds {start} rounds (raise --rounds to continue)")
+  else:
     say(f"done: {config.rounds} rounds in {time.perf_counter() - t_run:.1f}s this session; "
         f"test accuracy {evaluated[-1]['test_accuracy']:.4f}; outputs in {workdir}")
   return log.records[-1] if log.records else {}
