@@ -1,7 +1,6 @@
 """The README's commands and code run as written."""
 
 import re
-import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,6 @@ import pytest
 
 from fljax import federated as fed
 from fljax import models, partitions
-from fljax.partitions import Batch
 
 
 def _toy_clients(sizes, shape=(8, 8, 1), seed=0):
