@@ -250,38 +250,38 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
              dynamic_ncols=True, leave=False)
   t_run = time.perf_counter()
   record: dict[str, Any] = {}
-  with _StopRequests() as stop:
-    while int(state.round) < config.rounds:
-      if stop.requested:
-        ckpt.save(state)
-        bar.close()
-        ckpt.close()
-        print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
-              f"rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130)
-      t0 = time.perf_counter()
-      state, metrics = round_step(state, clients)
-      metrics = jax.device_get(metrics)
-      r = int(state.round)
-      record = {"round": r, **{k: float(v) for k, v in metrics.items()}}
-      if not np.isfinite(record["train_loss"]):
-        ckpt.close()
-        raise FloatingPointError(
-            f"training diverged at round {r} (train loss {record['train_loss']}); the last "
-            f"checkpoint is kept: lower --fed.local_lr or --fed.server_lr and rerun with a new --workdir")
-      if r % config.eval_every == 0 or r == config.rounds:
-        ev = jax.device_get(evaluate(state.params, x_test, y_test))
-        record.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
-      record["round_seconds"] = time.perf_counter() - t0
-      log.append(record)
-      if "test_accuracy" in record:
-        say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
-            f"test_acc {record['test_accuracy']:.4f}  {record['round_seconds']:.2f}s")
-      if r % config.checkpoint_every == 0 or r == config.rounds:
-        ckpt.save(state)
-      bar.update(1)
-  bar.close()
-  ckpt.close()
+  try:
+    with _StopRequests() as stop:
+      while int(state.round) < config.rounds:
+        if stop.requested:
+          ckpt.save(state)
+          print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
+                f"rerun the same command to resume", file=sys.stderr)
+          raise SystemExit(130)
+        t0 = time.perf_counter()
+        state, metrics = round_step(state, clients)
+        metrics = jax.device_get(metrics)
+        r = int(state.round)
+        record = {"round": r, **{k: float(v) for k, v in metrics.items()}}
+        if not np.isfinite(record["train_loss"]):
+          raise FloatingPointError(
+              f"training diverged at round {r} (train loss {record['train_loss']}); the last "
+              f"checkpoint is kept: lower --fed.local_lr or --fed.server_lr and rerun with a new --workdir")
+        if r % config.eval_every == 0 or r == config.rounds:
+          ev = jax.device_get(evaluate(state.params, x_test, y_test))
+          record.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
+        record["round_seconds"] = time.perf_counter() - t0
+        log.append(record)
+        if "test_accuracy" in record:
+          say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
+              f"test_acc {record['test_accuracy']:.4f}  {record['round_seconds']:.2f}s")
+        if r % config.checkpoint_every == 0 or r == config.rounds:
+          ckpt.save(state)
+        bar.update(1)
+  finally:
+    # Every exit (done, interrupted, diverged, an error) closes the bar and the checkpointer.
+    bar.close()
+    ckpt.close()
 
   evaluated = [r for r in log.records if "test_accuracy" in r]
   if primary:
