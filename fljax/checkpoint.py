@@ -1,6 +1,7 @@
 """Checkpoints of a run's `ServerState` with orbax-checkpoint, resumable bit for bit.
 
-Typed PRNG keys are stored as their raw key data and re-wrapped on restore. Saves are
+Typed PRNG keys (the run's key, and any inside optimizer or aggregator states) are stored
+as their raw key data and re-wrapped on restore. Saves are
 synchronous and atomic (orbax writes to a temporary folder and renames it), so a run
 killed at any moment keeps its last complete checkpoint.
 """
@@ -17,9 +18,15 @@ import orbax.checkpoint as ocp
 from fljax.federated import ServerState
 
 
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
 def _to_tree(state: ServerState) -> dict[str, Any]:
-  return {"params": state.params, "opt_state": state.opt_state, "round": state.round,
-          "key_data": jax.random.key_data(state.key)}
+  """The state's fields as a dict, every typed key (anywhere in it) as its key data."""
+  return {f.name: jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
+                               getattr(state, f.name))
+          for f in dataclasses.fields(state)}
 
 
 class Checkpointer:
@@ -51,9 +58,12 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
     tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(template.key))
-    return dataclasses.replace(template, params=tree["params"], opt_state=tree["opt_state"],
-                               round=tree["round"], key=key)
+    fields = {}
+    for f in dataclasses.fields(template):
+      fields[f.name] = jax.tree.map(
+          lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+          getattr(template, f.name), tree[f.name])
+    return dataclasses.replace(template, **fields)
 
   def close(self) -> None:
     self._manager.close()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,26 @@ LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Metrics]]
 ClientUpdateFn = Callable[[Params, Batch, jax.Array], tuple[Update, Metrics]]
 DefenseFn = Callable[[Update, jax.Array], Update]
 AggregateFn = Callable[[Update, jax.Array, jax.Array], Update]
+
+
+class Aggregator(NamedTuple):
+  """A stateful `aggregate` hook (e.g. adaptive clipping), an init/update pair like optax's.
+
+  `init(params) -> state`; `update(updates, weights, state, key) -> (update, state,
+  metrics)`. The state lives in `ServerState.aggregate_state` (so it is checkpointed) and
+  the metrics (scalars) join the round's metrics.
+  """
+
+  init: Callable[[Params], Any]
+  update: Callable[[Update, jax.Array, Any, jax.Array], tuple[Update, Any, Metrics]]
+
+
+def as_aggregator(aggregate: AggregateFn | Aggregator) -> Aggregator:
+  """A plain `aggregate(updates, weights, key)` function as a stateless `Aggregator`."""
+  if isinstance(aggregate, Aggregator):
+    return aggregate
+  return Aggregator(init=lambda params: (),
+                    update=lambda u, w, state, key: (aggregate(u, w, key), state, {}))
 
 CLIENT_AXIS = "clients"
 
@@ -273,10 +293,23 @@ def sample_clients(num_clients: int, cfg: FedConfig, *, key: jax.Array
   if cfg.sampling == "fixed":
     idx = jax.random.choice(key, num_clients, (m,), replace=False)
     return idx, jnp.ones((m,), jnp.float32), jnp.zeros((), jnp.int32)
+  idx, real, dropped = poisson_slots(num_clients, cfg.clients_per_round, m, key=key)
+  return idx, real, dropped
+
+
+def poisson_slots(n: int, q: float, m: int, *, key: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Poisson sampling into m static slots: indices `[m]`, a 0/1 float mask `[m]`, dropped.
+
+  Each of the n items joins independently with probability q; the joined ones fill the
+  first slots in a uniformly random order and the rest are padding (index 0, mask 0).
+  When more than m join, a uniformly random subset of m is kept and the number dropped
+  is returned (DP accounting must then treat the truncation: see privacy.accounting).
+  """
   join_key, order_key = jax.random.split(key)
-  joined = jax.random.uniform(join_key, (num_clients,)) < cfg.clients_per_round
-  # Joined clients first, in random order, so that a cap drops a uniformly random subset.
-  order = jnp.argsort(jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), 2.0))
+  joined = jax.random.uniform(join_key, (n,)) < q
+  # Joined items first, in random order, so that truncation drops a uniformly random subset.
+  order = jnp.argsort(jnp.where(joined, jax.random.uniform(order_key, (n,)), 2.0))
   count = joined.sum()
   idx = jnp.where(jnp.arange(m) < count, order[:m], 0)
   real = (jnp.arange(m) < count).astype(jnp.float32)
@@ -292,18 +325,22 @@ class ServerState:
   """Everything a run needs to continue: params, server optimizer state, round, key.
 
   `key` is the run's base key and never changes; round r uses `fold_in(key, r)`.
+  `aggregate_state` is the state of a stateful `Aggregator` (() for plain functions).
   """
 
   params: Params
   opt_state: optax.OptState
   round: jax.Array
   key: jax.Array
+  aggregate_state: Any = ()
 
 
-def init_server_state(params: Params, cfg: FedConfig, *, key: jax.Array) -> ServerState:
+def init_server_state(params: Params, cfg: FedConfig, *, key: jax.Array,
+                      aggregate: AggregateFn | Aggregator = weighted_mean) -> ServerState:
   opt = SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)
   return ServerState(params=params, opt_state=opt.init(params),
-                     round=jnp.zeros((), jnp.int32), key=key)
+                     round=jnp.zeros((), jnp.int32), key=key,
+                     aggregate_state=as_aggregator(aggregate).init(params))
 
 
 def round_keys(state_key: jax.Array, round_: jax.Array) -> dict[str, jax.Array]:
@@ -332,7 +369,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: int, *,
                     defense: DefenseFn = identity_defense,
-                    aggregate: AggregateFn = weighted_mean,
+                    aggregate: AggregateFn | Aggregator = weighted_mean,
                     mesh: Mesh | None = None
                     ) -> Callable[[ServerState, Batch], tuple[ServerState, Metrics]]:
   """Builds `round_step(state, clients) -> (state, metrics)`; jit it at the call site.
@@ -342,14 +379,18 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
     cfg: the federated settings.
     num_clients: C, the leading size of `clients`.
     defense: per-update hook, called on each client's update with its own key.
-    aggregate: server hook over the stacked updates `[m, ...]` and their weights.
+    aggregate: server hook over the stacked updates `[m, ...]` and their weights (a
+      function, or a stateful `Aggregator`; build the state with the same hook in
+      `init_server_state`).
     mesh: if given, the sampled clients are split over its 'clients' axis with shard_map
       (padded with weight-0 slots to a multiple of the device count).
 
   Returns:
     The round function. Metrics: `train_loss` (client-size weighted), `clients`,
-    `examples`, `clients_dropped`, `update_norm` (of the aggregate).
+    `examples`, `clients_dropped`, `update_norm` (of the aggregate), and the
+    aggregator's own metrics.
   """
+  aggregator = as_aggregator(aggregate)
   server_opt = SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)
   m = num_sampled(cfg, num_clients)
   n_dev = 1 if mesh is None else mesh.devices.size
@@ -402,7 +443,8 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
     dkeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["defense"], idx)
     updates, cmetrics = client_phase(state.params, batch, ckeys, dkeys, real)
     weights = real * batch.mask.sum(axis=1)
-    aggregated = aggregate(updates, weights, keys["aggregate"])
+    aggregated, aggregate_state, ametrics = aggregator.update(
+        updates, weights, state.aggregate_state, keys["aggregate"])
     if cfg.algorithm == "fedavg":
       pseudo_grad = jax.tree.map(jnp.negative, aggregated)
     else:
@@ -416,9 +458,10 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
         "examples": total,
         "clients_dropped": dropped,
         "update_norm": optax.tree.norm(aggregated),
+        **ametrics,
     }
     new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
-                            key=state.key)
+                            key=state.key, aggregate_state=aggregate_state)
     return new_state, metrics
 
   return round_step

@@ -124,6 +124,39 @@ class ExperimentConfig:
       raise ValueError(f"devices must be >= 0, got {self.devices}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunContext:
+  """What a run has built before training, handed to a `Plugins` factory."""
+
+  config: ExperimentConfig
+  dataset: datasets.Dataset
+  clients: partitions.Batch
+  model: models.Model
+  loss_fn: fed.LossFn
+  run_key: jax.Array  # the ServerState key: round r's keys are derived from it
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plugins:
+  """What a layer above fljax (privacy, defenses) plugs into a run; None keeps the default.
+
+  Attributes:
+    client_update: replaces `make_client_update(loss_fn, config.fed)`.
+    defense: the per-update `defense` hook.
+    aggregate: the server's `aggregate` hook (a function or a stateful `Aggregator`).
+    round_metrics: host-side `round_metrics(r) -> dict` after round r (e.g. epsilon so
+      far), called for every round run in this session; it must depend on r only (not on
+      the order of calls), so that a resumed run logs the same values.
+    description: one line for the run's log.
+  """
+
+  client_update: fed.ClientUpdateFn | None = None
+  defense: fed.DefenseFn | None = None
+  aggregate: Any = None
+  round_metrics: Any = None
+  description: str = ""
+
+
 def load_clients(cfg: DataConfig, *, key: jax.Array
                  ) -> tuple[datasets.Dataset, partitions.Batch, np.ndarray]:
   """The dataset, its clients as a padded `Batch [C, N_max, ...]`, and their label histogram."""
@@ -204,8 +237,13 @@ def _check_workdir(workdir: Path, config: ExperimentConfig, overwrite: bool) -> 
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
-                       overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) a federated training run; returns the last metrics record."""
+                       overwrite: bool = False, progress: bool = True,
+                       plugins: Any = None) -> dict[str, Any]:
+  """Runs (or resumes) a federated training run; returns the last metrics record.
+
+  `plugins`, if given, is `plugins(RunContext) -> Plugins`: how a privacy layer swaps in
+  its client update, defense, aggregation and per-round metrics.
+  """
   from tqdm import tqdm
 
   workdir = Path(workdir)
@@ -225,12 +263,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   mesh = None
   if config.devices != 1:
     mesh = fed.make_mesh(config.devices or None)
-  client_update = fed.make_client_update(fed.make_loss_fn(model.apply), config.fed)
-  round_step = jax.jit(fed.make_round_step(client_update, config.fed, clients.num_clients,
-                                           mesh=mesh), donate_argnums=0)
+  loss_fn = fed.make_loss_fn(model.apply)
+  extra = plugins(RunContext(config=config, dataset=ds, clients=clients, model=model,
+                             loss_fn=loss_fn, run_key=k_run)) if plugins else Plugins()
+  client_update = extra.client_update or fed.make_client_update(loss_fn, config.fed)
+  aggregate = extra.aggregate or fed.weighted_mean
+  round_step = jax.jit(fed.make_round_step(
+      client_update, config.fed, clients.num_clients, defense=extra.defense or fed.identity_defense,
+      aggregate=aggregate, mesh=mesh), donate_argnums=0)
   evaluate = jax.jit(fed.make_evaluate(model.apply))
 
-  state = fed.init_server_state(model.init(k_init), config.fed, key=k_run)
+  state = fed.init_server_state(model.init(k_init), config.fed, key=k_run, aggregate=aggregate)
   ckpt = Checkpointer(workdir / "checkpoints")
   start = ckpt.latest_round() or 0
   if start:
@@ -244,6 +287,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   say(f"{ds.describe()}; {config.data.partition} over {config.data.num_clients} clients; "
       f"{config.model.name} with {models.num_params(state.params):,} parameters; "
       f"{config.fed.algorithm}, {fed.num_sampled(config.fed, clients.num_clients)} client slots/round"
+      + (f"; {extra.description}" if extra.description else "")
       + (f"; resuming at round {start}" if start else ""))
   # disable=None: the bar shows on a terminal and stays out of redirected output.
   bar = tqdm(total=config.rounds, initial=start, desc="rounds", disable=None if progress else True,
@@ -267,6 +311,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
           raise FloatingPointError(
               f"training diverged at round {r} (train loss {record['train_loss']}); the last "
               f"checkpoint is kept: lower --fed.local_lr or --fed.server_lr and rerun with a new --workdir")
+        if extra.round_metrics is not None:
+          record.update(extra.round_metrics(r))
         if r % config.eval_every == 0 or r == config.rounds:
           ev = jax.device_get(evaluate(state.params, x_test, y_test))
           record.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
@@ -274,7 +320,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
         log.append(record)
         if "test_accuracy" in record:
           say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
-              f"test_acc {record['test_accuracy']:.4f}  {record['round_seconds']:.2f}s")
+              f"test_acc {record['test_accuracy']:.4f}"
+              + (f"  eps {record['epsilon']:.3g}" if "epsilon" in record else "")
+              + f"  {record['round_seconds']:.2f}s")
         if r % config.checkpoint_every == 0 or r == config.rounds:
           ckpt.save(state)
         bar.update(1)
@@ -297,8 +345,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   return log.records[-1] if log.records else {}
 
 
-def main(argv: list[str] | None = None) -> None:
-  """The command line: config flags derived from `ExperimentConfig`, plus --workdir."""
+def main(argv: list[str] | None = None, *, config_cls: type = ExperimentConfig,
+         run: Any = None) -> None:
+  """The command line: config flags derived from `config_cls`, plus --workdir.
+
+  `run(config, workdir, overwrite=, progress=)` defaults to `train_and_evaluate`; a layer
+  above fljax passes its own (with a config class that extends `ExperimentConfig`).
+  """
   def extra(parser):
     parser.add_argument("--workdir", default="runs/fl", help="output folder (default: runs/fl)")
     parser.add_argument("--overwrite", action="store_true",
@@ -315,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --distributed: number of processes")
     parser.add_argument("--process-id", type=int, default=None,
                         help="with --distributed: this process's rank")
-  config, ns = config_lib.parse(ExperimentConfig, argv, extra=extra,
+  config, ns = config_lib.parse(config_cls, argv, extra=extra,
                                 description="Federated training on offline datasets "
                                             "(FedAvg/FedSGD), resumable.")
   if ns.distributed:
@@ -323,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
   try:
-    train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
+    (run or train_and_evaluate)(config, ns.workdir, overwrite=ns.overwrite,
+                                progress=not ns.no_progress)
   except (datasets.DatasetError, ValueError, FloatingPointError) as e:
     raise SystemExit(f"error: {e}") from None
 

@@ -1,0 +1,178 @@
+"""DP-SGD (Abadi et al., CCS 2016): sampled batches, per-example clipping, Gaussian noise.
+
+One step: draw a batch (Poisson sampling at rate q = B/n into a static padded shape with
+a mask, or B examples without replacement), sum the per-example gradients clipped to C
+(`privacy.clipping.clipped_grad_sum`), then the optax chain `gaussian_privatizer ->
+optimizer` adds N(0, sigma^2 C^2) to the sum, divides by the expected batch size B and
+steps.
+
+Guarantee (record level). What is clipped: each example's gradient, to L2 norm C.
+Sensitivity of the noised sum: C under add/remove-one (2C under replace-one).
+Events per step (`DPSGDConfig.event`):
+  - Poisson with a static size of n (no truncation): `PoissonSampledDpEvent(q,
+    GaussianDpEvent(sigma))`, add/remove-one; RDP or PLD.
+  - Poisson truncated to `max_batch_size` < n (a random subset kept when more join):
+    `TruncatedSubsampledGaussianDpEvent(n, q, max_batch_size, sigma)`, add/remove-one;
+    PLD only (dp_accounting's RDP accountant does not support it). The default size
+    is the 1 - 1e-12 quantile of Binomial(n, q), where the two events give the same
+    epsilon to the digits reported.
+  - fixed size without replacement: `SampledWithoutReplacementDpEvent(n, B,
+    GaussianDpEvent(sigma))`, replace-one (dp_accounting's RDP accountant supports this
+    event only under REPLACE_ONE, and PLD not at all). Neighbouring datasets then have the
+    same size n, and the noise is divided by the (public) B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from dp_accounting import dp_event
+
+from fljax.federated import poisson_slots
+from fljax.partitions import Batch
+from privacy import accounting
+from privacy.clipping import LossFn, clipped_grad_sum
+from privacy.noise import gaussian_privatizer
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPSGDConfig:
+  """DP-SGD settings.
+
+  Attributes:
+    clip_norm: C, the per-example L2 clip norm.
+    noise_multiplier: sigma, the noise std in units of C (0: clipping without noise).
+    batch_size: B, the expected batch size (q = B / n).
+    sampling: 'poisson' (static padded size, mask) or 'fixed' (B without replacement).
+    max_batch_size: Poisson's static batch size (0: the 1 - 1e-12 quantile of the batch
+      size, capped at n; equal to n means no truncation).
+    per_layer: clip each parameter tensor to C / sqrt(L) instead of the whole gradient.
+    microbatch_size: per-example gradients computed this many at a time (0: all at once).
+  """
+
+  clip_norm: float = 1.0
+  noise_multiplier: float = 1.0
+  batch_size: int = 256
+  sampling: str = "poisson"
+  max_batch_size: int = 0
+  per_layer: bool = False
+  microbatch_size: int = 0
+
+  def __post_init__(self):
+    accounting.check_clip_norm(self.clip_norm)
+    if self.noise_multiplier < 0:
+      raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.sampling not in ("poisson", "fixed"):
+      raise ValueError(f"sampling must be 'poisson' or 'fixed', got {self.sampling!r}")
+    if self.max_batch_size < 0 or self.microbatch_size < 0:
+      raise ValueError("max_batch_size and microbatch_size must be >= 0")
+
+  def sampling_rate(self, n: int) -> float:
+    if self.batch_size > n:
+      raise ValueError(f"batch_size {self.batch_size} exceeds the dataset size {n}")
+    return self.batch_size / n
+
+  def static_batch_size(self, n: int) -> int:
+    """Rows per step: B for 'fixed', Poisson's static size otherwise (a multiple of the
+    micro-batch size, so that micro-batching divides it)."""
+    if self.sampling == "fixed":
+      size = self.batch_size
+    else:
+      size = self.max_batch_size or poisson_max_batch_size(n, self.sampling_rate(n))
+      size = min(size, n)
+    if self.microbatch_size:
+      size = -(-size // self.microbatch_size) * self.microbatch_size
+    return size
+
+  def event(self, n: int, steps: int, accountant: str = "pld") -> dp_event.DpEvent:
+    """The dp_accounting event of `steps` steps on a dataset of n examples."""
+    q = self.sampling_rate(n)
+    if self.sampling == "fixed":
+      return accounting.dpsgd_event(q, self.noise_multiplier, steps, sampling="fixed",
+                                    dataset_size=n, batch_size=self.batch_size)
+    cap = self.static_batch_size(n)
+    if cap >= n:
+      return accounting.dpsgd_event(q, self.noise_multiplier, steps)
+    if accountant == "rdp":
+      raise ValueError(f"Poisson sampling truncated to {cap} of {n} examples is accounted only "
+                       f"by PLD: use accountant 'pld', or max_batch_size={n} (no truncation)")
+    return accounting.dpsgd_event(q, self.noise_multiplier, steps, sampling="truncated_poisson",
+                                  dataset_size=n, batch_size=cap)
+
+
+def poisson_max_batch_size(n: int, q: float, tail: float = 1e-12) -> int:
+  """The smallest m with P(Binomial(n, q) > m) <= tail (at most n)."""
+  from scipy import stats
+  return int(min(n, stats.binom.isf(tail, n, q) + 1))
+
+
+def sample_batch(n: int, cfg: DPSGDConfig, *, key: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Indices `[m]`, mask `[m]` and the number of sampled examples dropped by truncation."""
+  m = cfg.static_batch_size(n)
+  if cfg.sampling == "fixed":
+    idx = jax.random.choice(key, n, (cfg.batch_size,), replace=False).astype(jnp.int32)
+    pad = m - cfg.batch_size
+    mask = jnp.concatenate([jnp.ones((cfg.batch_size,)), jnp.zeros((pad,))])
+    return jnp.concatenate([idx, jnp.zeros((pad,), jnp.int32)]), mask, jnp.zeros((), jnp.int32)
+  return poisson_slots(n, cfg.sampling_rate(n), m, key=key)
+
+
+def dp_optimizer(cfg: DPSGDConfig, optimizer: optax.GradientTransformation, *,
+                 key: jax.Array) -> optax.GradientTransformation:
+  """`optax.chain(gaussian_privatizer, optimizer)`: from clipped sums to private steps."""
+  return optax.chain(
+      gaussian_privatizer(clip_norm=cfg.clip_norm, noise_multiplier=cfg.noise_multiplier,
+                          expected_batch_size=cfg.batch_size, key=key),
+      optimizer)
+
+
+StepFn = Callable[[Params, optax.OptState, Batch, jax.Array],
+                  tuple[Params, optax.OptState, dict[str, jax.Array]]]
+
+
+def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransformation,
+              n: int, *, private: bool = True) -> StepFn:
+  """`step(params, opt_state, data, key) -> (params, opt_state, metrics)` on n examples.
+
+  `data` is the whole training set as a `Batch` (mask all ones); each step samples from
+  it. With `private=True`, `optimizer` must be `dp_optimizer(cfg, ...)`: the step feeds
+  it the clipped sum. With `private=False` (the non-private baseline) it feeds the
+  plain mean gradient of the same sampled batch.
+
+  Metrics: `loss` (mean over the batch), `batch_size` (realised), `truncated`, and for
+  the private step `nonfinite` (examples dropped), `clipped_fraction`, `grad_norm`.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def step(params, opt_state, data, key):
+    sample_key, loss_key = jax.random.split(key)
+    idx, mask, truncated = sample_batch(n, cfg, key=sample_key)
+    batch = Batch(x=data.x[idx], y=data.y[idx], mask=mask * data.mask[idx])
+    if private:
+      grads, m = clipped_grad_sum(loss_fn, params, batch, loss_key, clip_norm=cfg.clip_norm,
+                                  per_layer=cfg.per_layer, microbatch_size=cfg.microbatch_size)
+      count = m["count"]
+      metrics = {"loss": m["loss_sum"] / jnp.maximum(count - m["nonfinite"], 1.0),
+                 "nonfinite": m["nonfinite"],
+                 "clipped_fraction": m["clipped"] / jnp.maximum(count, 1.0),
+                 "grad_norm": m["grad_norm"]}
+    else:
+      grads, aux = grad_fn(params, batch, loss_key)
+      count = aux["count"]
+      metrics = {"loss": aux["loss_sum"] / jnp.maximum(count, 1.0)}
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics.update(batch_size=count, truncated=truncated.astype(jnp.float32))
+    return params, opt_state, metrics
+
+  return step

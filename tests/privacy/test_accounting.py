@@ -1,0 +1,121 @@
+"""Tests of privacy/accounting.py: dp-accounting 0.6.0 reference values, calibration,
+heterogeneous composition, the running accountant, bad input."""
+
+import math
+
+import pytest
+from dp_accounting import dp_event
+
+from privacy import accounting as acc
+
+REFERENCES = [  # q, sigma, steps, RDP, PLD (delta = 1e-5, add/remove)
+    (0.01, 4.0, 10_000, 1.035, 0.947),
+    (256 / 60000, 1.12, 60 * 60000 // 256, 2.52, 2.31),
+    (0.04, 1.5, 2250, 7.329, 6.77),
+]
+
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,pld", REFERENCES)
+def test_reference_epsilons(q, sigma, steps, rdp, pld):
+  assert acc.dpsgd_epsilon(q, sigma, steps, 1e-5, accountant="rdp") == pytest.approx(rdp, abs=1e-2)
+  assert acc.dpsgd_epsilon(q, sigma, steps, 1e-5, accountant="pld") == pytest.approx(pld, abs=1e-2)
+
+
+def test_improved_conversion_is_tighter_than_abadi():
+  # The classic conversion rdp + log(1/delta)/(a-1) on the same RDP curve gives Abadi's 1.26.
+  curve = acc.rdp_curve(acc.dpsgd_event(0.01, 4.0, 10_000))
+  classic = min(r + math.log(1e5) / (a - 1) for a, r in zip(acc.RDP_ORDERS, curve))
+  assert classic == pytest.approx(1.26, abs=0.01)
+  assert acc.rdp_epsilon(curve, 1e-5) == pytest.approx(1.035, abs=1e-2)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibration_round_trips(accountant):
+  sigma = acc.calibrate_sigma(0.04, 500, 3.0, 1e-5, accountant=accountant)
+  eps = acc.dpsgd_epsilon(0.04, sigma, 500, 1e-5, accountant=accountant)
+  assert eps <= 3.0
+  assert eps == pytest.approx(3.0, rel=5e-3)
+  # a slightly smaller sigma misses the target: the calibration is the smallest one
+  assert acc.dpsgd_epsilon(0.04, sigma * 0.99, 500, 1e-5, accountant=accountant) > 3.0
+
+
+def test_unreachable_target_is_a_clear_error():
+  with pytest.raises(ValueError, match="target_epsilon=1e-06 cannot be reached"):
+    acc.calibrate_sigma(1.0, 10_000, 1e-6, 1e-5, sigma_max=10.0)
+
+
+def test_heterogeneous_composition_adds_rdp_exactly():
+  a = acc.dpsgd_event(0.01, 1.0, 300)
+  b = acc.dpsgd_event(0.05, 2.0, 200)
+  both = acc.compose([(a, 1), (b, 1)])
+  assert acc.rdp_curve(both) == pytest.approx(acc.rdp_curve(a) + acc.rdp_curve(b), rel=1e-12)
+  # and the epsilon of the composition lies between its parts' and their sum
+  ea, eb, eab = (acc.epsilon(e, 1e-5, accountant="rdp") for e in (a, b, both))
+  assert max(ea, eb) < eab < ea + eb
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_gaussian_composition_equals_one_gaussian(accountant):
+  # N(0, s1^2) then N(0, s2^2) on a sensitivity-1 query = one Gaussian with
+  # s = (s1^-2 + s2^-2)^-1/2: heterogeneous composition must agree.
+  s1, s2 = 2.0, 3.0
+  composed = acc.compose([(dp_event.GaussianDpEvent(s1), 1), (dp_event.GaussianDpEvent(s2), 1)])
+  single = dp_event.GaussianDpEvent((s1 ** -2 + s2 ** -2) ** -0.5)
+  assert acc.epsilon(composed, 1e-5, accountant=accountant) == pytest.approx(
+      acc.epsilon(single, 1e-5, accountant=accountant), rel=2e-3)
+
+
+def test_running_accountant_matches_batch_and_round_trips_json():
+  running = acc.Accountant("pld", delta=1e-5)
+  e1 = acc.dpsgd_event(0.02, 1.0, 1)
+  e2 = acc.dpsgd_event(0.02, 2.0, 1)
+  for _ in range(50):
+    running.compose(e1)
+  running.compose(e2, 30)
+  assert running.steps == 80
+  assert len(running.history) == 2  # run-length encoded
+  expected = acc.epsilon(acc.compose([(e1, 50), (e2, 30)]), 1e-5, accountant="pld")
+  assert running.epsilon() == pytest.approx(expected, rel=1e-6)
+  again = acc.Accountant.from_json(running.to_json())
+  assert again.epsilon() == pytest.approx(running.epsilon(), rel=1e-9)
+  assert acc.Accountant("rdp").epsilon() == 0.0
+
+
+def test_sampling_schemes_and_their_accountants():
+  fixed = acc.dpsgd_event(0.01, 1.0, 100, sampling="fixed", dataset_size=1000, batch_size=10)
+  assert acc.default_neighbouring(fixed) == "replace_one"
+  assert math.isfinite(acc.epsilon(fixed, 1e-5, accountant="rdp"))
+  with pytest.raises(ValueError, match="cannot account"):
+    acc.epsilon(fixed, 1e-5, accountant="pld")
+  truncated = acc.dpsgd_event(0.01, 1.0, 100, sampling="truncated_poisson", dataset_size=1000,
+                              batch_size=40)
+  with pytest.raises(ValueError, match="cannot account"):
+    acc.epsilon(truncated, 1e-5, accountant="rdp")
+  # with a generous cap, truncation costs (almost) nothing over plain Poisson
+  poisson = acc.epsilon(acc.dpsgd_event(0.01, 1.0, 100), 1e-5, accountant="pld")
+  assert acc.epsilon(truncated, 1e-5, accountant="pld") == pytest.approx(poisson, rel=1e-3)
+
+
+def test_events_round_trip_through_json():
+  event = acc.compose([
+      (acc.dpsgd_event(0.1, 1.0, 3), 2),
+      (acc.dpsgd_event(0.1, 1.0, 3, sampling="fixed", dataset_size=50, batch_size=5), 1),
+      (acc.dpsgd_event(0.1, 1.0, 3, sampling="truncated_poisson", dataset_size=50, batch_size=9), 1),
+      (dp_event.NonPrivateDpEvent(), 1), (dp_event.NoOpDpEvent(), 1)])
+  assert acc.event_from_json(acc.event_to_json(event)) == event
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: acc.dpsgd_epsilon(0.1, 1.0, 10, 0.0), "delta must be in"),
+    (lambda: acc.dpsgd_epsilon(0.1, 1.0, 10, 1.0), "delta must be in"),
+    (lambda: acc.dpsgd_epsilon(0.1, 0.0, 10, 1e-5), "sigma must be > 0"),
+    (lambda: acc.dpsgd_epsilon(0.1, -1.0, 10, 1e-5), "sigma must be > 0"),
+    (lambda: acc.dpsgd_epsilon(0.0, 1.0, 10, 1e-5), "q must be in"),
+    (lambda: acc.dpsgd_epsilon(1.5, 1.0, 10, 1e-5), "q must be in"),
+    (lambda: acc.check_clip_norm(0.0), "clip norm C must be > 0"),
+    (lambda: acc.calibrate_sigma(0.1, 10, -1.0, 1e-5), "target_epsilon must be > 0"),
+    (lambda: acc.make_accountant("moments"), "accountant must be"),
+])
+def test_bad_input_names_the_parameter(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

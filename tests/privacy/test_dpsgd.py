@@ -1,0 +1,76 @@
+"""Tests of privacy/dpsgd.py: batch sampling, the step against a hand computation, events."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fljax import federated as fed
+from fljax import models
+from fljax.partitions import Batch
+from privacy import accounting, clipping, dpsgd
+
+
+def test_poisson_batches_are_static_masked_and_sized():
+  cfg = dpsgd.DPSGDConfig(batch_size=20)
+  m = cfg.static_batch_size(400)
+  assert 20 < m < 400
+  sample = jax.jit(lambda k: dpsgd.sample_batch(400, cfg, key=k))
+  sizes = []
+  for i in range(200):
+    idx, mask, truncated = sample(jax.random.key(i))
+    assert idx.shape == mask.shape == (m,) and int(truncated) == 0
+    chosen = np.asarray(idx)[np.asarray(mask) > 0]
+    assert len(set(chosen)) == len(chosen)
+    sizes.append(mask.sum())
+  assert np.mean(sizes) == pytest.approx(20, rel=0.1)
+  idx, mask, _ = dpsgd.sample_batch(400, dpsgd.DPSGDConfig(batch_size=20, sampling="fixed"),
+                                    key=jax.random.key(0))
+  assert mask.sum() == 20 and len(set(np.asarray(idx))) == 20
+
+
+def test_events_match_the_sampling():
+  poisson = dpsgd.DPSGDConfig(batch_size=10, max_batch_size=100)
+  assert poisson.event(100, 5) == accounting.dpsgd_event(0.1, 1.0, 5)
+  truncated = dpsgd.DPSGDConfig(batch_size=10, max_batch_size=30)
+  assert "Truncated" in type(truncated.event(100, 5, "pld").event).__name__
+  with pytest.raises(ValueError, match="accounted only by PLD"):
+    truncated.event(100, 5, "rdp")
+  fixed = dpsgd.DPSGDConfig(batch_size=10, sampling="fixed")
+  assert accounting.default_neighbouring(fixed.event(100, 5)) == "replace_one"
+
+
+def test_private_step_equals_hand_computation():
+  model = models.make("mlp", num_classes=3, input_shape=(4, 4, 1), hidden=(8,))
+  params = model.init(jax.random.key(0))
+  loss_fn = fed.make_loss_fn(model.apply)
+  rng = np.random.default_rng(0)
+  data = Batch(x=jnp.asarray(rng.random((12, 4, 4, 1), dtype=np.float32)),
+               y=jnp.asarray(rng.integers(0, 3, 12), jnp.int32), mask=jnp.ones((12,)))
+  cfg = dpsgd.DPSGDConfig(clip_norm=0.5, noise_multiplier=1.5, batch_size=4, max_batch_size=12)
+  noise_key = jax.random.key(7)
+  opt = dpsgd.dp_optimizer(cfg, optax.sgd(0.1), key=noise_key)
+  step = jax.jit(dpsgd.make_step(loss_fn, cfg, opt, 12))
+  key = jax.random.key(9)
+  new, _, metrics = step(params, opt.init(params), data, key)
+
+  sample_key, loss_key = jax.random.split(key)
+  idx, mask, _ = dpsgd.sample_batch(12, cfg, key=sample_key)
+  batch = Batch(x=data.x[idx], y=data.y[idx], mask=mask)
+  grads, _ = clipping.per_example_grads(loss_fn, params, batch, loss_key)
+  clipped, _ = clipping.clip_rows(grads, 0.5)
+  total = jax.tree.map(lambda g: jnp.tensordot(mask, g, axes=1), clipped)
+  from privacy.noise import tree_gaussian
+  z = tree_gaussian(total, 1.5 * 0.5, key=jax.random.fold_in(noise_key, 0))
+  expected = jax.tree.map(lambda p, s, n: p - 0.1 * (s + n) / 4, params, total, z)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert metrics["batch_size"] == mask.sum()
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="clip norm"):
+    dpsgd.DPSGDConfig(clip_norm=-1.0)
+  with pytest.raises(ValueError, match="exceeds the dataset size"):
+    dpsgd.DPSGDConfig(batch_size=50).sampling_rate(10)
