@@ -169,7 +169,7 @@ def load_clients(cfg: DataConfig, *, key: jax.Array
   return ds, clients, partitions.label_histogram(ds.y_train, parts, ds.num_classes)
 
 
-class _Log:
+class MetricsLog:
   """metrics.jsonl, truncated to the resumed round so that no round appears twice."""
 
   def __init__(self, path: Path, resume_round: int, *, write: bool = True):
@@ -218,13 +218,18 @@ class _StopRequests:
     return False
 
 
-def _check_workdir(workdir: Path, config: ExperimentConfig, overwrite: bool) -> None:
+def check_workdir(workdir: Path, config: Any, overwrite: bool,
+                  extendable: tuple[str, ...] = ("rounds", "epochs")) -> None:
+  """Writes config.json; refuses a workdir that holds a run with a different config.
+
+  Only the `extendable` fields (the run length) may differ, to extend a run on resume.
+  """
   path = workdir / "config.json"
   current = config_lib.to_dict(config)
   if path.exists() and not overwrite:
     saved = json.loads(path.read_text())
-    # Only the number of rounds may change on resume (to extend a run).
-    differ = {k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k)}
+    differ = {k for k in set(saved) | set(current)
+              if k not in extendable and saved.get(k) != current.get(k)}
     if differ:
       raise SystemExit(f"error: {workdir} holds a run with a different config ({', '.join(sorted(differ))} "
                        f"differ); choose a new --workdir, or pass --overwrite to start afresh")
@@ -247,7 +252,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   from tqdm import tqdm
 
   workdir = Path(workdir)
-  _check_workdir(workdir, config, overwrite)
+  check_workdir(workdir, config, overwrite)
   k_partition, k_init, k_run = jax.random.split(jax.random.key(config.seed), 3)
 
   # With several processes (jax.distributed) all compute, the first one writes files.
@@ -278,7 +283,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   start = ckpt.latest_round() or 0
   if start:
     state = ckpt.restore(state)
-  log = _Log(workdir / "metrics.jsonl", start, write=primary)
+  log = MetricsLog(workdir / "metrics.jsonl", start, write=primary)
   clients = fed.replicate(jax.tree.map(jnp.asarray, clients), mesh)
   state = fed.replicate(state, mesh)
   x_test, y_test = fed.replicate((jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)), mesh)

@@ -28,13 +28,15 @@ pessimistically (so the reported epsilon is an upper bound up to discretisation,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dp_accounting
 import numpy as np
+from absl import logging as absl_logging
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
@@ -71,6 +73,18 @@ def check_sampling_rate(q: float) -> None:
 
 def check_clip_norm(c: float) -> None:
   _check(c > 0 and math.isfinite(c), f"clip norm C must be > 0 and finite, got {c}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+  """Silences dp_accounting's per-order RDP warnings (an order that fails to converge is
+  excluded from the minimum, which only makes epsilon larger, never wrong)."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove"
@@ -115,7 +129,8 @@ def dpsgd_event(q: float, sigma: float, steps: int = 1, *, sampling: str = "pois
     sampling: 'poisson' (each record joins with probability q), 'truncated_poisson'
       (Poisson, then a uniformly random subset of `batch_size` kept when more join; needs
       `dataset_size` and `batch_size`), or 'fixed' (`batch_size` records without
-      replacement out of `dataset_size`; REPLACE_ONE neighbours).
+      replacement out of `dataset_size`; REPLACE_ONE neighbours, sensitivity 2C: see
+      `fixed_size_event`).
     dataset_size: n, for 'truncated_poisson' and 'fixed'.
     batch_size: the static batch size, for 'truncated_poisson' and 'fixed'.
   """
@@ -129,8 +144,7 @@ def dpsgd_event(q: float, sigma: float, steps: int = 1, *, sampling: str = "pois
            f"sampling={sampling!r} needs 1 <= batch_size <= dataset_size, got "
            f"batch_size={batch_size}, dataset_size={dataset_size}")
     if sampling == "fixed":
-      one = dp_event.SampledWithoutReplacementDpEvent(
-          dataset_size, batch_size, dp_event.GaussianDpEvent(sigma))
+      one = fixed_size_event(dataset_size, batch_size, sigma)
     else:
       one = dp_event.TruncatedSubsampledGaussianDpEvent(
           dataset_size=dataset_size, sampling_probability=q, truncated_batch_size=batch_size,
@@ -138,6 +152,18 @@ def dpsgd_event(q: float, sigma: float, steps: int = 1, *, sampling: str = "pois
   else:
     raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
   return dp_event.SelfComposedDpEvent(one, int(steps))
+
+
+def fixed_size_event(dataset_size: int, batch_size: int, sigma: float) -> dp_event.DpEvent:
+  """Fixed-size sampling without replacement of a sum of terms clipped to C, noise sigma*C.
+
+  Under replace-one neighbours (the only relation dp_accounting supports for this
+  sampling) one replaced term moves the sum by up to 2C, so the Gaussian's multiplier
+  relative to the sensitivity is sigma / 2. (Passing sigma itself, as some libraries do,
+  under-reports epsilon.)
+  """
+  return dp_event.SampledWithoutReplacementDpEvent(
+      dataset_size, batch_size, dp_event.GaussianDpEvent(sigma / 2.0))
 
 
 def compose(parts: Sequence[tuple[dp_event.DpEvent, int]]) -> dp_event.DpEvent:
@@ -158,8 +184,9 @@ def epsilon(event: dp_event.DpEvent, delta: float, *, accountant: str = "pld",
     other = "pld" if accountant == "rdp" else "rdp"
     raise ValueError(f"the {accountant!r} accountant ({acc.neighboring_relation.name}) cannot "
                      f"account {event}; use accountant={other!r} or another sampling scheme")
-  acc.compose(event)
-  return float(acc.get_epsilon(delta))
+  with _quiet():
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
 
 
 def dpsgd_epsilon(q: float, sigma: float, steps: int, delta: float, *,
@@ -243,7 +270,8 @@ def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
 def rdp_curve(event: dp_event.DpEvent, neighbouring: str | None = None) -> np.ndarray:
   """The RDP of `event` at `RDP_ORDERS`; curves of independent releases add up."""
   acc = make_accountant("rdp", neighbouring or default_neighbouring(event))
-  acc.compose(event)
+  with _quiet():
+    acc.compose(event)
   return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
 
 
@@ -350,8 +378,9 @@ class Accountant:
       return 0.0
     if delta not in self._cached:
       acc = make_accountant(self.accountant, self.neighbouring)
-      acc.compose(compose(self.history))
-      self._cached[delta] = float(acc.get_epsilon(delta))
+      with _quiet():
+        acc.compose(compose(self.history))
+        self._cached[delta] = float(acc.get_epsilon(delta))
     return self._cached[delta]
 
   def to_json(self) -> str:

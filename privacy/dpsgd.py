@@ -17,9 +17,9 @@ Events per step (`DPSGDConfig.event`):
     is the 1 - 1e-12 quantile of Binomial(n, q), where the two events give the same
     epsilon to the digits reported.
   - fixed size without replacement: `SampledWithoutReplacementDpEvent(n, B,
-    GaussianDpEvent(sigma))`, replace-one (dp_accounting's RDP accountant supports this
-    event only under REPLACE_ONE, and PLD not at all). Neighbouring datasets then have the
-    same size n, and the noise is divided by the (public) B.
+    GaussianDpEvent(sigma / 2))`, replace-one (dp_accounting's RDP accountant supports
+    this event only under REPLACE_ONE, and PLD not at all). Replacing one example moves
+    the clipped sum by up to 2C, hence sigma / 2; the noise is divided by the public B.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def dp_fedavg(*, clip_norm: float, noise_multiplier: float, expected_clients: fl
   Sensitivity of the sum: C when one client is added or removed. Event per round:
   `PoissonSampledDpEvent(q, GaussianDpEvent(z))` with Poisson client sampling
   (add/remove-one user), `SampledWithoutReplacementDpEvent(num_clients, m,
-  GaussianDpEvent(z))` with fixed-size sampling (replace-one user); see `dp_fedavg_event`.
+  GaussianDpEvent(z / 2))` with fixed-size sampling (replace-one user, so the sum moves
+  by up to 2C); see `dp_fedavg_event`.
   With adaptive clipping, z is the total over both queries (`dp_fedavg_update_noise`).
 
   Metrics: `dp_clip_norm` (C used this round), `dp_noise_std` (of the aggregate) and,
@@ -140,7 +141,7 @@ def dp_fedavg_event(cfg: fed.FedConfig, num_clients: int, noise_multiplier: floa
   gaussian = dp_event.GaussianDpEvent(noise_multiplier)
   m = fed.num_sampled(cfg, num_clients)
   if cfg.sampling == "fixed":
-    return dp_event.SampledWithoutReplacementDpEvent(num_clients, m, gaussian), "replace_one"
+    return accounting.fixed_size_event(num_clients, m, noise_multiplier), "replace_one"
   if m >= num_clients:
     return dp_event.PoissonSampledDpEvent(cfg.clients_per_round, gaussian), "add_remove"
   return dp_event.TruncatedSubsampledGaussianDpEvent(

@@ -22,6 +22,7 @@ recomputed from the run's key, since client sampling does not depend on the data
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -223,6 +224,9 @@ assert tuple(MECHANISMS) == MECHANISM_NAMES
 def train_and_evaluate(config: PrivateExperimentConfig, workdir, **kwargs) -> dict[str, Any]:
   """`fljax.train.train_and_evaluate` with `config.privacy`'s mechanism plugged in."""
   make = MECHANISMS[config.privacy.mechanism]
+  if config.privacy.target_epsilon is not None:
+    # sigma is calibrated for `rounds`: extending the run would overspend, so refuse it.
+    fl_train.check_workdir(Path(workdir), config, kwargs.get("overwrite", False), extendable=())
   return fl_train.train_and_evaluate(config, workdir, plugins=lambda ctx: make(config.privacy, ctx),
                                      **kwargs)
 

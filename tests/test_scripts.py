@@ -18,3 +18,13 @@ def test_bench_fl_round_quick_prints_result_line():
   assert last.startswith("RESULT bench_fl_round ratio=") and "clients=20" in last
   ratio = float(last.split("ratio=")[1].split()[0])
   assert ratio > 0
+
+
+def test_bench_dpsgd_quick_prints_result_line():
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "bench_dpsgd.py"), "--quick", "--repeats", "1"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("RESULT bench_dpsgd ratio=")
+  assert float(last.split("ratio=")[1].split()[0]) > 0

@@ -84,6 +84,9 @@ def test_running_accountant_matches_batch_and_round_trips_json():
 def test_sampling_schemes_and_their_accountants():
   fixed = acc.dpsgd_event(0.01, 1.0, 100, sampling="fixed", dataset_size=1000, batch_size=10)
   assert acc.default_neighbouring(fixed) == "replace_one"
+  # replace-one moves a clipped sum by 2C: accounted as a Gaussian of multiplier sigma / 2
+  assert fixed.event == dp_event.SampledWithoutReplacementDpEvent(
+      1000, 10, dp_event.GaussianDpEvent(0.5))
   assert math.isfinite(acc.epsilon(fixed, 1e-5, accountant="rdp"))
   with pytest.raises(ValueError, match="cannot account"):
     acc.epsilon(fixed, 1e-5, accountant="pld")

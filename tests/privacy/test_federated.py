@@ -52,7 +52,8 @@ def test_dp_fedavg_events():
   assert event == dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
   assert rel == "add_remove"
   event, rel = pfed.dp_fedavg_event(fed.FedConfig(clients_per_round=0.1), 100, 1.0)
-  assert event == dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(1.0))
+  # replace-one user: the sum moves by up to 2C, so the multiplier is sigma / 2
+  assert event == dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5))
   assert rel == "replace_one"
   assert pfed.expected_clients(cfg, 100) == pytest.approx(10.0)
 
