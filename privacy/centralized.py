@@ -83,21 +83,8 @@ def _setup(config: CentralConfig, n: int) -> tuple[dpsgd.DPSGDConfig, int, str]:
   accountant = "rdp" if config.dpsgd.sampling == "fixed" else config.accountant
   cfg = config.dpsgd
   if config.private and config.target_epsilon is not None:
-    steps = steps_per_epoch * config.epochs
-
-    def eps(c: dpsgd.DPSGDConfig) -> float:
-      return accounting.epsilon(c.event(n, steps, accountant), config.delta, accountant=accountant)
-
-    # Calibrate on the untruncated event (fast, bracketed by RDP), then raise sigma until
-    # the exact (truncated) event meets the target too; the default static batch size
-    # makes the two agree, so this loop rarely turns.
-    untruncated = dataclasses.replace(cfg, max_batch_size=n)
-    sigma = accounting.calibrate(
-        lambda s: dataclasses.replace(untruncated, noise_multiplier=s).event(n, steps, accountant),
-        config.target_epsilon, config.delta, accountant=accountant)
-    while eps(dataclasses.replace(cfg, noise_multiplier=sigma)) > config.target_epsilon:
-      sigma *= 1.002
-    cfg = dataclasses.replace(cfg, noise_multiplier=sigma)
+    cfg = dpsgd.calibrate(cfg, n, steps_per_epoch * config.epochs, config.target_epsilon,
+                          config.delta, accountant=accountant)
   return cfg, steps_per_epoch, accountant
 
 

@@ -22,3 +22,12 @@ def test_readme_python_example_runs():
   exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
   metrics = namespace["metrics"]
   assert int(namespace["state"].round) == 1 and float(metrics["clients"]) == 10
+
+
+def test_readme_privacy_example_runs():
+  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  code = next(b for b in blocks if "dpsgd.calibrate" in b)
+  namespace = {}
+  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+  assert 1.9 < namespace["epsilon"] <= 2.0
+  assert float(namespace["metrics"]["loss"]) > 0
