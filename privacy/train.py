@@ -125,14 +125,22 @@ def _sigma(cfg: PrivacyConfig, epsilon_of_sigma: Callable[[float], float]) -> fl
   return accounting.calibrate_noise(epsilon_of_sigma, cfg.target_epsilon)
 
 
+def _event_sigma(cfg: PrivacyConfig, make_event: Callable[[float], Any], accountant: str,
+                 neighbouring: str) -> float:
+  """As `_sigma` for a whole-run event (PLD calibration is bracketed by RDP first)."""
+  if cfg.noise_multiplier is not None:
+    return cfg.noise_multiplier
+  return accounting.calibrate(make_event, cfg.target_epsilon, cfg.delta, accountant=accountant,
+                              neighbouring=neighbouring)
+
+
 def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
   fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
   event_of, neighbouring = (lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0],
                             pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1])
   name = "rdp" if neighbouring == "replace_one" else cfg.accountant
-  sigma = _sigma(cfg, lambda s: accounting.epsilon(
-      accounting.compose([(event_of(s), rounds)]), cfg.delta, accountant=name,
-      neighbouring=neighbouring))
+  sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), rounds)]), name,
+                       neighbouring)
   expected = pfed.expected_clients(fed_cfg, n)
   adaptive = None
   if cfg.adaptive_clipping:
@@ -202,7 +210,8 @@ def _local_dp(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
     return accounting.epsilon(accounting.compose([(pfed.local_dp_event(sigma), uploads)]),
                               cfg.delta, accountant="pld")
 
-  sigma = _sigma(cfg, lambda s: eps(s, int(counts[-1].max())))
+  sigma = _event_sigma(cfg, lambda s: accounting.compose(
+      [(pfed.local_dp_event(s), max(1, int(counts[-1].max())))]), "pld", "add_remove")
   return fl_train.Plugins(
       defense=pfed.local_dp(clip_norm=cfg.clip_norm, noise_multiplier=sigma),
       round_metrics=lambda r: {"epsilon": eps(sigma, int(counts[r].max())), "noise_multiplier": sigma},
