@@ -137,25 +137,30 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
                               key=key)
       ev = jax.device_get(evaluate(params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)))
       steps_done = (epoch + 1) * steps_per_epoch
-      eps = (accounting.epsilon(cfg.event(n, steps_done, accountant), config.delta,
-                                accountant=accountant) if config.private else float("inf"))
       record = {"epoch": epoch + 1, "round": epoch + 1, "steps": steps_done,
                 **{k: v / steps_per_epoch for k, v in sums.items()},
-                "test_accuracy": float(ev["accuracy"]), "epsilon": eps,
-                "noise_multiplier": cfg.noise_multiplier if config.private else 0.0,
-                "epoch_seconds": time.perf_counter() - t0}
+                "test_accuracy": float(ev["accuracy"])}
+      if config.private:  # a non-private run has no epsilon (infinite), so none is logged
+        record["epsilon"] = accounting.epsilon(cfg.event(n, steps_done, accountant),
+                                               config.delta, accountant=accountant)
+        record["noise_multiplier"] = cfg.noise_multiplier
+      record["epoch_seconds"] = time.perf_counter() - t0
       log.append(record)
       say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {record['loss']:.4f}  "
-          f"test_acc {record['test_accuracy']:.4f}  eps {eps:.3g}  {record['epoch_seconds']:.1f}s")
+          f"test_acc {record['test_accuracy']:.4f}  "
+          + (f"eps {record['epsilon']:.3g}  " if config.private else "")
+          + f"{record['epoch_seconds']:.1f}s")
       ckpt.save(state)
   finally:
     ckpt.close()
   if not record and log.records:
     record = log.records[-1]
+  # epsilon null: not private (epsilon = infinity).
   (workdir / "result.json").write_text(json.dumps({
       "test_accuracy": record.get("test_accuracy"), "epsilon": record.get("epsilon"),
-      "delta": config.delta, "accountant": accountant if config.private else None,
-      "noise_multiplier": cfg.noise_multiplier if config.private else 0.0}, indent=2) + "\n")
+      "delta": config.delta if config.private else None,
+      "accountant": accountant if config.private else None,
+      "noise_multiplier": cfg.noise_multiplier if config.private else None}, indent=2) + "\n")
   return record
 
 

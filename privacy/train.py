@@ -139,6 +139,10 @@ def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins
   event_of, neighbouring = (lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0],
                             pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1])
   name = "rdp" if neighbouring == "replace_one" else cfg.accountant
+  if not accounting.make_accountant(name, neighbouring).supports(event_of(1.0)):
+    raise ValueError(f"the {name} accountant cannot account {type(event_of(1.0)).__name__} "
+                     f"(Poisson client sampling truncated by --fed.poisson_cap): use "
+                     f"--privacy.accountant pld, or --fed.poisson_cap 0")
   sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), rounds)]), name,
                        neighbouring)
   expected = pfed.expected_clients(fed_cfg, n)

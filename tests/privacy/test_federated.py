@@ -101,3 +101,32 @@ def test_participation_matches_the_round_sampling():
   assert taken.shape == (5, 10) and (taken.sum(1) == 3).all()
   idx, _, _ = fed.sample_clients(10, cfg, key=fed.round_keys(key, 2)["sample"])
   assert set(np.flatnonzero(taken[2])) == set(np.asarray(idx))
+
+
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_private_rounds_on_four_devices_equal_one(batching):
+  """Record-level client DP-SGD, local DP and DP-FedAvg give the same round sharded."""
+  rng = np.random.default_rng(1)
+  sizes = [5, 9, 3, 6, 8, 2]
+  x = rng.random((sum(sizes), 4, 4, 1), dtype=np.float32)
+  y = rng.integers(0, 3, sum(sizes)).astype(np.int32)
+  parts = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
+  clients = jax.tree.map(jnp.asarray, partitions.make_clients(x, y, parts))
+  model = models.make("mlp", num_classes=3, input_shape=(4, 4, 1), hidden=(8,))
+  params = model.init(jax.random.key(3))
+  cfg = fed.FedConfig(clients_per_round=0.5, local_batch_size=3, client_batching=batching)
+  client_update = pfed.make_dpsgd_client_update(fed.make_loss_fn(model.apply), cfg,
+                                                clip_norm=0.5, noise_multiplier=1.0)
+  aggregate = pfed.dp_fedavg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=3.0)
+  results = []
+  for mesh in (None, fed.make_mesh(4)):
+    step = jax.jit(fed.make_round_step(client_update, cfg, 6, mesh=mesh,
+                                       defense=pfed.local_dp(clip_norm=2.0, noise_multiplier=0.1),
+                                       aggregate=aggregate))
+    state = fed.replicate(fed.init_server_state(params, cfg, key=jax.random.key(0),
+                                                aggregate=aggregate), mesh)
+    for _ in range(2):
+      state, _ = step(state, fed.replicate(clients, mesh))
+    results.append(state.params)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -123,3 +123,14 @@ def test_centralized_dpsgd_script_meets_target_and_resumes(tmp_path):
   assert _run("train_dpsgd.py", *fixed, "--epochs", "1").returncode == 0
   out = _run("train_dpsgd.py", *fixed, "--epochs", "2")
   assert out.returncode == 0 and "resuming at epoch 1" in out.stdout
+
+
+def test_centralized_non_private_baseline_reports_no_epsilon(tmp_path):
+  from privacy import centralized, dpsgd
+  cfg = centralized.CentralConfig(dataset="digits", model=fl_train.ModelConfig(name="mlp"),
+                                  dpsgd=dpsgd.DPSGDConfig(batch_size=64), private=False,
+                                  lr=0.05, epochs=2)
+  record = centralized.train_and_evaluate(cfg, tmp_path, progress=False)
+  assert record["test_accuracy"] > 0.5 and "epsilon" not in record
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["epsilon"] is None and result["accountant"] is None
