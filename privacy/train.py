@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from fljax import config as config_lib
 from fljax import train as fl_train
 from privacy import accounting, defenses
 from privacy import federated as pfed

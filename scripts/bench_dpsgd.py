@@ -15,8 +15,6 @@ The headline `ratio=` is the larger DP-over-non-private overhead of the two work
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +22,12 @@ import numpy as np
 import optax
 
 from fljax import federated as fed
+from fljax.timing import timed
 from fljax import models
 from fljax.partitions import Batch
 from privacy import clipping, dpsgd
 
 
-def timed(fn, repeats):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def workload(name, shape, batch, repeats, loop_rows):

@@ -14,24 +14,13 @@ largest C.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from fljax import datasets, models, partitions
 from fljax import federated as fed
-
-
-def timed(fn, repeats):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+from fljax.timing import timed
 
 
 def main():
