@@ -22,9 +22,9 @@ import numpy as np
 import optax
 
 from fljax import federated as fed
-from fljax.timing import timed
 from fljax import models
 from fljax.partitions import Batch
+from fljax.timing import timed
 from privacy import clipping, dpsgd
 
 
