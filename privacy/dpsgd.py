@@ -170,6 +170,8 @@ def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransf
 
   Metrics: `loss` (mean over the batch), `batch_size` (realised), `truncated`, and for
   the private step `nonfinite` (examples dropped), `clipped_fraction`, `grad_norm`.
+  These are diagnostics computed from the raw batch: the DP guarantee covers the
+  parameters, not them (don't publish them as private).
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
 

@@ -14,6 +14,10 @@ with the mechanism's hooks plugged in, and logs the privacy spent after every ro
   prune       defense         not DP                      (none: epsilon = inf)
   quantize    defense         not DP                      (none: epsilon = inf)
 
+What the guarantee covers: the model parameters (and, for `dpsgd` and `local_dp`, every
+update the server receives). The training loss and other diagnostics in metrics.jsonl
+are computed from raw client data for the experimenter and are not private.
+
 With `target_epsilon` set, the noise multiplier is calibrated so that the epsilon after
 `rounds` rounds meets it; client participation (needed by the per-client mechanisms) is
 recomputed from the run's key, since client sampling does not depend on the data.
