@@ -196,6 +196,9 @@ def make_dpsgd_client_update(loss_fn: LossFn, cfg: fed.FedConfig, *, clip_norm: 
   Event per round the client takes part in: `SelfComposedDpEvent(PoissonSampledDpEvent(
   q_i, GaussianDpEvent(sigma)), s_i)` (`dpsgd_client_event`). Rounds it sits out cost
   nothing (the later models are post-processing of its earlier releases).
+  q_i and s_i are computed from the client's size n_i, which is treated as public (as
+  centralized DP-SGD treats n in q = B/n, following Opacus and jax-privacy); a strict
+  add/remove guarantee would fix them before seeing the data.
   """
   accounting.check_clip_norm(clip_norm)
   if noise_multiplier < 0:  # 0 (clipping only) is allowed, for baselines and tests
