@@ -64,7 +64,7 @@ class CentralConfig:
   delta: float = 1e-5
   accountant: str = "pld"
   optimizer: str = "momentum"
-  lr: float = 0.5
+  lr: float = 0.1
   momentum: float = 0.9
   epochs: int = 20
   seed: int = 0
