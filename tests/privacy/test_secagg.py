@@ -1,0 +1,152 @@
+"""Tests of privacy/secagg.py: exact sums under dropouts, uniform masked inputs, late
+clients stay masked, tampering and replays rejected, aborts, SecAgg+."""
+
+import random
+import secrets
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privacy import secagg as sa
+
+
+def _inputs(n, d, bits):
+  return {u: np.frombuffer(secrets.token_bytes(8 * d), "<u8").astype(np.uint64) % (1 << bits)
+          for u in range(1, n + 1)}
+
+
+def _expected(xs, survivors, bits):
+  return sum(xs[u].astype(object) for u in survivors) % (1 << bits)
+
+
+@pytest.mark.parametrize("neighbours", [0, 4])
+@pytest.mark.parametrize("seed", range(12))
+def test_sum_equals_plaintext_sum_of_survivors_under_random_dropouts(seed, neighbours):
+  rng = random.Random(seed)
+  n, d, bits = 9, 50, rng.choice([8, 20, 32, 40])
+  t = 3 if neighbours else 5
+  cfg = sa.SecAggConfig(num_clients=n, threshold=t, dimension=d, bits=bits, neighbours=neighbours)
+  xs = _inputs(n, d, bits)
+  drops = {r: set(rng.sample(range(1, n + 1), rng.choice([0, 0, 1]))) for r in sa.ROUNDS}
+  try:
+    total, view = sa.run(xs, cfg, drop_before=drops)
+  except sa.SecAggAbort:
+    pytest.skip("this pattern left fewer than t clients in some neighbourhood")
+  survivors = view.rosters["U3"]
+  assert set(survivors).isdisjoint(drops["advertise"] | drops["share_keys"] | drops["masked_input"])
+  np.testing.assert_array_equal(total.astype(object), _expected(xs, survivors, bits))
+
+
+def test_masked_inputs_are_uniform_mod_r():
+  n, d, bits = 5, 40_000, 8
+  cfg = sa.SecAggConfig(num_clients=n, threshold=3, dimension=d, bits=bits)
+  zeros = {u: np.zeros(d, np.uint64) for u in range(1, n + 1)}  # the most structured input
+  _, view = sa.run(zeros, cfg)
+  for y in view.masked.values():
+    counts = np.bincount(y.astype(np.int64), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_late_client_declared_dropped_stays_masked_by_its_self_mask():
+  n, d, bits = 5, 20_000, 8
+  cfg = sa.SecAggConfig(num_clients=n, threshold=3, dimension=d, bits=bits)
+  xs = {u: np.zeros(d, np.uint64) for u in range(1, n + 1)}
+  clients = {u: sa.Client(u, xs[u], cfg) for u in xs}
+  server = sa.Server(cfg)
+  roster = server.advertise([c.advertise() for c in clients.values()])
+  inboxes = server.share_keys([c.share_keys(roster) for c in clients.values()])
+  late = clients[5].masked_input(inboxes[5])  # computed, but arrives after the deadline
+  request = server.masked_input([clients[u].masked_input(inboxes[u]) for u in (1, 2, 3, 4)])
+  total = server.unmask([clients[u].unmask(request) for u in (1, 2, 3, 4)])
+  np.testing.assert_array_equal(total, 0)
+  # The server now knows client 5's mask key (it was declared dropped), so it can strip the
+  # pairwise masks from the late y_5, but never its self-mask: what is left is uniform.
+  msg = sa._unpack(late, "y")
+  y5 = np.frombuffer(msg["y"], "<u8").astype(cfg.dtype)
+  s_shares = {}
+  for u in (1, 2, 3, 4):
+    s_shares[u] = clients[u]._decrypt(5)["s"]
+  from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+  from privacy import shamir
+  s_sk = X25519PrivateKey.from_private_bytes(shamir.reconstruct(s_shares, 3))
+  stripped = y5.copy()
+  for u in (1, 2, 3, 4):
+    mask = sa.prg(sa._agree(s_sk, server._keys[u][1], sa._pair_info(b"mask", server.session, 5, u)),
+                  d, bits)
+    stripped = stripped - mask if 5 < u else stripped + mask
+  stripped = cfg.reduce(stripped)
+  assert stats.chisquare(np.bincount(stripped.astype(np.int64), minlength=256)).pvalue > 1e-4
+  # and no client reveals client 5's self-mask share, even if asked again as a survivor
+  with pytest.raises(sa.SecAggError, match="refusing to reveal both"):
+    clients[1].unmask(sa._pack(survivors=[1, 2, 3, 4, 5], dropped=[]))
+
+
+def _rounds_to_unmask(cfg, xs):
+  clients = {u: sa.Client(u, xs[u], cfg) for u in xs}
+  server = sa.Server(cfg)
+  roster = server.advertise([c.advertise() for c in clients.values()])
+  inboxes = server.share_keys([c.share_keys(roster) for c in clients.values()])
+  return clients, server, inboxes
+
+
+def test_tampered_and_replayed_ciphertexts_are_rejected():
+  cfg = sa.SecAggConfig(num_clients=4, threshold=3, dimension=8, bits=16)
+  xs = _inputs(4, 8, 16)
+  clients, server, inboxes = _rounds_to_unmask(cfg, xs)
+  box = sa._unpack(inboxes[1], "ciphertexts")["ciphertexts"]
+  tampered = dict(box)
+  ct = bytearray(tampered[2])
+  ct[-1] ^= 1
+  tampered[2] = bytes(ct)
+  clients[1].masked_input(sa._pack(ciphertexts=tampered))
+  request = sa._pack(survivors=[1, 2, 3, 4], dropped=[])
+  with pytest.raises(sa.SecAggError, match="failed authentication"):
+    clients[1].unmask(request)
+  # replay: client 2's ciphertext for client 3, redirected to client 1
+  other = sa._unpack(inboxes[3], "ciphertexts")["ciphertexts"][2]
+  clients2, _, inboxes2 = _rounds_to_unmask(cfg, xs)
+  clients2[1].masked_input(sa._pack(ciphertexts={**sa._unpack(inboxes2[1], "ciphertexts")
+                                                 ["ciphertexts"], 2: other}))
+  with pytest.raises(sa.SecAggError, match="failed authentication"):
+    clients2[1].unmask(request)
+
+
+def test_unknown_clients_and_malformed_messages_are_rejected():
+  cfg = sa.SecAggConfig(num_clients=4, threshold=3, dimension=8, bits=16)
+  xs = _inputs(4, 8, 16)
+  clients, server, inboxes = _rounds_to_unmask(cfg, xs)
+  request = server.masked_input([clients[u].masked_input(inboxes[u]) for u in (1, 2, 3, 4)])
+  answers = [clients[u].unmask(request) for u in (1, 2, 3)]
+  forged = sa._pack(id=9, b_shares={}, s_shares={})
+  with pytest.raises(sa.SecAggError, match="unknown or excluded client 9"):
+    server.unmask(answers + [forged])
+  with pytest.raises(sa.SecAggError, match="malformed message"):
+    server.unmask([b"not json"])
+  with pytest.raises(sa.SecAggError, match="sent twice"):
+    server.unmask(answers + answers[:1])
+
+
+def test_too_few_survivors_abort_with_a_clear_error():
+  cfg = sa.SecAggConfig(num_clients=5, threshold=3, dimension=4, bits=16)
+  with pytest.raises(sa.SecAggAbort, match="fewer than the threshold t=3"):
+    sa.run(_inputs(5, 4, 16), cfg, drop_before={"masked_input": {1, 2, 3}})
+
+
+def test_parameters_are_checked():
+  with pytest.raises(ValueError, match="n/2 < t"):
+    sa.SecAggConfig(num_clients=10, threshold=5, dimension=4)
+  with pytest.raises(ValueError, match="even number of neighbours"):
+    sa.SecAggConfig(num_clients=10, threshold=3, dimension=4, neighbours=3)
+  with pytest.raises(ValueError, match="unknown rounds"):
+    sa.run(_inputs(3, 4, 16), sa.SecAggConfig(num_clients=3, threshold=2, dimension=4),
+           drop_before={"round3": {1}})
+
+
+def test_secagg_plus_graph_is_k_regular_and_symmetric():
+  graph = sa.harary_neighbours(20, 6, b"\x01" * 32)
+  assert sorted(graph) == list(range(1, 21))
+  for u, nbrs in graph.items():
+    assert len(nbrs) == 6 and u not in nbrs
+    assert all(u in graph[v] for v in nbrs)
+  assert graph != sa.harary_neighbours(20, 6, b"\x02" * 32)
