@@ -468,3 +468,147 @@ def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
 def modulus_bits(num_clients: int, levels_bits: int) -> int:
   """Bits of R such that n signed values of `levels_bits` bits sum without overflow."""
   return levels_bits + math.ceil(math.log2(num_clients)) + 1
+
+
+def encoding_scale(num_clients: int, clip: float, bits: int) -> float:
+  """The largest scale s such that n values in [-c s, c s] (after rounding) sum without
+  wrapping around mod 2^bits: n (c s + 1) <= 2^(bits - 1) - 1."""
+  return ((2 ** (bits - 1) - 1) / num_clients - 1) / clip
+
+
+# ----------------------------------------------------------------------------- federated hook
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecureAggregation:
+  """Secure aggregation as the federated round's `aggregate` hook (see `aggregator`).
+
+  Attributes:
+    clip: c, each coordinate of an update is clipped to [-c, c] before encoding (clipped
+      coordinates are counted in `secagg_clipped`).
+    bits: R = 2^bits (at most 32 inside jit).
+    threshold: t as a fraction of the clients in the round (> 1/2; SecAgg+: of k + 1).
+    neighbours: k for SecAgg+ (0: full SecAgg); rounded to an even number < m.
+    dropout: probability that a sampled client drops out before sending its masked input.
+    noise_multiplier: distributed DP: each client adds N(0, (z C)^2 / t_min) to its update
+      clipped to L2 norm `l2_clip` = C before encoding, so that any >= t_min survivors'
+      sum carries N(0, (z C)^2). 0: no noise.
+    l2_clip: C for distributed DP.
+  """
+
+  clip: float = 1.0
+  bits: int = 32
+  threshold: float = 0.6
+  neighbours: int = 0
+  dropout: float = 0.0
+  noise_multiplier: float = 0.0
+  l2_clip: float = 1.0
+
+  def __post_init__(self):
+    if self.clip <= 0 or self.l2_clip <= 0:
+      raise ValueError("clip and l2_clip must be > 0")
+    if not 2 <= self.bits <= 32:
+      raise ValueError(f"bits must be in [2, 32] inside the federated round, got {self.bits}")
+    if not 0.5 < self.threshold <= 1:
+      raise ValueError(f"threshold must be a fraction in (1/2, 1], got {self.threshold}")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.noise_multiplier < 0:
+      raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+
+  def protocol(self, m: int, dimension: int) -> SecAggConfig:
+    """The protocol parameters for a round of m clients."""
+    k = 0
+    if self.neighbours and m > 3:
+      k = max(2, min(self.neighbours, m - 1))
+      k -= k % 2
+    group = k + 1 if k else m
+    t = min(group, max(math.ceil(self.threshold * group), group // 2 + 1))
+    return SecAggConfig(num_clients=m, threshold=t, dimension=dimension, bits=self.bits,
+                        neighbours=k, graph_seed=os.urandom(32))
+
+
+def aggregator(settings: SecureAggregation):
+  """A stateless `fljax.federated.Aggregator` that runs the real protocol each round.
+
+  Inside the jitted round, each client's update (a pytree, flattened to d numbers) is
+  clipped per coordinate to [-c, c] (and, with distributed DP, first L2-clipped to C and
+  noised), scaled by `encoding_scale`, stochastically rounded to integers and taken mod
+  R; a `jax.pure_callback` then runs the protocol on the host among the round's real
+  clients (weight > 0), each dropping with probability `dropout` before its masked input.
+  The server decodes the sum and divides by the number of survivors: every surviving
+  client counts once (size weights would have to be sent in the clear).
+
+  A round that aborts (fewer survivors than the threshold; with distributed DP, fewer
+  than the threshold of the full round, whose noise level the clients assumed) leaves
+  the model unchanged and is counted in `secagg_aborted`. Metrics: `secagg_survivors`,
+  `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`.
+
+  Threat model: the server learns the sum only, so an attack on a secure-aggregation
+  round must be given the aggregate, never a client's update.
+
+  Distributed DP (`noise_multiplier` z > 0): what is clipped: each client's update, to L2
+  norm C (then per coordinate to c, which must be wide enough not to bind: the guarantee
+  below assumes `secagg_clipped` stays 0). Sensitivity of the sum: C (add/remove one
+  client). Event per round: as DP-FedAvg's (`privacy.federated.dp_fedavg_event` with z),
+  since the survivors' noise adds up to at least N(0, (z C)^2).
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.flatten_util import ravel_pytree
+
+  from fljax.federated import Aggregator
+
+  def update(updates, weights, state, key):
+    m = weights.shape[0]
+    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(updates)
+    unravel = ravel_pytree(jax.tree.map(lambda u: u[0], updates))[1]
+    d = flat.shape[1]
+    min_survivors = settings.protocol(m, d).threshold
+    scale = encoding_scale(m, settings.clip, settings.bits)
+    k_noise, k_round, k_drop = jax.random.split(key, 3)
+    if settings.noise_multiplier:
+      norms = jnp.linalg.norm(flat, axis=1, keepdims=True)
+      flat = flat * jnp.minimum(1.0, settings.l2_clip / jnp.maximum(norms, 1e-30))
+      std = settings.noise_multiplier * settings.l2_clip / math.sqrt(min_survivors)
+      flat = flat + std * jax.random.normal(k_noise, flat.shape)
+    real = weights > 0
+    clipped = ((jnp.abs(flat) > settings.clip) & real[:, None]).sum()
+    z = jnp.clip(flat, -settings.clip, settings.clip) * scale
+    low = jnp.floor(z)
+    ints = (low + (jax.random.uniform(k_round, z.shape) < z - low)).astype(jnp.int32)
+    encoded = jax.lax.bitcast_convert_type(ints, jnp.uint32)
+    drops = jax.random.uniform(k_drop, (m,)) < settings.dropout
+
+    def host(encoded, real, drops):
+      encoded, real, drops = np.asarray(encoded), np.asarray(real), np.asarray(drops)
+      ids = [i for i in range(m) if real[i]]
+      aborted = (np.zeros(d, np.uint32), np.int32(0), np.int32(1))
+      if len(ids) < 2:  # fewer than two clients: nothing can be hidden, nothing is sent
+        return aborted
+      cfg = settings.protocol(len(ids), d)
+      inputs = {j + 1: encoded[i].astype(cfg.dtype) for j, i in enumerate(ids)}
+      dropped = {j + 1 for j, i in enumerate(ids) if drops[i]}
+      try:
+        total, view = run(inputs, cfg, drop_before={"masked_input": dropped})
+      except SecAggAbort:
+        return aborted
+      survivors = len(view.rosters["U3"])
+      if settings.noise_multiplier and survivors < min_survivors:
+        return aborted
+      return total.astype(np.uint32), np.int32(survivors), np.int32(0)
+
+    total, survivors, aborted = jax.pure_callback(
+        host, (jax.ShapeDtypeStruct((d,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32),
+               jax.ShapeDtypeStruct((), jnp.int32)), encoded, real, drops)
+    signed = jax.lax.bitcast_convert_type(total, jnp.int32)
+    if settings.bits < 32:  # sign-extend from `bits`
+      shift = 32 - settings.bits
+      signed = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, shift), shift)
+    mean = signed.astype(jnp.float32) / scale / jnp.maximum(survivors, 1).astype(jnp.float32)
+    metrics = {"secagg_survivors": survivors.astype(jnp.float32),
+               "secagg_clipped": clipped.astype(jnp.float32),
+               "secagg_aborted": aborted.astype(jnp.float32)}
+    return unravel(mean), state, metrics
+
+  return Aggregator(init=lambda params: (), update=update)

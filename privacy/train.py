@@ -13,6 +13,9 @@ with the mechanism's hooks plugged in, and logs the privacy spent after every ro
                               update (local DP)
   prune       defense         not DP                      (none: epsilon = inf)
   quantize    defense         not DP                      (none: epsilon = inf)
+  secagg      aggregate       server sees only the sum;   (none), or with a noise multiplier:
+                              + distributed DP: model     accountant over rounds
+                              observer, user level
 
 What the guarantee covers: the model parameters (and, for `dpsgd` and `local_dp`, every
 update the server receives). The training loss and other diagnostics in metrics.jsonl
@@ -33,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from fljax import train as fl_train
-from privacy import accounting, defenses
+from privacy import accounting, defenses, secagg
 from privacy import federated as pfed
 
 
-MECHANISM_NAMES = ("none", "dp_fedavg", "dpsgd", "local_dp", "prune", "quantize")
+MECHANISM_NAMES = ("none", "dp_fedavg", "dpsgd", "local_dp", "prune", "quantize", "secagg")
 DP_MECHANISMS = ("dp_fedavg", "dpsgd", "local_dp")
 
 
@@ -62,6 +65,12 @@ class PrivacyConfig:
     per_layer: dpsgd clips each parameter tensor to C / sqrt(L).
     prune_fraction: prune: fraction of update entries zeroed.
     quantize: quantize: fp16 or int8.
+    secagg_clip: secagg: each update coordinate is clipped to [-c, c] before encoding.
+    secagg_bits: secagg: the protocol works mod 2^bits (at most 32).
+    secagg_threshold: secagg: t as a fraction (> 1/2) of the round's clients (or of a
+      SecAgg+ neighbourhood).
+    secagg_neighbours: secagg: k > 0 runs SecAgg+ with k neighbours per client.
+    secagg_dropout: secagg: probability that a client drops before its masked input.
   """
 
   mechanism: str = "none"
@@ -77,6 +86,11 @@ class PrivacyConfig:
   per_layer: bool = False
   prune_fraction: float = 0.9
   quantize: str = "int8"
+  secagg_clip: float = 1.0
+  secagg_bits: int = 32
+  secagg_threshold: float = 0.6
+  secagg_neighbours: int = 0
+  secagg_dropout: float = 0.0
 
   def __post_init__(self):
     if self.mechanism not in MECHANISM_NAMES:
@@ -90,6 +104,9 @@ class PrivacyConfig:
     if self.mechanism in DP_MECHANISMS and (self.noise_multiplier is None) == (self.target_epsilon is None):
       raise ValueError(f"privacy.mechanism={self.mechanism} needs exactly one of "
                        f"--privacy.noise_multiplier or --privacy.target_epsilon")
+    if self.mechanism == "secagg" and None not in (self.noise_multiplier, self.target_epsilon):
+      raise ValueError("privacy.mechanism=secagg takes at most one of --privacy.noise_multiplier "
+                       "or --privacy.target_epsilon (none: secure aggregation without DP)")
     if self.accountant not in ("pld", "rdp"):
       raise ValueError(f"privacy.accountant must be 'pld' or 'rdp', got {self.accountant!r}")
 
@@ -102,6 +119,32 @@ class PrivateExperimentConfig(fl_train.ExperimentConfig):
 
 
 # ----------------------------------------------------------------------------- mechanisms
+
+
+def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+  """Secure aggregation; with a noise multiplier or target epsilon, distributed DP on top."""
+  fed_cfg, n = ctx.config.fed, ctx.clients.num_clients
+  private = cfg.noise_multiplier is not None or cfg.target_epsilon is not None
+  settings = dict(clip=cfg.secagg_clip, bits=cfg.secagg_bits, threshold=cfg.secagg_threshold,
+                  neighbours=cfg.secagg_neighbours, dropout=cfg.secagg_dropout)
+  kind = f"SecAgg+ (k={cfg.secagg_neighbours})" if cfg.secagg_neighbours else "SecAgg"
+  if not private:
+    return fl_train.Plugins(aggregate=secagg.aggregator(secagg.SecureAggregation(**settings)),
+                            description=f"{kind}, mod 2^{cfg.secagg_bits}, clip {cfg.secagg_clip} "
+                                        f"(the server sees only the sum; not DP)")
+  event_of, neighbouring = (lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0],
+                            pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1])
+  name = "rdp" if neighbouring == "replace_one" else cfg.accountant
+  sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), ctx.config.rounds)]),
+                       name, neighbouring)
+  running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta),
+                             event_of(sigma))
+  return fl_train.Plugins(
+      aggregate=secagg.aggregator(secagg.SecureAggregation(
+          **settings, noise_multiplier=sigma, l2_clip=cfg.clip_norm)),
+      round_metrics=lambda r: {"epsilon": running.epsilon(r), "noise_multiplier": sigma},
+      description=(f"{kind} with distributed DP (user level, {neighbouring}), C={cfg.clip_norm}, "
+                   f"sigma={sigma:.4g} over the survivors, {name} accountant, delta={cfg.delta:g}"))
 
 
 def _none(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
@@ -233,6 +276,7 @@ MECHANISMS: dict[str, Callable[[PrivacyConfig, fl_train.RunContext], fl_train.Pl
     "local_dp": _local_dp,
     "prune": _prune,
     "quantize": _quantize,
+    "secagg": _secagg,
 }
 assert tuple(MECHANISMS) == MECHANISM_NAMES
 

@@ -150,3 +150,79 @@ def test_secagg_plus_graph_is_k_regular_and_symmetric():
     assert len(nbrs) == 6 and u not in nbrs
     assert all(u in graph[v] for v in nbrs)
   assert graph != sa.harary_neighbours(20, 6, b"\x02" * 32)
+
+
+# ----------------------------------------------------------------------------- federated hook
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from fljax import federated as fed  # noqa: E402
+from fljax import models, partitions  # noqa: E402
+
+
+def _uniform_mean(updates, weights, key):
+  del key
+  real = (weights > 0).astype(jnp.float32)
+  return jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1) / real.sum(), updates)
+
+
+@pytest.mark.parametrize("bits,neighbours", [(32, 0), (24, 4)])
+def test_secure_aggregator_equals_plain_mean_up_to_quantization(bits, neighbours):
+  updates = {"a": jax.random.normal(jax.random.key(0), (7, 3, 4)) * 0.2,
+             "b": jax.random.normal(jax.random.key(1), (7, 5)) * 0.2}
+  weights = jnp.array([3.0, 1.0, 0.0, 2.0, 5.0, 1.0, 0.0])  # two padding slots
+  agg = sa.aggregator(sa.SecureAggregation(clip=1.0, bits=bits, neighbours=neighbours))
+  out, _, metrics = jax.jit(agg.update)(updates, weights, (), jax.random.key(2))
+  step = 1.0 / sa.encoding_scale(7, 1.0, bits)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(_uniform_mean(updates, weights, None))):
+    np.testing.assert_allclose(a, b, atol=2 * step + 1e-7)  # + float32 rounding
+  assert float(metrics["secagg_survivors"]) == 5 and float(metrics["secagg_aborted"]) == 0
+
+
+def test_out_of_range_coordinates_are_clipped_and_counted():
+  updates = {"w": jnp.array([[5.0, 0.1], [-3.0, 0.2], [0.0, 0.3]])}
+  agg = sa.aggregator(sa.SecureAggregation(clip=1.0))
+  out, _, metrics = agg.update(updates, jnp.ones(3), (), jax.random.key(0))
+  assert float(metrics["secagg_clipped"]) == 2
+  np.testing.assert_allclose(out["w"], [0.0, 0.2], atol=1e-6)
+
+
+def test_dropouts_below_threshold_abort_the_round_and_keep_the_model():
+  updates = {"w": jnp.ones((4, 3))}
+  agg = sa.aggregator(sa.SecureAggregation(threshold=1.0, dropout=0.9))
+  out, _, metrics = agg.update(updates, jnp.ones(4), (), jax.random.key(0))
+  assert float(metrics["secagg_aborted"]) == 1
+  np.testing.assert_array_equal(out["w"], 0.0)
+
+
+def test_distributed_noise_sums_to_sigma_c_over_the_survivors():
+  m, d, z, c = 4, 4000, 1.5, 0.5
+  agg = sa.aggregator(sa.SecureAggregation(clip=50.0, threshold=1.0, noise_multiplier=z,
+                                           l2_clip=c))
+  out, _, metrics = jax.jit(agg.update)({"w": jnp.zeros((m, d))}, jnp.ones(m), (),
+                                        jax.random.key(5))
+  total = np.asarray(out["w"]) * float(metrics["secagg_survivors"])  # the noised sum
+  assert stats.kstest(total, "norm", args=(0, z * c)).pvalue > 1e-3
+  assert stats.kstest(total, "norm", args=(0, z * c * 2 / 3)).pvalue < 1e-6
+  assert stats.kstest(total, "norm", args=(0, z * c * 3 / 2)).pvalue < 1e-6
+
+
+def test_fedavg_rounds_with_secure_aggregation_match_plain_averaging():
+  rng = np.random.default_rng(0)
+  x = rng.random((60, 4, 4, 1), dtype=np.float32)
+  y = rng.integers(0, 3, 60).astype(np.int32)
+  clients = jax.tree.map(jnp.asarray, partitions.make_clients(x, y, np.split(np.arange(60), 6)))
+  model = models.make("mlp", num_classes=3, input_shape=(4, 4, 1), hidden=(8,))
+  params = model.init(jax.random.key(0))
+  cfg = fed.FedConfig(clients_per_round=1.0, local_batch_size=5)
+  client_update = fed.make_client_update(fed.make_loss_fn(model.apply), cfg)
+  results = []
+  for aggregate in (_uniform_mean, sa.aggregator(sa.SecureAggregation(clip=2.0))):
+    step = jax.jit(fed.make_round_step(client_update, cfg, 6, aggregate=aggregate))
+    state = fed.init_server_state(params, cfg, key=jax.random.key(1), aggregate=aggregate)
+    for _ in range(3):
+      state, _ = step(state, clients)
+    results.append(state.params)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)

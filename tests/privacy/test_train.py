@@ -78,11 +78,13 @@ def _restore_template():
     dict(mechanism="prune", prune_fraction=0.5),
     dict(mechanism="quantize", quantize="int8"),
     dict(mechanism="dp_fedavg", noise_multiplier=1.0, accountant="rdp"),
+    dict(mechanism="secagg", secagg_neighbours=2, secagg_dropout=0.2),
+    dict(mechanism="secagg", target_epsilon=30.0, secagg_clip=10.0),
 ])
 def test_every_mechanism_runs(tmp_path, privacy):
   record = train.train_and_evaluate(_config(rounds=2, **privacy), tmp_path, progress=False)
   assert 0 <= record["test_accuracy"] <= 1
-  if privacy["mechanism"] in train.DP_MECHANISMS:
+  if privacy["mechanism"] in train.DP_MECHANISMS or "target_epsilon" in privacy:
     assert 0 < record["epsilon"] < float("inf")
     if "target_epsilon" in privacy:
       assert record["epsilon"] <= privacy["target_epsilon"]
@@ -134,3 +136,12 @@ def test_centralized_non_private_baseline_reports_no_epsilon(tmp_path):
   assert record["test_accuracy"] > 0.5 and "epsilon" not in record
   result = json.loads((tmp_path / "result.json").read_text())
   assert result["epsilon"] is None and result["accountant"] is None
+
+
+def test_secure_aggregation_trains_like_plain_fedavg(tmp_path):
+  plain = train.train_and_evaluate(_config(rounds=4), tmp_path / "plain", progress=False)
+  secure = train.train_and_evaluate(_config(rounds=4, mechanism="secagg", secagg_clip=5.0),
+                                    tmp_path / "secure", progress=False)
+  # uniform vs size-weighted mean of 4 near-equal iid clients, plus quantization
+  assert abs(secure["test_accuracy"] - plain["test_accuracy"]) < 0.03
+  assert secure["secagg_clipped"] == 0 and secure["secagg_aborted"] == 0
