@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import math
 import os
 import struct
+import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -113,9 +115,10 @@ class SecAggConfig:
     """The clients u masks with and shares with (u itself excluded)."""
     if not self.neighbours:
       return [v for v in range(1, self.num_clients + 1) if v != u]
-    return harary_neighbours(self.num_clients, self.neighbours, self.graph_seed)[u]
+    return list(harary_neighbours(self.num_clients, self.neighbours, self.graph_seed)[u])
 
 
+@functools.lru_cache(maxsize=16)
 def harary_neighbours(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
   """A k-regular graph on ids 1..n: the Harary graph (i ~ i +/- 1..k/2 mod n) relabelled by
   a permutation drawn from `seed` with the PRG (public; Bell et al. 2020, Sec. 4)."""
@@ -425,8 +428,8 @@ ROUNDS = ("advertise", "share_keys", "masked_input", "unmask")
 
 
 def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
-        drop_before: Mapping[str, Iterable[int]] | None = None
-        ) -> tuple[np.ndarray, ServerView]:
+        drop_before: Mapping[str, Iterable[int]] | None = None,
+        timings: dict[str, float] | None = None) -> tuple[np.ndarray, ServerView]:
   """One protocol instance over a simulated network; returns the sum and the server's view.
 
   Args:
@@ -434,6 +437,8 @@ def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
     cfg: the public parameters.
     drop_before: round name -> clients that drop out just before sending in that round
       (and stay out). Rounds: 'advertise', 'share_keys', 'masked_input', 'unmask'.
+    timings: if given, seconds spent in client and in server code are added to its
+      'client' and 'server' entries (all clients together; they run one after another).
 
   Returns:
     The sum mod R of the inputs of the clients that sent their masked input (U3).
@@ -445,20 +450,34 @@ def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
   unknown = set(drop_before) - set(ROUNDS)
   if unknown:
     raise ValueError(f"unknown rounds {sorted(unknown)}; rounds are {ROUNDS}")
-  clients = {u: Client(u, x, cfg) for u, x in inputs.items()}
-  server = Server(cfg)
+  clock = timings if timings is not None else {}
+  clock.setdefault("client", 0.0)
+  clock.setdefault("server", 0.0)
+
+  def timed(side: str, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    clock[side] += time.perf_counter() - t0
+    return out
+
+  clients = {u: timed("client", Client, u, x, cfg) for u, x in inputs.items()}
+  server = timed("server", Server, cfg)
   alive = set(clients)
 
   def live(round_name: str) -> list[int]:
     alive.difference_update(drop_before.get(round_name, ()))
     return sorted(alive)
 
-  roster = server.advertise([clients[u].advertise() for u in live("advertise")])
-  inboxes = server.share_keys([clients[u].share_keys(roster) for u in live("share_keys")])
-  request = server.masked_input([clients[u].masked_input(inboxes[u])
-                                 for u in live("masked_input") if u in inboxes])
-  total = server.unmask([clients[u].unmask(request) for u in live("unmask")
-                         if u in server.view.masked])
+  roster = timed("server", server.advertise,
+                 [timed("client", clients[u].advertise) for u in live("advertise")])
+  inboxes = timed("server", server.share_keys,
+                  [timed("client", clients[u].share_keys, roster) for u in live("share_keys")])
+  request = timed("server", server.masked_input,
+                  [timed("client", clients[u].masked_input, inboxes[u])
+                   for u in live("masked_input") if u in inboxes])
+  total = timed("server", server.unmask,
+                [timed("client", clients[u].unmask, request) for u in live("unmask")
+                 if u in server.view.masked])
   return total, server.view
 
 
