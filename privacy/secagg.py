@@ -484,11 +484,6 @@ def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
 # ----------------------------------------------------------------------------- encoding
 
 
-def modulus_bits(num_clients: int, levels_bits: int) -> int:
-  """Bits of R such that n signed values of `levels_bits` bits sum without overflow."""
-  return levels_bits + math.ceil(math.log2(num_clients)) + 1
-
-
 def encoding_scale(num_clients: int, clip: float, bits: int) -> float:
   """The largest scale s such that n values in [-c s, c s] (after rounding) sum without
   wrapping around mod 2^bits: n (c s + 1) <= 2^(bits - 1) - 1."""
@@ -496,6 +491,9 @@ def encoding_scale(num_clients: int, clip: float, bits: int) -> float:
 
 
 # ----------------------------------------------------------------------------- federated hook
+
+
+SERVER_OBSERVES = "aggregate"  # what a secure-aggregation round shows the server
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -563,8 +561,8 @@ def aggregator(settings: SecureAggregation):
   the model unchanged and is counted in `secagg_aborted`. Metrics: `secagg_survivors`,
   `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`.
 
-  Threat model: the server learns the sum only, so an attack on a secure-aggregation
-  round must be given the aggregate, never a client's update.
+  Threat model: the server learns the sum only (`SERVER_OBSERVES`), so an attack on a
+  secure-aggregation round must be given the aggregate, never a client's update.
 
   Distributed DP (`noise_multiplier` z > 0): what is clipped: each client's update, to L2
   norm C (then per coordinate to c, which must be wide enough not to bind: the guarantee
