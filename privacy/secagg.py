@@ -507,9 +507,9 @@ class SecureAggregation:
     threshold: t as a fraction of the clients in the round (> 1/2; SecAgg+: of k + 1).
     neighbours: k for SecAgg+ (0: full SecAgg); rounded to an even number < m.
     dropout: probability that a sampled client drops out before sending its masked input.
-    noise_multiplier: distributed DP: each client adds N(0, (z C)^2 / t_min) to its update
-      clipped to L2 norm `l2_clip` = C before encoding, so that any >= t_min survivors'
-      sum carries N(0, (z C)^2). 0: no noise.
+    noise_multiplier: distributed DP: each client adds N(0, (z C)^2 / t_noise) to its
+      update clipped to L2 norm `l2_clip` = C before encoding, so that the sum of any
+      >= t_noise survivors carries N(0, (z C)^2) (see `aggregator`). 0: no noise.
     l2_clip: C for distributed DP.
   """
 
@@ -557,14 +557,16 @@ def aggregator(settings: SecureAggregation):
   client counts once (size weights would have to be sent in the clear).
 
   A round that aborts (fewer survivors than the threshold; with distributed DP, fewer
-  than the threshold of the full round, whose noise level the clients assumed) leaves
+  than the t_noise = max(ceil(threshold r), r // 2 + 1) of its r clients that the noise
+  level assumed) leaves
   the model unchanged and is counted in `secagg_aborted`. Metrics: `secagg_survivors`,
   `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`.
 
   Threat model: the server learns the sum only (`SERVER_OBSERVES`), so an attack on a
   secure-aggregation round must be given the aggregate, never a client's update.
 
-  Distributed DP (`noise_multiplier` z > 0): what is clipped: each client's update, to L2
+  Distributed DP (`noise_multiplier` z > 0), each client adding N(0, (z C)^2 / t_noise):
+  what is clipped: each client's update, to L2
   norm C (then per coordinate to c, which must be wide enough not to bind: the guarantee
   below assumes `secagg_clipped` stays 0). Sensitivity of the sum: C (add/remove one
   client). Event per round: as DP-FedAvg's (`privacy.federated.dp_fedavg_event` with z),
@@ -581,15 +583,18 @@ def aggregator(settings: SecureAggregation):
     flat = jax.vmap(lambda u: ravel_pytree(u)[0])(updates)
     unravel = ravel_pytree(jax.tree.map(lambda u: u[0], updates))[1]
     d = flat.shape[1]
-    min_survivors = settings.protocol(m, d).threshold
+    real = weights > 0
+    # The noise is calibrated for the fewest survivors a completed round can have:
+    # t_noise = max(ceil(threshold * r), r // 2 + 1) of the r clients in the round.
+    r = real.sum()
+    t_noise = jnp.maximum(jnp.ceil(settings.threshold * r), r // 2 + 1)
     scale = encoding_scale(m, settings.clip, settings.bits)
     k_noise, k_round, k_drop = jax.random.split(key, 3)
     if settings.noise_multiplier:
       norms = jnp.linalg.norm(flat, axis=1, keepdims=True)
       flat = flat * jnp.minimum(1.0, settings.l2_clip / jnp.maximum(norms, 1e-30))
-      std = settings.noise_multiplier * settings.l2_clip / math.sqrt(min_survivors)
+      std = settings.noise_multiplier * settings.l2_clip / jnp.sqrt(jnp.maximum(t_noise, 1.0))
       flat = flat + std * jax.random.normal(k_noise, flat.shape)
-    real = weights > 0
     clipped = ((jnp.abs(flat) > settings.clip) & real[:, None]).sum()
     z = jnp.clip(flat, -settings.clip, settings.clip) * scale
     low = jnp.floor(z)
@@ -611,7 +616,8 @@ def aggregator(settings: SecureAggregation):
       except SecAggAbort:
         return aborted
       survivors = len(view.rosters["U3"])
-      if settings.noise_multiplier and survivors < min_survivors:
+      t_noise = max(math.ceil(settings.threshold * len(ids)), len(ids) // 2 + 1)
+      if settings.noise_multiplier and survivors < t_noise:
         return aborted
       return total.astype(np.uint32), np.int32(survivors), np.int32(0)
 
