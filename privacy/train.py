@@ -123,7 +123,6 @@ class PrivateExperimentConfig(fl_train.ExperimentConfig):
 
 def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
   """Secure aggregation; with a noise multiplier or target epsilon, distributed DP on top."""
-  fed_cfg, n = ctx.config.fed, ctx.clients.num_clients
   private = cfg.noise_multiplier is not None or cfg.target_epsilon is not None
   settings = dict(clip=cfg.secagg_clip, bits=cfg.secagg_bits, threshold=cfg.secagg_threshold,
                   neighbours=cfg.secagg_neighbours, dropout=cfg.secagg_dropout)
@@ -132,19 +131,12 @@ def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
     return fl_train.Plugins(aggregate=secagg.aggregator(secagg.SecureAggregation(**settings)),
                             description=f"{kind}, mod 2^{cfg.secagg_bits}, clip {cfg.secagg_clip} "
                                         f"(the server sees only the sum; not DP)")
-  event_of, neighbouring = (lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0],
-                            pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1])
-  name = "rdp" if neighbouring == "replace_one" else cfg.accountant
-  sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), ctx.config.rounds)]),
-                       name, neighbouring)
-  running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta),
-                             event_of(sigma))
+  user = _user_level(cfg, ctx)
   return fl_train.Plugins(
       aggregate=secagg.aggregator(secagg.SecureAggregation(
-          **settings, noise_multiplier=sigma, l2_clip=cfg.clip_norm)),
-      round_metrics=lambda r: {"epsilon": running.epsilon(r), "noise_multiplier": sigma},
-      description=(f"{kind} with distributed DP (user level, {neighbouring}), C={cfg.clip_norm}, "
-                   f"sigma={sigma:.4g} over the survivors, {name} accountant, delta={cfg.delta:g}"))
+          **settings, noise_multiplier=user.sigma, l2_clip=cfg.clip_norm)),
+      round_metrics=user.round_metrics,
+      description=f"{kind} with distributed DP ({user.text}; sigma over the survivors)")
 
 
 def _none(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
@@ -180,10 +172,21 @@ def _event_sigma(cfg: PrivacyConfig, make_event: Callable[[float], Any], account
                               neighbouring=neighbouring)
 
 
-def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+@dataclasses.dataclass(frozen=True)
+class _UserLevel:
+  """Sigma and per-round epsilon of a user-level Gaussian sum over sampled clients."""
+
+  sigma: float
+  round_metrics: Callable[[int], dict]
+  text: str
+
+
+def _user_level(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> _UserLevel:
+  """DP-FedAvg's accounting (also distributed DP's): event per round from the client
+  sampling, sigma calibrated for the run, epsilon after round r."""
   fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
-  event_of, neighbouring = (lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0],
-                            pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1])
+  neighbouring = pfed.dp_fedavg_event(fed_cfg, n, 1.0)[1]
+  event_of = lambda s: pfed.dp_fedavg_event(fed_cfg, n, s)[0]  # noqa: E731
   name = "rdp" if neighbouring == "replace_one" else cfg.accountant
   if not accounting.make_accountant(name, neighbouring).supports(event_of(1.0)):
     raise ValueError(f"the {name} accountant cannot account {type(event_of(1.0)).__name__} "
@@ -191,22 +194,28 @@ def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins
                      f"--privacy.accountant pld, or --fed.poisson_cap 0")
   sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), rounds)]), name,
                        neighbouring)
-  expected = pfed.expected_clients(fed_cfg, n)
+  running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta),
+                             event_of(sigma))
+  return _UserLevel(
+      sigma=sigma,
+      round_metrics=lambda r: {"epsilon": running.epsilon(r), "noise_multiplier": sigma},
+      text=f"user level, {neighbouring}, C={cfg.clip_norm}, sigma={sigma:.4g}, {name} accountant, "
+           f"delta={cfg.delta:g}")
+
+
+def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+  user = _user_level(cfg, ctx)
+  expected = pfed.expected_clients(ctx.config.fed, ctx.clients.num_clients)
   adaptive = None
   if cfg.adaptive_clipping:
     adaptive = pfed.AdaptiveClipping(
         target_quantile=cfg.target_quantile, lr=cfg.clip_lr,
         count_noise_multiplier=cfg.count_noise_multiplier or expected / 20)
-  aggregate = pfed.dp_fedavg(clip_norm=cfg.clip_norm, noise_multiplier=sigma,
+  aggregate = pfed.dp_fedavg(clip_norm=cfg.clip_norm, noise_multiplier=user.sigma,
                              expected_clients=expected, adaptive=adaptive)
-  event = event_of(sigma)
-  running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta), event)
   return fl_train.Plugins(
-      aggregate=aggregate,
-      round_metrics=lambda r: {"epsilon": running.epsilon(r), "noise_multiplier": sigma},
-      description=(f"DP-FedAvg (user level, {neighbouring}), C={cfg.clip_norm}"
-                   f"{' adaptive' if adaptive else ''}, sigma={sigma:.4g}, "
-                   f"{name} accountant, delta={cfg.delta:g}"))
+      aggregate=aggregate, round_metrics=user.round_metrics,
+      description=f"DP-FedAvg{' (adaptive clipping)' if adaptive else ''}, {user.text}")
 
 
 class _RoundAccountant:
