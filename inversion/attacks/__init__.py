@@ -1,0 +1,1 @@
+"""Attacks as `init(key, observation) -> state`, `step(state, observation) -> (state, metrics)`."""

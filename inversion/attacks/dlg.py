@@ -1,0 +1,122 @@
+"""Deep Leakage from Gradients (Zhu et al., NeurIPS 2019) and iDLG (Zhao et al. 2020).
+
+Dummy inputs (and, without known labels, dummy label logits) are optimised so that the
+gradient they produce on the observed parameters matches the observed FedSGD gradient
+(L2 by default). iDLG first reads a single example's label from the last layer's gradient
+(`inversion.labels.idlg`) and optimises the input only. Optimisers: Adam, or L-BFGS with
+a zoom line search (optax.lbfgs), the original DLG's choice.
+
+A step whose loss is not finite keeps the previous iterate and sets `diverged`; the
+driver reports such a victim as failed (or restarts it), never scores it silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from inversion import labels as label_inference
+from inversion import objectives
+from inversion.observation import Observation, ThreatModel, soft_label_loss
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DLGConfig:
+  """DLG settings.
+
+  Attributes:
+    optimizer: 'adam' or 'lbfgs'.
+    lr: Adam's learning rate (L-BFGS uses its line search).
+    objective: 'l2', 'cosine' or 'layer_cosine'.
+    labels: 'optimise' (DLG: soft labels learned jointly), 'idlg' (read from the
+      gradient; batch size 1) or 'known' (from the observation).
+  """
+
+  optimizer: str = "adam"
+  lr: float = 0.1
+  objective: str = "l2"
+  labels: str = "idlg"
+
+  def __post_init__(self):
+    if self.optimizer not in ("adam", "lbfgs"):
+      raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+    if self.objective not in objectives.OBJECTIVES:
+      raise ValueError(f"objective must be one of {sorted(objectives.OBJECTIVES)}")
+    if self.labels not in ("optimise", "idlg", "known"):
+      raise ValueError(f"labels must be 'optimise', 'idlg' or 'known', got {self.labels!r}")
+
+
+class DLGState(NamedTuple):
+  x: jax.Array             # [B, H, W, C] current reconstruction
+  label_logits: jax.Array  # [B, K] (fixed one-hot logits when labels are not optimised)
+  opt_state: Any
+  loss: jax.Array
+  diverged: jax.Array
+
+
+class Attack(NamedTuple):
+  init: Callable[[jax.Array, Observation], Any]
+  step: Callable[[Any, Observation], tuple[Any, dict[str, jax.Array]]]
+
+
+def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
+         cfg: DLGConfig = DLGConfig()) -> Attack:
+  """The DLG / iDLG attack on a FedSGD observation under `threat`."""
+  if threat.algorithm != "fedsgd":
+    raise ValueError("DLG here attacks FedSGD gradients; FedAvg needs the multi-step objective")
+  if cfg.labels == "idlg" and threat.batch_size != 1:
+    raise ValueError("iDLG reads the label of a single example: use labels='optimise' for B > 1")
+  loss_of = soft_label_loss(apply_fn)
+  match = objectives.OBJECTIVES[cfg.objective]
+  learn_labels = cfg.labels == "optimise"
+  opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.lbfgs()
+
+  def objective(variables, obs: Observation):
+    x, logits = variables
+    probs = jax.nn.softmax(logits)
+    grads = jax.grad(loss_of)(obs.params, x, probs)
+    return match(grads, obs.update)
+
+  def init(key: jax.Array, obs: Observation) -> DLGState:
+    kx, ky = jax.random.split(key)
+    x = jax.random.uniform(kx, (threat.batch_size,) + tuple(threat.input_shape))
+    if learn_labels:
+      logits = jax.random.normal(ky, (threat.batch_size, threat.num_classes))
+    else:
+      y = (jnp.reshape(label_inference.idlg(obs.update, threat.num_classes), (1,))
+           if cfg.labels == "idlg" else obs.labels)
+      logits = 1e3 * jax.nn.one_hot(y, threat.num_classes)  # softmax = one-hot
+    variables = (x, logits)
+    return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables),
+                    loss=objective(variables, obs), diverged=jnp.zeros((), bool))
+
+  def step(state: DLGState, obs: Observation) -> tuple[DLGState, dict[str, jax.Array]]:
+    variables = (state.x, state.label_logits)
+    fn = lambda v: objective(v, obs)  # noqa: E731
+    loss, grads = jax.value_and_grad(fn)(variables)
+    if not learn_labels:
+      grads = (grads[0], jnp.zeros_like(grads[1]))
+    if cfg.optimizer == "lbfgs":
+      updates, opt_state = opt.update(grads, state.opt_state, variables, value=loss,
+                                      grad=grads, value_fn=fn)
+    else:
+      updates, opt_state = opt.update(grads, state.opt_state, variables)
+    new_x, new_logits = optax.apply_updates(variables, updates)
+    ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_x))
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    new = DLGState(x=keep(new_x, state.x), label_logits=keep(new_logits, state.label_logits),
+                   opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                   loss=jnp.where(ok, loss, state.loss), diverged=state.diverged | ~ok)
+    return new, {"loss": loss, "diverged": new.diverged}
+
+  return Attack(init, step)
+
+
+def labels(state: DLGState) -> jax.Array:
+  """The attack's label estimate for each reconstructed example."""
+  return jnp.argmax(state.label_logits, axis=-1)

@@ -1,0 +1,106 @@
+"""The threat model: what an honest-but-curious server observes of one client's update.
+
+An `Observation` holds the shared update (a FedSGD gradient, or a FedAvg model delta) and
+the parameters the client started from, together with a `ThreatModel`: what the attacker
+is declared to know (algorithm, batch size, local epochs and learning rate, whether the
+labels are known, the input shape, the defense applied). `observe` produces it with
+fljax's own `client_update`, so an attack targets exactly what the simulation sends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fljax import federated as fed
+from fljax.partitions import Batch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ThreatModel:
+  """What the attacker knows (static: hashable, usable as a jit argument).
+
+  Attributes:
+    algorithm: 'fedsgd' (the update is a gradient) or 'fedavg' (a model delta).
+    batch_size: B, the number of examples behind the update.
+    input_shape: (H, W, C) of one example.
+    num_classes: K.
+    local_epochs: FedAvg's E (declared).
+    local_batch_size: FedAvg's local batch size (declared).
+    local_lr: FedAvg's local learning rate (declared).
+    labels_known: whether the attacker is given the labels.
+    defense: the name of the defense applied to the update ('none' if none).
+    observes: 'client' (one client's update) or 'aggregate' (secure aggregation).
+  """
+
+  algorithm: str = "fedsgd"
+  batch_size: int = 1
+  input_shape: tuple[int, ...] = (32, 32, 3)
+  num_classes: int = 10
+  local_epochs: int = 1
+  local_batch_size: int = 1
+  local_lr: float = 0.1
+  labels_known: bool = False
+  defense: str = "none"
+  observes: str = "client"
+
+  def __post_init__(self):
+    if self.algorithm not in ("fedsgd", "fedavg"):
+      raise ValueError(f"algorithm must be 'fedsgd' or 'fedavg', got {self.algorithm!r}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.observes not in ("client", "aggregate"):
+      raise ValueError(f"observes must be 'client' or 'aggregate', got {self.observes!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Observation:
+  """One observed update: `update` (shaped like `params`), `params`, and known `labels`."""
+
+  update: Any
+  params: Any
+  labels: jax.Array | None = None
+
+
+def check(observation: Observation, threat: ThreatModel) -> None:
+  """Raises a clear ValueError when the observation cannot come from this threat model."""
+  shapes = jax.tree.map(jnp.shape, observation.params)
+  if jax.tree.map(jnp.shape, observation.update) != shapes:
+    raise ValueError("the observed update is not shaped like the model's parameters")
+  finite = all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(observation.update))
+  if not finite:
+    raise ValueError("the observed update contains NaN or inf; an attack cannot match it")
+  if threat.labels_known:
+    if observation.labels is None or observation.labels.shape != (threat.batch_size,):
+      raise ValueError(f"labels_known needs labels of shape ({threat.batch_size},)")
+
+
+def observe(client_update: fed.ClientUpdateFn, params: Any, data: Batch, key: jax.Array,
+            threat: ThreatModel, *, defense: fed.DefenseFn = fed.identity_defense,
+            defense_key: jax.Array | None = None) -> Observation:
+  """What the server sees when a client with `data` runs `client_update` (then `defense`)."""
+  n = int(data.mask.sum())
+  if n > threat.batch_size:
+    raise ValueError(f"the client holds {n} examples but the threat model declares batch "
+                     f"size {threat.batch_size}")
+  update, _ = client_update(params, data, key)
+  if defense_key is None:
+    defense_key = jax.random.fold_in(key, 1)
+  update = defense(update, defense_key)
+  return Observation(update=update, params=params,
+                     labels=data.y if threat.labels_known else None)
+
+
+def soft_label_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]
+                    ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """`loss(params, x, label_probs)`: mean cross-entropy against probability targets,
+  equal to fljax's loss when the targets are one-hot (the attacks' forward model)."""
+  def loss(params, x, probs):
+    logp = jax.nn.log_softmax(apply_fn(params, x))
+    return -jnp.mean(jnp.sum(probs * logp, axis=-1))
+  return loss
