@@ -104,3 +104,30 @@ def soft_label_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]
     logp = jax.nn.log_softmax(apply_fn(params, x))
     return -jnp.mean(jnp.sum(probs * logp, axis=-1))
   return loss
+
+
+def forward(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel
+            ) -> Callable[[Any, jax.Array, jax.Array], Any]:
+  """The forward operator A: `update(params, x, label_probs)` a client with inputs x sends.
+
+  FedSGD: the gradient of the mean loss. FedAvg (breaching's multi-step objective): E
+  epochs of local SGD with the declared batch size and learning rate, unrolled so that
+  it can be differentiated, visiting the B examples in order (the client's shuffle is
+  not observable; with one batch per epoch the order does not matter); the update is
+  the model delta, as fljax's FedAvg client sends it.
+  """
+  loss = soft_label_loss(apply_fn)
+  if threat.algorithm == "fedsgd":
+    return jax.grad(loss)
+  b = min(threat.local_batch_size, threat.batch_size)
+  starts = list(range(0, threat.batch_size, b))
+
+  def fedavg(params, x, probs):
+    p = params
+    for _ in range(threat.local_epochs):
+      for s in starts:
+        g = jax.grad(loss)(p, x[s:s + b], probs[s:s + b])
+        p = jax.tree.map(lambda w, d: w - threat.local_lr * d, p, g)
+    return jax.tree.map(jnp.subtract, p, params)
+
+  return fedavg

@@ -1,9 +1,11 @@
 """Deep Leakage from Gradients (Zhu et al., NeurIPS 2019) and iDLG (Zhao et al. 2020).
 
 Dummy inputs (and, without known labels, dummy label logits) are optimised so that the
-gradient they produce on the observed parameters matches the observed FedSGD gradient
-(L2 by default). iDLG first reads a single example's label from the last layer's gradient
-(`inversion.labels.idlg`) and optimises the input only. Optimisers: Adam, or L-BFGS with
+update they produce on the observed parameters (`inversion.observation.forward`: the
+FedSGD gradient, or FedAvg's unrolled local steps) matches the observed one (L2 by
+default). iDLG first reads a single example's label from the last layer's gradient
+(`inversion.labels.idlg`; for FedAvg the delta is read as a negative gradient, which holds
+for one local step) and optimises the input only. Optimisers: Adam, or L-BFGS with
 a zoom line search (optax.lbfgs), the original DLG's choice.
 
 A step whose loss is not finite keeps the previous iterate and sets `diverged`; the
@@ -22,7 +24,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.observation import Observation, ThreatModel, soft_label_loss
+from inversion.observation import Observation, ThreatModel, forward
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,11 +69,9 @@ class Attack(NamedTuple):
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
          cfg: DLGConfig = DLGConfig()) -> Attack:
   """The DLG / iDLG attack on a FedSGD observation under `threat`."""
-  if threat.algorithm != "fedsgd":
-    raise ValueError("DLG here attacks FedSGD gradients; FedAvg needs the multi-step objective")
   if cfg.labels == "idlg" and threat.batch_size != 1:
     raise ValueError("iDLG reads the label of a single example: use labels='optimise' for B > 1")
-  loss_of = soft_label_loss(apply_fn)
+  update_of = forward(apply_fn, threat)
   match = objectives.OBJECTIVES[cfg.objective]
   learn_labels = cfg.labels == "optimise"
   opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.lbfgs()
@@ -79,8 +79,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
   def objective(variables, obs: Observation):
     x, logits = variables
     probs = jax.nn.softmax(logits)
-    grads = jax.grad(loss_of)(obs.params, x, probs)
-    return match(grads, obs.update)
+    return match(update_of(obs.params, x, probs), obs.update)
 
   def init(key: jax.Array, obs: Observation) -> DLGState:
     kx, ky = jax.random.split(key)
@@ -88,7 +87,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     if learn_labels:
       logits = jax.random.normal(ky, (threat.batch_size, threat.num_classes))
     else:
-      y = (jnp.reshape(label_inference.idlg(obs.update, threat.num_classes), (1,))
+      signal = obs.update if threat.algorithm == "fedsgd" else jax.tree.map(jnp.negative, obs.update)
+      y = (jnp.reshape(label_inference.idlg(signal, threat.num_classes), (1,))
            if cfg.labels == "idlg" else obs.labels)
       logits = 1e3 * jax.nn.one_hot(y, threat.num_classes)  # softmax = one-hot
     variables = (x, logits)

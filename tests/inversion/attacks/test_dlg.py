@@ -96,3 +96,48 @@ def test_bad_observations_are_refused():
     ob.observe(client_update, obs.params, two, jax.random.key(0), threat)
   with pytest.raises(ValueError, match="iDLG reads the label of a single example"):
     dlg.make(model.apply, ob.ThreatModel(batch_size=2, input_shape=SHAPE))
+
+
+@pytest.mark.parametrize("local_batch_size", [4, 2])
+def test_multi_step_objective_equals_fljax_fedavg_update(local_batch_size):
+  model = models.make("lenet", num_classes=10, input_shape=SHAPE, init="uniform")
+  params = model.init(jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (4,) + SHAPE)
+  y = jnp.array([1, 5, 7, 2])
+  threat = ob.ThreatModel(algorithm="fedavg", batch_size=4, input_shape=SHAPE, local_epochs=2,
+                          local_batch_size=local_batch_size, local_lr=0.05)
+  predicted = ob.forward(model.apply, threat)(params, x, jax.nn.one_hot(y, 10))
+  if local_batch_size == 4:  # one batch per epoch: the client's shuffle does not matter
+    cfg = fed.FedConfig(local_epochs=2, local_batch_size=4, local_lr=0.05)
+    client_update = fed.make_client_update(fed.make_loss_fn(model.apply), cfg)
+    sent, _ = client_update(params, Batch(x=x, y=y, mask=jnp.ones(4)), jax.random.key(3))
+  else:  # several batches: compare with the same local SGD written out by hand
+    loss_fn = fed.make_loss_fn(model.apply)
+    p = params
+    for _ in range(2):
+      for s in (0, 2):
+        g, _ = jax.grad(loss_fn, has_aux=True)(p, Batch(x=x[s:s + 2], y=y[s:s + 2],
+                                                        mask=jnp.ones(2)), None)
+        p = jax.tree.map(lambda w, d: w - 0.05 * d, p, g)
+    sent = jax.tree.map(jnp.subtract, p, params)
+  for a, b in zip(jax.tree.leaves(predicted), jax.tree.leaves(sent)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_idlg_on_a_one_step_fedavg_delta():
+  model = models.make("lenet", num_classes=10, input_shape=SHAPE, init="uniform")
+  params = model.init(jax.random.key(0))
+  threat = ob.ThreatModel(algorithm="fedavg", batch_size=1, input_shape=SHAPE,
+                          local_batch_size=1, local_lr=0.1)
+  cfg = fed.FedConfig(local_epochs=1, local_batch_size=1, local_lr=0.1)
+  client_update = fed.make_client_update(fed.make_loss_fn(model.apply), cfg)
+  x = jax.random.uniform(jax.random.key(5), (1,) + SHAPE)
+  obs = ob.observe(client_update, params, Batch(x=x, y=jnp.array([6]), mask=jnp.ones(1)),
+                   jax.random.key(1), threat)
+  attack = dlg.make(model.apply, threat)
+  state = attack.init(jax.random.key(2), obs)
+  assert int(dlg.labels(state)[0]) == 6
+  step = jax.jit(attack.step)
+  for _ in range(300):
+    state, _ = step(state, obs)
+  assert float(metrics.psnr(jnp.clip(state.x, 0, 1), x)[0]) > 30
