@@ -24,6 +24,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
+from inversion.attacks import Attack
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -59,11 +60,6 @@ class DLGState(NamedTuple):
   opt_state: Any
   loss: jax.Array
   diverged: jax.Array
-
-
-class Attack(NamedTuple):
-  init: Callable[[jax.Array, Observation], Any]
-  step: Callable[[Any, Observation], tuple[Any, dict[str, jax.Array]]]
 
 
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
