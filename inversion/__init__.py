@@ -1,4 +1,11 @@
-"""Gradient inversion: threat model, objectives, priors, attacks, metrics.
+"""Gradient inversion: threat model, objectives, attacks, metrics.
 
-Filled by later issues; may import `fljax`, `privacy` and `diffusion`.
+  observation  `ThreatModel`, `Observation`, `observe` (via fljax's client_update), the
+               forward operator (FedSGD gradient, FedAvg's unrolled local steps)
+  objectives   L2, cosine and per-layer cosine gradient matching; total variation
+  labels       iDLG label inference from the last layer's gradient
+  attacks/     DLG / iDLG, Inverting Gradients, as init/step pairs
+  metrics      MSE, PSNR, SSIM, Hungarian matching, label accuracy
+
+May import `fljax`, `privacy` and `diffusion`.
 """
