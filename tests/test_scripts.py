@@ -38,3 +38,14 @@ def test_bench_secagg_quick_prints_result_line():
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith("RESULT bench_secagg seconds=")
   assert float(last.split("seconds=")[1].split()[0]) > 0
+
+
+def test_bench_inversion_quick_prints_result_line():
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "bench_inversion.py"), "--quick", "--victims", "2",
+       "--steps", "5"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("RESULT bench_inversion ratio=")
+  assert float(last.split("ratio=")[1].split()[0]) > 0
