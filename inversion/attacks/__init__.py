@@ -25,3 +25,10 @@ def best(states: Any, losses: jax.Array) -> Any:
   losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
   i = jnp.argmin(losses)
   return jax.tree.map(lambda s: s[i], states)
+
+
+def guard(new: Any, old: Any, ok: jax.Array) -> Any:
+  """The state after a step: `new` if the step was finite (`ok`), else `old` unchanged;
+  either way `diverged` latches once a step fails. States are NamedTuples with `diverged`."""
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return kept._replace(diverged=old.diverged | ~ok)

@@ -24,7 +24,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack
+from inversion.attacks import Attack, guard
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -104,10 +104,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
       updates, opt_state = opt.update(grads, state.opt_state, variables)
     new_x, new_logits = optax.apply_updates(variables, updates)
     ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_x))
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    new = DLGState(x=keep(new_x, state.x), label_logits=keep(new_logits, state.label_logits),
-                   opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                   loss=jnp.where(ok, loss, state.loss), diverged=state.diverged | ~ok)
+    new = guard(DLGState(x=new_x, label_logits=new_logits, opt_state=opt_state, loss=loss,
+                         diverged=state.diverged), state, ok)
     return new, {"loss": loss, "diverged": new.diverged}
 
   return Attack(init, step)

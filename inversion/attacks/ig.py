@@ -20,7 +20,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack
+from inversion.attacks import Attack, guard
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -89,10 +89,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     updates, opt_state = opt.update(jnp.sign(grad), state.opt_state, state.x)
     x = jnp.clip(optax.apply_updates(state.x, updates), 0.0, 1.0)
     ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(x))
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    new = IGState(x=keep(x, state.x), y=state.y,
-                  opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                  loss=jnp.where(ok, loss, state.loss), diverged=state.diverged | ~ok)
+    new = guard(IGState(x=x, y=state.y, opt_state=opt_state, loss=loss,
+                        diverged=state.diverged), state, ok)
     return new, {"loss": loss, "diverged": new.diverged}
 
   return Attack(init, step)
