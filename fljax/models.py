@@ -176,8 +176,8 @@ def make(name: str, *, num_classes: int, input_shape: Sequence[int], init: str =
   shape = tuple(int(s) for s in input_shape)
   if len(shape) != 3:
     raise ValueError(f"input_shape must be (H, W, C), got {shape}")
-  if name == "cnn" and min(shape[:2]) < 12:
-    raise ValueError(f"the 'cnn' model needs images of at least 12x12, got {shape[:2]}; "
+  if name == "cnn" and min(shape[:2]) < 14:  # smaller leaves no feature for the dense layers
+    raise ValueError(f"the 'cnn' model needs images of at least 14x14, got {shape[:2]}; "
                      f"use 'lenet', 'mlp' or 'resnet', or pad with image_size")
   return Model(MODELS[name](num_classes=num_classes, init_scheme=init, **kwargs), shape)
 

@@ -96,6 +96,24 @@ def observe(client_update: fed.ClientUpdateFn, params: Any, data: Batch, key: ja
                      labels=data.y if threat.labels_known else None)
 
 
+def local_steps(threat: ThreatModel) -> int:
+  """The number of local SGD steps behind a FedAvg update (1 for FedSGD)."""
+  if threat.algorithm == "fedsgd":
+    return 1
+  b = min(threat.local_batch_size, threat.batch_size)
+  return threat.local_epochs * -(-threat.batch_size // b)
+
+
+def gradient_signal(update: Any, threat: ThreatModel) -> Any:
+  """The observed update read as the mean gradient of the batch's loss: a FedSGD update as
+  it is; a FedAvg delta divided by -(lr x local steps), exact for one local step and the
+  average of the local gradients otherwise (what label inference reads)."""
+  if threat.algorithm == "fedsgd":
+    return update
+  scale = -1.0 / (threat.local_lr * local_steps(threat))
+  return jax.tree.map(lambda u: u * scale, update)
+
+
 def soft_label_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]
                     ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   """`loss(params, x, label_probs)`: mean cross-entropy against probability targets,

@@ -5,7 +5,8 @@ update they produce on the observed parameters (`inversion.observation.forward`:
 FedSGD gradient, or FedAvg's unrolled local steps) matches the observed one (L2 by
 default). iDLG first reads a single example's label from the last layer's gradient
 (`inversion.labels.idlg`; for FedAvg the delta is read as a negative gradient, which holds
-for one local step) and optimises the input only. Optimisers: Adam, or L-BFGS with
+for one local step) and optimises the input only; batches take their labels from the
+batch estimators of `inversion.labels` the same way. Optimisers: Adam, or L-BFGS with
 a zoom line search (optax.lbfgs), the original DLG's choice.
 
 A step whose loss is not finite keeps the previous iterate and sets `diverged`; the
@@ -28,6 +29,9 @@ from inversion.attacks import Attack, guard
 from inversion.observation import Observation, ThreatModel, forward
 
 
+LABELS = ("optimise", "known") + label_inference.METHODS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DLGConfig:
   """DLG settings.
@@ -36,8 +40,9 @@ class DLGConfig:
     optimizer: 'adam' or 'lbfgs'.
     lr: Adam's learning rate (L-BFGS uses its line search).
     objective: 'l2', 'cosine' or 'layer_cosine'.
-    labels: 'optimise' (DLG: soft labels learned jointly), 'idlg' (read from the
-      gradient; batch size 1) or 'known' (from the observation).
+    labels: 'optimise' (DLG: soft labels learned jointly), 'known' (from the
+      observation), or inferred from the update first: 'idlg' (batch size 1),
+      'bias_corrected' or 'yin' (batches; `inversion.labels`).
   """
 
   optimizer: str = "adam"
@@ -50,8 +55,8 @@ class DLGConfig:
       raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
     if self.objective not in objectives.OBJECTIVES:
       raise ValueError(f"objective must be one of {sorted(objectives.OBJECTIVES)}")
-    if self.labels not in ("optimise", "idlg", "known"):
-      raise ValueError(f"labels must be 'optimise', 'idlg' or 'known', got {self.labels!r}")
+    if self.labels not in LABELS:
+      raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
 
 
 class DLGState(NamedTuple):
@@ -83,9 +88,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     if learn_labels:
       logits = jax.random.normal(ky, (threat.batch_size, threat.num_classes))
     else:
-      signal = obs.update if threat.algorithm == "fedsgd" else jax.tree.map(jnp.negative, obs.update)
-      y = (jnp.reshape(label_inference.idlg(signal, threat.num_classes), (1,))
-           if cfg.labels == "idlg" else obs.labels)
+      y = label_inference.from_observation(cfg.labels, apply_fn, obs, threat, key=ky)
       logits = 1e3 * jax.nn.one_hot(y, threat.num_classes)  # softmax = one-hot
     variables = (x, logits)
     return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables),

@@ -4,7 +4,8 @@ The reconstruction minimises the cosine distance between the update it produces
 (`inversion.observation.forward`) and the observed one, plus a total-variation prior,
 with Adam on the *signed* gradient, a learning rate divided by 10 at 3/8, 5/8 and 7/8 of
 the iterations, and the box constraint x in [0, 1] (images are de-normalised) enforced
-after every step. Labels are given (known, or inferred beforehand: iDLG for B = 1).
+after every step. Labels are given (known) or inferred from the update first (iDLG for
+B = 1, the batch estimators of `inversion.labels` otherwise).
 Restarts: run several keys batched and keep `inversion.attacks.best` by final loss.
 """
 
@@ -24,6 +25,9 @@ from inversion.attacks import Attack, guard
 from inversion.observation import Observation, ThreatModel, forward
 
 
+LABELS = ("known",) + label_inference.METHODS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IGConfig:
   """Inverting Gradients settings.
@@ -33,7 +37,8 @@ class IGConfig:
     lr: Adam's initial learning rate.
     tv: weight of the total-variation prior.
     objective: 'cosine' (the paper's), 'layer_cosine' or 'l2'.
-    labels: 'idlg' (batch size 1) or 'known'.
+    labels: 'known', or inferred from the update: 'idlg' (batch size 1),
+      'bias_corrected' or 'yin' (batches; `inversion.labels`).
   """
 
   steps: int = 2000
@@ -47,8 +52,8 @@ class IGConfig:
       raise ValueError("steps >= 1, lr > 0 and tv >= 0 are required")
     if self.objective not in objectives.OBJECTIVES:
       raise ValueError(f"objective must be one of {sorted(objectives.OBJECTIVES)}")
-    if self.labels not in ("idlg", "known"):
-      raise ValueError(f"labels must be 'idlg' or 'known', got {self.labels!r}")
+    if self.labels not in LABELS:
+      raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
 
 
 class IGState(NamedTuple):
@@ -63,7 +68,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
          cfg: IGConfig = IGConfig()) -> Attack:
   """The Inverting Gradients attack on an observation under `threat`."""
   if cfg.labels == "idlg" and threat.batch_size != 1:
-    raise ValueError("iDLG labels need batch size 1: pass labels='known' (or infer them first)")
+    raise ValueError("iDLG labels need batch size 1: pass labels='known', 'bias_corrected' or "
+                     "'yin'")
   update_of = forward(apply_fn, threat)
   match = objectives.OBJECTIVES[cfg.objective]
   schedule = optax.piecewise_constant_schedule(
@@ -75,12 +81,9 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     return match(predicted, obs.update) + cfg.tv * objectives.total_variation(x)
 
   def init(key: jax.Array, obs: Observation) -> IGState:
-    x = jax.random.uniform(key, (threat.batch_size,) + tuple(threat.input_shape))
-    if cfg.labels == "idlg":
-      signal = obs.update if threat.algorithm == "fedsgd" else jax.tree.map(jnp.negative, obs.update)
-      y = jnp.reshape(label_inference.idlg(signal, threat.num_classes), (1,))
-    else:
-      y = obs.labels
+    kx, ky = jax.random.split(key)
+    x = jax.random.uniform(kx, (threat.batch_size,) + tuple(threat.input_shape))
+    y = label_inference.from_observation(cfg.labels, apply_fn, obs, threat, key=ky)
     return IGState(x=x, y=y, opt_state=opt.init(x), loss=loss_of(x, y, obs),
                    diverged=jnp.zeros((), bool))
 

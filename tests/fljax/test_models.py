@@ -52,5 +52,5 @@ def test_bad_model_arguments():
     models.make("vgg", num_classes=10, input_shape=(8, 8, 1))
   with pytest.raises(ValueError, match="unknown init"):
     models.make("mlp", num_classes=10, input_shape=(8, 8, 1), init="xavier")
-  with pytest.raises(ValueError, match="at least 12x12"):
+  with pytest.raises(ValueError, match="at least 14x14"):
     models.make("cnn", num_classes=10, input_shape=(8, 8, 1))
