@@ -11,7 +11,8 @@
 - `resnet`: a small pre-activation-free ResNet (He et al. 2016) with GroupNorm instead of
   BatchNorm, so that per-example gradients and federated averaging are well defined.
 
-No BatchNorm anywhere: per-example gradients (DP-SGD) and gradient inversion need a model
+Every model also exposes its penultimate features (`Model.features`), the input of its
+output layer. No BatchNorm anywhere: per-example gradients (DP-SGD) and gradient inversion need a model
 whose output for one example does not depend on the others in its batch.
 """
 
@@ -50,13 +51,15 @@ class LeNet(nn.Module):
   channels: int = 12
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, features: bool = False):
     k_init, b_init = _initializers(self.init_scheme)
     for stride in (2, 2, 1):
       x = nn.Conv(self.channels, (5, 5), strides=stride, padding=2, kernel_init=k_init,
                   bias_init=b_init)(x)
       x = nn.sigmoid(x)
     x = x.reshape(x.shape[0], -1)
+    if features:
+      return x
     return nn.Dense(self.num_classes, kernel_init=k_init, bias_init=b_init)(x)
 
 
@@ -68,11 +71,13 @@ class MLP(nn.Module):
   init_scheme: str = "default"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, features: bool = False):
     k_init, b_init = _initializers(self.init_scheme)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, kernel_init=k_init, bias_init=b_init)(x))
+    if features:
+      return x
     return nn.Dense(self.num_classes, kernel_init=k_init, bias_init=b_init)(x)
 
 
@@ -83,7 +88,7 @@ class CNN(nn.Module):
   init_scheme: str = "default"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, features: bool = False):
     k_init, b_init = _initializers(self.init_scheme)
     x = nn.tanh(nn.Conv(16, (8, 8), strides=2, padding=3, kernel_init=k_init,
                         bias_init=b_init)(x))
@@ -93,6 +98,8 @@ class CNN(nn.Module):
     x = nn.max_pool(x, (2, 2), strides=(1, 1))
     x = x.reshape(x.shape[0], -1)
     x = nn.tanh(nn.Dense(32, kernel_init=k_init, bias_init=b_init)(x))
+    if features:
+      return x
     return nn.Dense(self.num_classes, kernel_init=k_init, bias_init=b_init)(x)
 
 
@@ -127,7 +134,7 @@ class ResNet(nn.Module):
   init_scheme: str = "default"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, features: bool = False):
     k_init, b_init = _initializers(self.init_scheme)
     x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=k_init)(x)
     x = nn.relu(nn.GroupNorm(num_groups=min(self.groups, self.widths[0]))(x))
@@ -135,6 +142,8 @@ class ResNet(nn.Module):
       for j in range(self.blocks):
         x = ResBlock(width, 2 if (i > 0 and j == 0) else 1, self.groups, k_init, b_init)(x)
     x = x.mean(axis=(1, 2))
+    if features:
+      return x
     return nn.Dense(self.num_classes, kernel_init=k_init, bias_init=b_init)(x)
 
 
@@ -157,6 +166,11 @@ class Model:
   def apply(self, params: Params, x: jax.Array) -> jax.Array:
     """Logits `[B, num_classes]` for images `[B, H, W, C]`."""
     return self.module.apply({"params": params}, x)
+
+  def features(self, params: Params, x: jax.Array) -> jax.Array:
+    """The penultimate features `[B, F]`: the input of the output layer (what `apply`
+    maps to logits with one dense layer), for feature-space metrics and feature matching."""
+    return self.module.apply({"params": params}, x, features=True)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -1,5 +1,5 @@
-"""Reconstruction quality: MSE, PSNR, SSIM (Wang et al., IEEE TIP 2004), label accuracy, and
-Hungarian matching of a reconstructed batch to the ground truth.
+"""Reconstruction quality: MSE, PSNR, SSIM (Wang et al., IEEE TIP 2004), label accuracy, a
+feature-space distance, and Hungarian matching of a reconstructed batch to the ground truth.
 
 All image metrics take de-normalised images in [0, 1], NHWC. SSIM is the standard one:
 an 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, population (not sample)
@@ -8,12 +8,17 @@ scikit-image's `structural_similarity(..., gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=1)` (checked in the tests). Images smaller than
 the window use a window cropped to the image (still Gaussian, sigma 1.5).
 
+`feature_distance` compares images in the penultimate feature space of a classifier
+trained here (`fljax.classifier.reference_classifier`), a semantic complement to PSNR.
+
 A batch attack returns its B reconstructions in an arbitrary order: `match` pairs them
 with the B ground-truth images by the Hungarian algorithm on pairwise MSE
 (scipy.optimize.linear_sum_assignment) before any score is computed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +71,17 @@ def ssim(x: jax.Array, y: jax.Array, *, max_value: float = 1.0, window: int = 11
   return jnp.mean(num / den, axis=(-3, -2, -1))
 
 
+def feature_distance(features: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array
+                     ) -> jax.Array:
+  """Per-image L2 distance between `features(x)` and `features(y)`: `[B]`.
+
+  `features` maps images to a classifier's penultimate features (e.g.
+  `functools.partial(model.features, params)` of `fljax.classifier.reference_classifier`),
+  so 0 means the classifier cannot tell the reconstruction from the original.
+  """
+  return jnp.linalg.norm(features(x) - features(y), axis=-1)
+
+
 def match(reconstruction: np.ndarray, truth: np.ndarray) -> np.ndarray:
   """The permutation p minimising sum_i MSE(reconstruction[p[i]], truth[i]) (Hungarian).
 
@@ -95,13 +111,19 @@ def label_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
   return hits / max(len(truth), 1)
 
 
-def score(reconstruction: np.ndarray, truth: np.ndarray) -> dict[str, float | np.ndarray]:
-  """Matches the batch, then per-image MSE, PSNR, SSIM (arrays) and their means."""
+def score(reconstruction: np.ndarray, truth: np.ndarray, *,
+          features: Callable[[jax.Array], jax.Array] | None = None
+          ) -> dict[str, float | np.ndarray]:
+  """Matches the batch, then per-image MSE, PSNR, SSIM (and, with `features`, the feature
+  distance) as arrays, and their means."""
   order = match(reconstruction, truth)
   rec = jnp.asarray(np.asarray(reconstruction)[order])
   tru = jnp.asarray(truth)
   out = {"order": order, "mse": np.asarray(mse(rec, tru)), "psnr": np.asarray(psnr(rec, tru)),
          "ssim": np.asarray(ssim(rec, tru))}
-  for k in ("mse", "psnr", "ssim"):
-    out[f"mean_{k}"] = float(np.mean(out[k]))
+  if features is not None:
+    out["feature_distance"] = np.asarray(feature_distance(features, rec, tru))
+  for k in ("mse", "psnr", "ssim", "feature_distance"):
+    if k in out:
+      out[f"mean_{k}"] = float(np.mean(out[k]))
   return out

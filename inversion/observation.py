@@ -4,7 +4,8 @@ An `Observation` holds the shared update (a FedSGD gradient, or a FedAvg model d
 the parameters the client started from, together with a `ThreatModel`: what the attacker
 is declared to know (algorithm, batch size, local epochs and learning rate, whether the
 labels are known, the input shape, the defense applied). `observe` produces it with
-fljax's own `client_update`, so an attack targets exactly what the simulation sends.
+fljax's own `client_update`, so an attack targets exactly what the simulation sends;
+under secure aggregation `observe_aggregate` gives the server only the round's aggregate.
 """
 
 from __future__ import annotations
@@ -112,6 +113,39 @@ def gradient_signal(update: Any, threat: ThreatModel) -> Any:
     return update
   scale = -1.0 / (threat.local_lr * local_steps(threat))
   return jax.tree.map(lambda u: u * scale, update)
+
+
+def observe_aggregate(client_update: fed.ClientUpdateFn, params: Any, clients: Batch,
+                      key: jax.Array, threat: ThreatModel, *,
+                      defense: fed.DefenseFn = fed.identity_defense,
+                      aggregate: fed.AggregateFn | fed.Aggregator = fed.weighted_mean
+                      ) -> Observation:
+  """What the server sees of a round under secure aggregation: only the aggregate.
+
+  Each of the m clients in `clients` (a padded `Batch [m, N_max, ...]`) runs
+  `client_update` with key `fold_in(key, i)` and `defense` with `fold_in(key, m + i)`;
+  `aggregate` (fljax's size-weighted mean, or `privacy.secagg.aggregator(...)`) combines
+  them as the round would. The threat model must declare `observes='aggregate'` and the
+  batch size of the union of the clients' data: with FedSGD and equal client sizes the
+  mean of the clients' gradients is exactly the gradient of that union batch, so the
+  attacks invert the sum as one large batch.
+  """
+  if threat.observes != "aggregate":
+    raise ValueError("an aggregate observation needs ThreatModel(observes='aggregate')")
+  m = clients.mask.shape[0]
+  n = int(clients.mask.sum())
+  if n > threat.batch_size:
+    raise ValueError(f"the {m} clients hold {n} examples but the threat model declares "
+                     f"batch size {threat.batch_size}")
+  ids = jnp.arange(m)
+  updates, _ = jax.vmap(lambda d, i: client_update(params, d, jax.random.fold_in(key, i)))(
+      clients, ids)
+  updates = jax.vmap(lambda u, i: defense(u, jax.random.fold_in(key, m + i)))(updates, ids)
+  aggregator = fed.as_aggregator(aggregate)
+  total, _, _ = aggregator.update(updates, clients.mask.sum(axis=1), aggregator.init(params),
+                                  jax.random.fold_in(key, 2 * m))
+  labels = clients.y[clients.mask > 0] if threat.labels_known else None
+  return Observation(update=total, params=params, labels=labels)
 
 
 def soft_label_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]

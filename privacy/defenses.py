@@ -1,6 +1,7 @@
-"""Baseline non-DP defenses on updates: top-k pruning (Zhu et al. 2019) and quantization.
+"""Baseline non-DP defenses on updates: top-k pruning and additive Gaussian noise (Zhu et
+al. 2019), and quantization.
 
-Both are `defense(update, key) -> update` hooks for `fljax.federated.make_round_step`.
+All are `defense(update, key) -> update` hooks for `fljax.federated.make_round_step`.
 Neither has a DP guarantee (no sensitivity bound, no noise calibrated to one): their
 epsilon is infinity, and what they buy against gradient inversion is measured
 empirically, as the DLG paper did for pruning.
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fljax.federated import DefenseFn
+from privacy.noise import tree_gaussian
 
 
 def _flatten(update: Any) -> tuple[jax.Array, Any]:
@@ -50,6 +52,22 @@ def topk_prune(fraction: float, *, per_layer: bool = False) -> DefenseFn:
       return jax.tree.map(lambda u: prune_vector(u.ravel()).reshape(u.shape), update)
     flat, unflatten = _flatten(update)
     return unflatten(prune_vector(flat))
+
+  return defense
+
+
+def gaussian_noise(std: float) -> DefenseFn:
+  """Adds N(0, std^2) to every entry of the update, without clipping (DLG's noise defense).
+
+  Not DP (epsilon = inf): with no bound on the update's norm the sensitivity is unbounded,
+  so no noise level gives a guarantee; `privacy.federated.local_dp` is the clipped, DP
+  version.
+  """
+  if not std >= 0:
+    raise ValueError(f"noise std must be >= 0, got {std}")
+
+  def defense(update, key):
+    return jax.tree.map(jnp.add, update, tree_gaussian(update, std, key=key))
 
   return defense
 

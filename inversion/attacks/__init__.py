@@ -27,6 +27,14 @@ def best(states: Any, losses: jax.Array) -> Any:
   return jax.tree.map(lambda s: s[i], states)
 
 
+EXPLODED = 1e3  # a reconstruction entry this large (images live in [0, 1]) has diverged
+
+
+def healthy(loss: jax.Array, x: jax.Array) -> jax.Array:
+  """Whether a step may be kept: a finite loss and a finite, not exploding iterate."""
+  return jnp.isfinite(loss) & jnp.all(jnp.isfinite(x)) & (jnp.max(jnp.abs(x)) < EXPLODED)
+
+
 def guard(new: Any, old: Any, ok: jax.Array) -> Any:
   """The state after a step: `new` if the step was finite (`ok`), else `old` unchanged;
   either way `diverged` latches once a step fails. States are NamedTuples with `diverged`."""

@@ -9,8 +9,8 @@ for one local step) and optimises the input only; batches take their labels from
 batch estimators of `inversion.labels` the same way. Optimisers: Adam, or L-BFGS with
 a zoom line search (optax.lbfgs), the original DLG's choice.
 
-A step whose loss is not finite keeps the previous iterate and sets `diverged`; the
-driver reports such a victim as failed (or restarts it), never scores it silently.
+A step whose loss is not finite, or whose iterate is not finite or explodes
+(`attacks.healthy`), keeps the previous iterate and sets `diverged`; the driver reports such a victim as failed (or restarts it), never scores it silently.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, guard
+from inversion.attacks import Attack, guard, healthy
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -106,7 +106,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     else:
       updates, opt_state = opt.update(grads, state.opt_state, variables)
     new_x, new_logits = optax.apply_updates(variables, updates)
-    ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_x))
+    ok = healthy(loss, new_x)
     new = guard(DLGState(x=new_x, label_logits=new_logits, opt_state=opt_state, loss=loss,
                          diverged=state.diverged), state, ok)
     return new, {"loss": loss, "diverged": new.diverged}

@@ -21,7 +21,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, guard
+from inversion.attacks import Attack, guard, healthy
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -91,7 +91,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     loss, grad = jax.value_and_grad(loss_of)(state.x, state.y, obs)
     updates, opt_state = opt.update(jnp.sign(grad), state.opt_state, state.x)
     x = jnp.clip(optax.apply_updates(state.x, updates), 0.0, 1.0)
-    ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(x))
+    ok = healthy(loss, x)
     new = guard(IGState(x=x, y=state.y, opt_state=opt_state, loss=loss,
                         diverged=state.diverged), state, ok)
     return new, {"loss": loss, "diverged": new.diverged}

@@ -19,6 +19,18 @@ def test_output_shapes(name, shape):
   np.testing.assert_allclose(logits, logits_jit, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_features_are_the_output_layers_input(name):
+  model = models.make(name, num_classes=7, input_shape=(16, 16, 1))
+  params = model.init(jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
+  h = model.features(params, x)
+  out = [v for v in params.values() if v.get("kernel", jnp.zeros((0, 0))).shape[-1:] == (7,)]
+  assert h.ndim == 2 and h.shape[0] == 3 and len(out) == 1
+  np.testing.assert_allclose(h @ out[0]["kernel"] + out[0]["bias"], model.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_lenet_matches_dlg_shapes():
   params = models.make("lenet", num_classes=10, input_shape=(32, 32, 3)).init(jax.random.key(0))
   shapes = {k: v["kernel"].shape for k, v in params.items()}

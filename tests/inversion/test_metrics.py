@@ -58,3 +58,24 @@ def test_label_accuracy_counts_multisets():
   assert metrics.label_accuracy([1, 1, 2], [1, 2, 2]) == pytest.approx(2 / 3)
   with pytest.raises(ValueError, match="predicted labels"):
     metrics.label_accuracy([1], [1, 2])
+
+
+def test_feature_distance_and_score_with_a_trained_classifier(tmp_path):
+  import functools
+  import jax
+  from fljax import classifier, datasets
+  ds = datasets.load("digits")
+  model, params, acc = classifier.reference_classifier(ds, tmp_path, steps=300)
+  assert acc > 0.85  # a classifier worth measuring features with (8x8 digits, MLP)
+  again = classifier.reference_classifier(ds, tmp_path, steps=300)  # loaded from the cache
+  assert again[2] == acc
+  np.testing.assert_array_equal(again[1]["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+  feats = functools.partial(model.features, params)
+  x = jnp.asarray(ds.x_test[:4])
+  noisy = jnp.clip(x + 0.3 * jax.random.normal(jax.random.key(0), x.shape), 0, 1)
+  np.testing.assert_allclose(metrics.feature_distance(feats, x, x), 0.0, atol=1e-6)
+  near, far = metrics.feature_distance(feats, x, noisy), metrics.feature_distance(feats, x, x[::-1])
+  assert float(near.mean()) < float(far.mean())
+  scores = metrics.score(np.asarray(x[::-1]), np.asarray(x), features=feats)
+  np.testing.assert_allclose(scores["feature_distance"], 0.0, atol=1e-5)  # matched first
+  assert scores["mean_psnr"] == np.inf

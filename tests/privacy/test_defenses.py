@@ -29,3 +29,16 @@ def test_int8_stochastic_rounding_is_unbiased_and_on_the_grid():
   np.testing.assert_allclose(half, u["w"], rtol=1e-3, atol=1e-6)
   with pytest.raises(ValueError, match="quantize mode"):
     defenses.quantize("int4")
+
+
+def test_gaussian_noise_adds_the_declared_std():
+  from scipy import stats
+  u = {"w": jnp.ones((4000,)), "b": jnp.zeros((3,))}
+  out = jax.jit(defenses.gaussian_noise(0.1))(u, jax.random.key(0))
+  noise = np.asarray(out["w"]) - 1.0
+  assert stats.kstest(noise, "norm", args=(0, 0.1)).pvalue > 1e-3
+  assert stats.kstest(noise, "norm", args=(0, 0.1 * 2 / 3)).pvalue < 1e-3
+  assert stats.kstest(noise, "norm", args=(0, 0.1 * 3 / 2)).pvalue < 1e-3
+  np.testing.assert_array_equal(defenses.gaussian_noise(0.0)(u, jax.random.key(1))["w"], u["w"])
+  with pytest.raises(ValueError, match="noise std"):
+    defenses.gaussian_noise(-1.0)
