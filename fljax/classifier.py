@@ -58,7 +58,7 @@ def accuracy(model: models.Model, params: Params, x: np.ndarray, y: np.ndarray) 
   return float(metrics["accuracy"])
 
 
-def reference_classifier(ds: Dataset, cache_dir: str | Path | None = None, *, steps: int = 1500,
+def reference_classifier(ds: Dataset, cache_dir: str | Path | None = None, *, steps: int = 400,
                          seed: int = 0) -> tuple[models.Model, Params, float]:
   """A classifier trained on `ds`'s training split, for feature-space metrics.
 

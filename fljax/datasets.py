@@ -347,3 +347,46 @@ def load(name: str, *, image_size: int | None = None, channels: int | None = Non
     x_train, x_test = _convert_channels(x_train, channels), _convert_channels(x_test, channels)
   return dataclasses.replace(ds, x_train=np.ascontiguousarray(x_train, np.float32), y_train=y_train,
                              x_test=np.ascontiguousarray(x_test, np.float32), y_test=y_test)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The PNG/JPEG images under `path`, resized to `image_shape = (H, W, C)`.
+
+  Files directly in `path` get label 0; files in a subfolder named by an integer (the
+  torchvision ImageFolder layout `path/3/a.png`) get that label. Images are converted to
+  grey (C = 1) or RGB (C = 3) with Pillow and resized with Lanczos filtering, in sorted
+  path order.
+
+  Returns:
+    images `[N, H, W, C]` float32 in [0, 1], labels `[N]` int32, and the file names.
+  """
+  from PIL import Image, UnidentifiedImageError
+  root = Path(path)
+  if not root.is_dir():
+    raise DatasetError(f"{root} is not a folder; pass a folder of PNG/JPEG images")
+  h, w, c = image_shape
+  if c not in (1, 3):
+    raise DatasetError(f"images can be read as 1 (grey) or 3 (RGB) channels, not {c}")
+  files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                 and (p.parent == root or p.parent.parent == root))
+  images, labels, names = [], [], []
+  for f in files:
+    label = 0 if f.parent == root else int(f.parent.name) if f.parent.name.isdigit() else None
+    if label is None:
+      continue
+    try:
+      with Image.open(f) as img:
+        img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.LANCZOS)
+        images.append(np.asarray(img, np.float32).reshape(h, w, c) / 255.0)
+    except (UnidentifiedImageError, OSError):
+      continue
+    labels.append(label)
+    names.append(str(f.relative_to(root)))
+  if not images:
+    raise DatasetError(f"no readable PNG/JPEG image in {root} (nor in its integer-named "
+                       f"class subfolders)")
+  return np.stack(images), np.asarray(labels, np.int32), names

@@ -85,10 +85,11 @@ def observe(client_update: fed.ClientUpdateFn, params: Any, data: Batch, key: ja
             threat: ThreatModel, *, defense: fed.DefenseFn = fed.identity_defense,
             defense_key: jax.Array | None = None) -> Observation:
   """What the server sees when a client with `data` runs `client_update` (then `defense`)."""
-  n = int(data.mask.sum())
-  if n > threat.batch_size:
-    raise ValueError(f"the client holds {n} examples but the threat model declares batch "
-                     f"size {threat.batch_size}")
+  if not isinstance(data.mask, jax.core.Tracer):  # checked eagerly; vmap/jit callers check first
+    n = int(data.mask.sum())
+    if n > threat.batch_size:
+      raise ValueError(f"the client holds {n} examples but the threat model declares batch "
+                       f"size {threat.batch_size}")
   update, _ = client_update(params, data, key)
   if defense_key is None:
     defense_key = jax.random.fold_in(key, 1)

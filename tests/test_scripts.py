@@ -49,3 +49,15 @@ def test_bench_inversion_quick_prints_result_line():
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith("RESULT bench_inversion ratio=")
   assert float(last.split("ratio=")[1].split()[0]) > 0
+
+
+def test_invert_script_end_to_end(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "invert.py"), "--workdir", str(tmp_path / "run"),
+       "--victims.dataset", "digits", "--victims.image_size", "none", "--victims.channels",
+       "none", "--victims.num", "2", "--attack.optimizer", "adam", "--attack.steps", "20",
+       "--feature_metric", "false", "--no-progress"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr
+  assert "median PSNR" in out.stdout
+  assert (tmp_path / "run" / "grid.png").exists() and (tmp_path / "run" / "metrics.json").exists()
