@@ -1,11 +1,15 @@
-"""Gradient inversion: threat model, objectives, attacks, metrics.
+"""Gradient inversion: threat model, objectives, label inference, attacks, metrics.
 
-  observation  `ThreatModel`, `Observation`, `observe` (via fljax's client_update), the
+  observation  `ThreatModel`, `Observation`, `observe` (via fljax's client_update, then a
+               defense), `observe_aggregate` (secure aggregation: the sum only), the
                forward operator (FedSGD gradient, FedAvg's unrolled local steps)
   objectives   L2, cosine and per-layer cosine gradient matching; total variation
-  labels       iDLG label inference from the last layer's gradient
+  labels       iDLG for one example; bias-corrected counts (Geng et al.) and Yin et al.'s
+               distinct labels for batches
   attacks/     DLG / iDLG, Inverting Gradients, as init/step pairs
-  metrics      MSE, PSNR, SSIM, Hungarian matching, label accuracy
+  metrics      MSE, PSNR, SSIM, feature distance, Hungarian matching, label accuracy
+  experiment   the driver behind scripts/invert.py: victims -> observations -> batched
+               attacks with restarts and divergence retries -> scores, grid, metrics.json
 
 May import `fljax`, `privacy` and `diffusion`.
 """

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -622,3 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     run(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
   except (datasets.DatasetError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: the attack state is saved every --chunk steps in {ns.workdir}; "
+          f"rerun the same command to resume", file=sys.stderr)
+    raise SystemExit(130) from None

@@ -90,3 +90,28 @@ def test_secure_aggregation_observation_is_the_protocols_sum():
   with pytest.raises(ValueError, match="declares batch size 3"):
     ob.observe_aggregate(client_update, params, clients, jax.random.key(0),
                          ob.ThreatModel(batch_size=3, input_shape=SHAPE, observes="aggregate"))
+
+
+def test_dp_fedavg_and_record_level_dpsgd_produce_attackable_observations():
+  model, params, client_update = _setup()
+  clients = _clients()
+  threat = ob.ThreatModel(batch_size=4, input_shape=SHAPE, observes="aggregate",
+                          defense="dp_fedavg")
+  noisy = ob.observe_aggregate(client_update, params, clients, jax.random.key(0), threat,
+                               aggregate=pfed.dp_fedavg(clip_norm=0.1, noise_multiplier=1.0,
+                                                        expected_clients=2.0))
+  ob.check(noisy, threat)
+  plain = ob.observe_aggregate(client_update, params, clients, jax.random.key(0), threat)
+  diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(noisy.update),
+                                                          jax.tree.leaves(plain.update)))
+  assert diff > 0  # clipped and noised by the server's aggregator
+  dpsgd_update = pfed.make_dpsgd_client_update(
+      fed.make_loss_fn(model.apply), fed.FedConfig(algorithm="fedsgd", local_batch_size=1),
+      clip_norm=1.0, noise_multiplier=1.0)
+  one = ob.ThreatModel(batch_size=1, input_shape=SHAPE, defense="dpsgd")
+  data = Batch(x=clients.x[0, :1], y=clients.y[0, :1], mask=jnp.ones(1))
+  obs = ob.observe(dpsgd_update, params, data, jax.random.key(3), one)
+  ob.check(obs, one)
+  attack = dlg.make(model.apply, one)
+  state, m = jax.jit(attack.step)(attack.init(jax.random.key(4), obs), obs)
+  assert bool(jnp.isfinite(m["loss"]))
