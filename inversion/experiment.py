@@ -409,7 +409,7 @@ def save_grid(path: Path, truth: np.ndarray, reconstruction: np.ndarray, psnr: n
   per_row = b * max(1, 16 // b) if b <= 16 else b
   cols = min(v * b, per_row)
   rows = -(-v * b // cols)
-  fig, axes = plt.subplots(2 * rows, cols, figsize=(max(1.1 * cols, 4.5), 2.5 * rows + 0.4),
+  fig, axes = plt.subplots(2 * rows, cols, figsize=(max(1.1 * cols, 4.5), 2.8 * rows + 0.4),
                            squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
@@ -420,13 +420,14 @@ def save_grid(path: Path, truth: np.ndarray, reconstruction: np.ndarray, psnr: n
       ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1),
                 cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
     caption = "failed" if failed[j] else f"{psnr[j, k]:.1f} dB"
-    axes[2 * r + 1, c].set_title(caption, fontsize=7, y=-0.28)
+    axes[2 * r + 1, c].text(0.5, -0.06, caption, fontsize=7, ha="center", va="top",
+                            transform=axes[2 * r + 1, c].transAxes)
     if k == 0:
       axes[2 * r, c].set_title(f"victim {j}", fontsize=7)
   if title:
     import textwrap
     fig.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize=8)
-  fig.tight_layout()
+  fig.tight_layout(h_pad=1.5)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

@@ -31,3 +31,12 @@ def test_readme_privacy_example_runs():
   exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
   assert 1.9 < namespace["epsilon"] <= 2.0
   assert float(namespace["metrics"]["loss"]) > 0
+
+
+def test_readme_inversion_example_runs():
+  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  code = next(b for b in blocks if "dlg.make" in b)
+  namespace = {}
+  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+  assert namespace["psnr"] > 30
+  assert namespace["label"] == int(namespace["ds"].y_test[0])

@@ -61,3 +61,12 @@ def test_invert_script_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "median PSNR" in out.stdout
   assert (tmp_path / "run" / "grid.png").exists() and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_eval_labels_script_runs():
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "eval_labels.py"), "--batches", "2", "--sizes", "1,4"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr
+  rows = [line.split() for line in out.stdout.strip().splitlines()[1:]]
+  assert len(rows) == 6 and rows[0][2] == "1.000"  # iDLG at B = 1
