@@ -115,13 +115,20 @@ def yin(grads: Any, num_classes: int, batch_size: int) -> jax.Array:
   return jnp.sort(jnp.argsort(kernel.min(axis=0))[:batch_size])
 
 
+def check(method: str, batch_size: int) -> None:
+  """Raises a clear ValueError when `method` cannot infer the labels of a batch of B."""
+  if method == "idlg" and batch_size != 1:
+    raise ValueError("iDLG reads the label of a single example: for B > 1 pass labels='known' "
+                     "(if the attacker knows them), 'bias_corrected' or 'yin' (or, for DLG, "
+                     "'optimise')")
+
+
 def infer(method: str, grads: Any, *, num_classes: int, batch_size: int,
           probs: jax.Array | None = None) -> jax.Array:
   """`[B]` labels by `method` in `METHODS` ('idlg' needs B = 1; 'bias_corrected' needs
   `probs`). `grads` is a FedSGD gradient; for a FedAvg delta pass its negative."""
+  check(method, batch_size)
   if method == "idlg":
-    if batch_size != 1:
-      raise ValueError("iDLG reads the label of a single example: use 'bias_corrected' for B > 1")
     return jnp.reshape(idlg(grads, num_classes), (1,))
   if method == "yin":
     return yin(grads, num_classes, batch_size)

@@ -70,8 +70,7 @@ class DLGState(NamedTuple):
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
          cfg: DLGConfig = DLGConfig()) -> Attack:
   """The DLG / iDLG attack on a FedSGD observation under `threat`."""
-  if cfg.labels == "idlg" and threat.batch_size != 1:
-    raise ValueError("iDLG reads the label of a single example: use labels='optimise' for B > 1")
+  label_inference.check(cfg.labels, threat.batch_size)
   update_of = forward(apply_fn, threat)
   match = objectives.OBJECTIVES[cfg.objective]
   learn_labels = cfg.labels == "optimise"

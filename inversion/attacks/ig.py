@@ -67,9 +67,7 @@ class IGState(NamedTuple):
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
          cfg: IGConfig = IGConfig()) -> Attack:
   """The Inverting Gradients attack on an observation under `threat`."""
-  if cfg.labels == "idlg" and threat.batch_size != 1:
-    raise ValueError("iDLG labels need batch size 1: pass labels='known', 'bias_corrected' or "
-                     "'yin'")
+  label_inference.check(cfg.labels, threat.batch_size)
   update_of = forward(apply_fn, threat)
   match = objectives.OBJECTIVES[cfg.objective]
   schedule = optax.piecewise_constant_schedule(
