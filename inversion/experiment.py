@@ -322,7 +322,7 @@ def observe_all(model: models.Model, params: Any, x: np.ndarray, y: np.ndarray,
                           local_batch_size=threat.local_batch_size, local_lr=threat.local_lr)
   client_update = fed.make_client_update(fed.make_loss_fn(model.apply), fed_cfg)
   batch = Batch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones(y.shape, jnp.float32))
-  ob.observe(client_update, params, jax.tree.map(lambda a: a[0], batch), key, threat)  # checks
+  ob.check_batch(batch.mask, threat)
   def one(data, k):
     o = ob.observe(client_update, params, data, k, threat, defense=defense)
     return o.update, o.labels
@@ -432,6 +432,12 @@ def save_grid(path: Path, truth: np.ndarray, reconstruction: np.ndarray, psnr: n
   plt.close(fig)
 
 
+def _remove_attack_files(workdir: Path) -> None:
+  """Drops an attack's resume files (after its report is written, or on --overwrite)."""
+  for name in ("attack_state.npz", "attack_results.npz"):
+    (workdir / name).unlink(missing_ok=True)
+
+
 def _finite(values: list[float]) -> list[float]:
   return [float(v) for v in values if np.isfinite(v)]
 
@@ -447,9 +453,8 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
     print(f"nothing to do: {workdir} already holds this experiment's results "
           f"(median PSNR {summary['median_psnr']:.2f} dB); pass --overwrite to run it again")
     return summary
-  for stale in ("attack_state.npz", "attack_results.npz"):
-    if overwrite and (workdir / stale).exists():
-      (workdir / stale).unlink()
+  if overwrite:
+    _remove_attack_files(workdir)
   t_start = time.perf_counter()
   k_victims, k_model, k_train, k_clients, k_attack = jax.random.split(
       jax.random.key(config.seed), 5)
@@ -603,9 +608,7 @@ def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model:
         f"label accuracy {summary['label_accuracy']:.3f}, {summary['failed']} failed, "
         f"{diverged} diverged restarts; attack {attack_seconds:.1f}s "
         f"({summary['victim_attacks_per_hour']:.0f} victim-attacks/hour); outputs in {workdir}")
-  for stale in ("attack_results.npz", "attack_state.npz"):
-    if (workdir / stale).exists():
-      (workdir / stale).unlink()
+  _remove_attack_files(workdir)
   return summary
 
 

@@ -81,15 +81,21 @@ def check(observation: Observation, threat: ThreatModel) -> None:
       raise ValueError(f"labels_known needs labels of shape ({threat.batch_size},)")
 
 
+def check_batch(mask: jax.Array, threat: ThreatModel) -> None:
+  """Raises a clear ValueError when a client (a mask `[N]`, or clients `[V, N]`) holds more
+  examples than the threat model's declared batch size."""
+  n = int(jnp.max(jnp.sum(mask, axis=-1)))
+  if n > threat.batch_size:
+    raise ValueError(f"the client holds {n} examples but the threat model declares batch "
+                     f"size {threat.batch_size}")
+
+
 def observe(client_update: fed.ClientUpdateFn, params: Any, data: Batch, key: jax.Array,
             threat: ThreatModel, *, defense: fed.DefenseFn = fed.identity_defense,
             defense_key: jax.Array | None = None) -> Observation:
   """What the server sees when a client with `data` runs `client_update` (then `defense`)."""
   if not isinstance(data.mask, jax.core.Tracer):  # checked eagerly; vmap/jit callers check first
-    n = int(data.mask.sum())
-    if n > threat.batch_size:
-      raise ValueError(f"the client holds {n} examples but the threat model declares batch "
-                       f"size {threat.batch_size}")
+    check_batch(data.mask, threat)
   update, _ = client_update(params, data, key)
   if defense_key is None:
     defense_key = jax.random.fold_in(key, 1)
