@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark script (tests/fljax/test_train.py covers scripts/train_fl.py)."""
+"""Smoke tests of the scripts (tests/fljax/test_train.py covers scripts/train_fl.py)."""
 
 import os
 import subprocess
@@ -8,65 +8,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_fl_round_quick_prints_result_line():
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "bench_fl_round.py"), "--quick", "--clients", "20",
-       "--repeats", "1"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+def run_script(name: str, *args: str) -> str:
+  """Runs scripts/<name> on one CPU device; asserts it succeeded and returns its stdout."""
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr
-  last = out.stdout.strip().splitlines()[-1]
+  return out.stdout
+
+
+def test_bench_fl_round_quick_prints_result_line():
+  stdout = run_script("bench_fl_round.py", "--quick", "--clients", "20", "--repeats", "1")
+  last = stdout.strip().splitlines()[-1]
   assert last.startswith("RESULT bench_fl_round ratio=") and "clients=20" in last
   ratio = float(last.split("ratio=")[1].split()[0])
   assert ratio > 0
 
 
 def test_bench_dpsgd_quick_prints_result_line():
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "bench_dpsgd.py"), "--quick", "--repeats", "1"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr
-  last = out.stdout.strip().splitlines()[-1]
+  last = run_script("bench_dpsgd.py", "--quick", "--repeats", "1").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_dpsgd ratio=")
   assert float(last.split("ratio=")[1].split()[0]) > 0
 
 
 def test_bench_secagg_quick_prints_result_line():
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "bench_secagg.py"), "--quick"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr
-  last = out.stdout.strip().splitlines()[-1]
+  last = run_script("bench_secagg.py", "--quick").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_secagg seconds=")
   assert float(last.split("seconds=")[1].split()[0]) > 0
 
 
 def test_bench_inversion_quick_prints_result_line():
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "bench_inversion.py"), "--quick", "--victims", "2",
-       "--steps", "5"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr
-  last = out.stdout.strip().splitlines()[-1]
+  stdout = run_script("bench_inversion.py", "--quick", "--victims", "2", "--steps", "5")
+  last = stdout.strip().splitlines()[-1]
   assert last.startswith("RESULT bench_inversion ratio=")
   assert float(last.split("ratio=")[1].split()[0]) > 0
 
 
 def test_invert_script_end_to_end(tmp_path):
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "invert.py"), "--workdir", str(tmp_path / "run"),
-       "--victims.dataset", "digits", "--victims.image_size", "none", "--victims.channels",
-       "none", "--victims.num", "2", "--attack.optimizer", "adam", "--attack.steps", "20",
-       "--feature_metric", "false", "--no-progress"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr
-  assert "median PSNR" in out.stdout
+  stdout = run_script(
+      "invert.py", "--workdir", str(tmp_path / "run"), "--victims.dataset", "digits",
+      "--victims.image_size", "none", "--victims.channels", "none", "--victims.num", "2",
+      "--attack.optimizer", "adam", "--attack.steps", "20", "--feature_metric", "false",
+      "--no-progress")
+  assert "median PSNR" in stdout
   assert (tmp_path / "run" / "grid.png").exists() and (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_eval_labels_script_runs():
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "eval_labels.py"), "--batches", "2", "--sizes", "1,4"],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr
-  rows = [line.split() for line in out.stdout.strip().splitlines()[1:]]
+  stdout = run_script("eval_labels.py", "--batches", "2", "--sizes", "1,4")
+  rows = [line.split() for line in stdout.strip().splitlines()[1:]]
   assert len(rows) == 6 and rows[0][2] == "1.000"  # iDLG at B = 1
