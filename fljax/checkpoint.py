@@ -9,6 +9,8 @@ killed at any moment keeps its last complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,17 @@ def _to_tree(state: ServerState) -> dict[str, Any]:
           for f in dataclasses.fields(state)}
 
 
-class Checkpointer:
-  """Saves and restores `ServerState`s in `directory`, keeping the newest `max_to_keep`."""
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read (the message names it and says what to do)."""
 
-  def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+
+class Checkpointer:
+  """Saves and restores states (frozen dataclasses of arrays) in `directory`, keeping the
+  newest `max_to_keep`; a state is saved under its `step_field` (a `ServerState`'s round)."""
+
+  def __init__(self, directory: str | Path, *, max_to_keep: int = 2, step_field: str = "round"):
     self.directory = Path(directory).absolute()
+    self.step_field = step_field
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -43,27 +51,54 @@ class Checkpointer:
     """The round of the newest checkpoint, or None when there is none."""
     return self._manager.latest_step()
 
-  def save(self, state: ServerState, *, force: bool = False) -> None:
+  def save(self, state: Any, *, force: bool = False) -> None:
     """Saves `state` under its round number (no-op if that round is already saved)."""
-    step = int(state.round)
+    step = int(getattr(state, self.step_field))
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=force)
     self._manager.wait_until_finished()
 
-  def restore(self, template: ServerState, round_: int | None = None) -> ServerState:
-    """Restores round `round_` (newest by default) into the structure of `template`."""
+  def restore(self, template: Any, round_: int | None = None) -> Any:
+    """Restores round `round_` (newest by default) into the structure of `template`.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint.
+      CheckpointError: the checkpoint is unreadable (truncated, corrupted, or written by
+        a run with other shapes); the message names its folder.
+    """
     step = self.latest_round() if round_ is None else round_
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
-    tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...)
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read ({first}); "
+                            "it is corrupted or was written by a different configuration") from e
     fields = {}
     for f in dataclasses.fields(template):
       fields[f.name] = jax.tree.map(
           lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
           getattr(template, f.name), tree[f.name])
     return dataclasses.replace(template, **fields)
+
+  def restore_newest_valid(self, template: Any, *, warn: Callable[[str], Any] = print) -> Any | None:
+    """The newest readable checkpoint restored into `template`, or None when none is.
+
+    An unreadable one is moved aside to `<step>.corrupt` (kept for inspection), with a
+    warning, and the previous one is tried: a run killed or damaged mid-save resumes
+    from its last good checkpoint.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore(template, step)
+      except CheckpointError as e:
+        warn(f"warning: {e}; moved it to {step}.corrupt and trying the previous checkpoint")
+        shutil.move(str(self.directory / str(step)), str(self.directory / f"{step}.corrupt"))
+        self._manager.reload()
+    return None
 
   def close(self) -> None:
     self._manager.close()

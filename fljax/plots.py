@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -53,3 +54,20 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def save_image_grid(path: str | Path, images: np.ndarray, *, scale: int = 2, pad: int = 2) -> None:
+  """Writes images in [0, 1] `[rows, cols, H, W, C]` (C = 1 or 3) as one PNG, each image
+  upscaled `scale` times (nearest) and separated by `pad` white pixels."""
+  from PIL import Image
+
+  images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+  rows, cols, h, w, c = images.shape
+  images = images.repeat(scale, 2).repeat(scale, 3)
+  h, w = h * scale, w * scale
+  canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
+  for r in range(rows):
+    for k in range(cols):
+      canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[r, k]
+  pixels = (canvas * 255 + 0.5).astype(np.uint8)
+  Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path)

@@ -172,12 +172,12 @@ def load_clients(cfg: DataConfig, *, key: jax.Array
 class MetricsLog:
   """metrics.jsonl, truncated to the resumed round so that no round appears twice."""
 
-  def __init__(self, path: Path, resume_round: int, *, write: bool = True):
+  def __init__(self, path: Path, resume_round: int, *, write: bool = True, key: str = "round"):
     self.path, self.write = path, write
     records = []
     if path.exists() and resume_round > 0:
       records = [r for r in map(json.loads, path.read_text().splitlines())
-                 if r["round"] <= resume_round]
+                 if r[key] <= resume_round]
     if write:
       path.write_text("".join(json.dumps(r) + "\n" for r in records))
     self.records = records
