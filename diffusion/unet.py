@@ -57,6 +57,8 @@ class UNetConfig:
     downsample_padding: 1 (symmetric) or 0 (pad right/bottom, the original DDPM).
     mid_block_scale_factor: output scale of the middle block's ResNets and attention.
     add_attention: whether the middle block has attention.
+    attn_norm_num_groups: GroupNorm groups of the middle attention (None: norm_num_groups
+      with 'default' time conditioning, no norm with 'scale_shift', as diffusers).
     act_fn: activation (silu).
   """
 
@@ -78,6 +80,7 @@ class UNetConfig:
   downsample_padding: int = 1
   mid_block_scale_factor: float = 1.0
   add_attention: bool = True
+  attn_norm_num_groups: int | None = None
   act_fn: str = "silu"
 
   def __post_init__(self):
@@ -104,6 +107,9 @@ class UNetConfig:
                         "choose 'default' or 'scale_shift'")
     if self.downsample_padding not in (0, 1):
       raise ConfigError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+    if self.attn_norm_num_groups not in (None, self.norm_num_groups):
+      raise ConfigError(f"unsupported attn_norm_num_groups={self.attn_norm_num_groups} different "
+                        f"from norm_num_groups={self.norm_num_groups}")
     if self.act_fn not in ACTIVATIONS:
       raise ConfigError(f"unsupported act_fn {self.act_fn!r}; choose one of {sorted(ACTIVATIONS)}")
     factor = 2 ** (levels - 1)
@@ -140,6 +146,18 @@ def timestep_features(t: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shi
   return emb
 
 
+class TimestepEmbedding(nn.Module):
+  """Two dense layers with an activation between them (diffusers' `TimestepEmbedding`)."""
+
+  features: int
+  act: Any
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.features, name="linear_1")(x)
+    return nn.Dense(self.features, name="linear_2")(self.act(x))
+
+
 class ResnetBlock(nn.Module):
   """diffusers' `ResnetBlock2D`: norm-act-conv, time embedding, norm-act-conv, skip."""
 
@@ -173,6 +191,7 @@ class Attention(nn.Module):
 
   config: UNetConfig
   output_scale_factor: float = 1.0
+  norm: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -180,7 +199,7 @@ class Attention(nn.Module):
     b, hh, ww, c = x.shape
     head_dim = cfg.attention_head_dim or c
     heads = c // head_dim
-    h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="group_norm")(x)
+    h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="group_norm")(x) if self.norm else x
     h = h.reshape(b, hh * ww, c)
     split = lambda y: y.reshape(b, hh * ww, heads, head_dim)  # noqa: E731
     q = split(nn.Dense(c, name="to_q")(h))
@@ -271,7 +290,8 @@ class MidBlock(nn.Module):
     c, s = x.shape[-1], cfg.mid_block_scale_factor
     x = ResnetBlock(c, cfg, output_scale_factor=s, name="resnets_0")(x, temb)
     if cfg.add_attention:
-      x = Attention(cfg, output_scale_factor=s, name="attentions_0")(x)
+      norm = cfg.attn_norm_num_groups is not None or cfg.resnet_time_scale_shift == "default"
+      x = Attention(cfg, output_scale_factor=s, norm=norm, name="attentions_0")(x)
     return ResnetBlock(c, cfg, output_scale_factor=s, name="resnets_1")(x, temb)
 
 
@@ -289,8 +309,7 @@ class UNet(nn.Module):
       x = 2 * x - 1.0
     features = timestep_features(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  freq_shift=cfg.freq_shift)
-    temb = nn.Dense(cfg.time_embed_dim, name="time_embedding_linear_1")(features)
-    temb = nn.Dense(cfg.time_embed_dim, name="time_embedding_linear_2")(act(temb))
+    temb = TimestepEmbedding(cfg.time_embed_dim, act, name="time_embedding")(features)
     if cfg.num_class_embeds:
       if labels is None:
         raise ConfigError("this UNet is class-conditional: pass labels (the null label "
@@ -337,8 +356,6 @@ def config_from_dict(d: dict[str, Any]) -> UNetConfig:
   for key, ok in (("downsample_type", "conv"), ("upsample_type", "conv")):
     if d.get(key, ok) != ok:
       raise ConfigError(f"unsupported {key} {d[key]!r}; this port supports {ok!r}")
-  if d.get("attn_norm_num_groups") not in (None, d.get("norm_num_groups", 32)):
-    raise ConfigError("unsupported attn_norm_num_groups different from norm_num_groups")
   fields = {f.name for f in dataclasses.fields(UNetConfig)}
   kwargs = {k: v for k, v in d.items() if k in fields}
   for k in ("block_out_channels", "down_block_types", "up_block_types"):
