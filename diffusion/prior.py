@@ -115,12 +115,20 @@ def load(path: str | Path = MNIST_PRIOR) -> Prior:
                        "and params.msgpack (train one with scripts/train_diffusion.py)")
   config = unet.config_from_dict(json.loads((path / "unet.json").read_text()))
   sched = json.loads((path / "schedule.json").read_text())
-  template = unet.init(config, key=jax.random.key(0))
+  template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                          jax.eval_shape(lambda: unet.init(config, key=jax.random.key(0))))
+  problem = None
   try:
     params = serialization.from_bytes(template, (path / "params.msgpack").read_bytes())
+    for (where, want), got in zip(jax.tree_util.tree_flatten_with_path(template)[0], jax.tree.leaves(params)):
+      if want.shape != got.shape:
+        problem = f"{jax.tree_util.keystr(where)} has shape {got.shape}, the config needs {want.shape}"
+        break
   except Exception as e:  # msgpack / structure mismatch
+    problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+  if problem:
     raise PriorError(f"{path / 'params.msgpack'} does not hold weights for the UNet of "
-                     f"{path / 'unet.json'} ({str(e).splitlines()[0][:200]})") from e
+                     f"{path / 'unet.json'} ({problem})")
   return Prior(unet_config=config, params=params, schedule=_schedule(sched),
                prediction=sched.get("prediction", "epsilon"),
                num_classes=int(sched.get("num_classes", 0)),

@@ -198,7 +198,7 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, x: jax.Arr
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return dataclasses.replace(state, step=state.step + 1, params=params, ema_params=ema,
                                opt_state=opt_state), metrics
 

@@ -1,5 +1,6 @@
 """Smoke tests of the scripts (tests/fljax/test_train.py covers scripts/train_fl.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,28 @@ def test_eval_labels_script_runs():
   stdout = run_script("eval_labels.py", "--batches", "2", "--sizes", "1,4")
   rows = [line.split() for line in stdout.strip().splitlines()[1:]]
   assert len(rows) == 6 and rows[0][2] == "1.000"  # iDLG at B = 1
+
+
+def test_bench_diffusion_quick_prints_result_line():
+  last = run_script("bench_diffusion.py", "--quick", "--images", "4", "--single", "1").strip().splitlines()[-1]
+  assert last.startswith("RESULT bench_diffusion ratio=")
+  assert float(last.split("ratio=")[1].split()[0]) > 0
+
+
+def test_train_then_evaluate_a_diffusion_prior(tmp_path):
+  tiny = ["--data.name", "digits", "--data.image_size", "8", "--block_out_channels", "16,32",
+          "--down_block_types", "DownBlock2D,AttnDownBlock2D", "--up_block_types", "AttnUpBlock2D,UpBlock2D",
+          "--norm_num_groups", "4", "--attention_head_dim", "8", "--sample_steps", "2", "--no-progress"]
+  run_script("train_diffusion.py", "--workdir", str(tmp_path / "run"), "--steps", "3", *tiny)
+  assert (tmp_path / "run" / "prior" / "params.msgpack").exists()
+  assert (tmp_path / "run" / "samples_000003.png").exists()
+  out = run_script("eval_diffusion.py", "--prior", str(tmp_path / "run" / "prior"), "--dataset", "digits",
+                   "--num", "40", "--steps", "2", "--cache_dir", str(tmp_path / "cache"),
+                   "--grid", str(tmp_path / "grid.png"))
+  result = json.loads(out.strip().splitlines()[-1])
+  assert 0 <= result["class_accuracy"] <= 1 and result["frechet_distance"] > 0
+  assert (tmp_path / "grid.png").exists()
+  # A folder that is not a prior is one clear error.
+  bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_diffusion.py"), "--prior",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+  assert bad.returncode != 0 and "unet.json is missing" in bad.stderr and "Traceback" not in bad.stderr
