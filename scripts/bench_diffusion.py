@@ -39,9 +39,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
   args = parser.parse_args()
   if args.quick:
-    config = training.TrainConfig(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8)
+    config = training.TrainConfig(block_out_channels=(16,), down_block_types=("AttnDownBlock2D",),
+                                  up_block_types=("AttnUpBlock2D",), norm_num_groups=4, attention_head_dim=8)
     shape, ddpm_steps = (8, 8, 1), 100
   else:
     config, shape, ddpm_steps = training.TrainConfig(), (32, 32, 1), 1000

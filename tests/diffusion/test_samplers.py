@@ -128,3 +128,27 @@ def test_leading_timesteps_follow_diffusers():
   np.testing.assert_array_equal(samplers.leading_timesteps(1000, 4), [750, 500, 250, 0])
   with pytest.raises(ValueError, match="num_steps"):
     samplers.leading_timesteps(10, 20)
+
+
+def test_every_sampler_runs_a_unet_prior_with_guidance_through_the_denoiser():
+  from diffusion import prior as prior_lib
+  from diffusion import unet
+  micro = unet.UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                          down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",),
+                          layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
+  prior = prior_lib.Prior(unet_config=micro, params=unet.init(micro, key=jax.random.key(0)),
+                          schedule=schedules.linear(1000), num_classes=10)
+  denoiser = prior.denoiser(jnp.array([1, 2]), guidance_weight=1.0)
+  x_T = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  guidance = samplers.Guidance(loss=lambda x0, t: jnp.sum(x0 ** 2, (1, 2, 3)), scale=lambda abar: 0.1 * abar)
+  ddim = samplers.ddim(prior.schedule, num_steps=3)
+  free = samplers.run(ddim, denoiser, x_T, key=jax.random.key(2))
+  guided = samplers.run(ddim, denoiser, x_T, key=jax.random.key(2), guidance=guidance)
+  assert float(jnp.sum(guided ** 2)) < float(jnp.sum(free ** 2))
+  for sampler in (samplers.ddpm(prior.schedule, num_steps=2),
+                  samplers.vpsde(schedules.VPSDE(), num_steps=2, corrector_steps=1)):
+    guided = samplers.run(sampler, denoiser, x_T, key=jax.random.key(2), guidance=guidance)
+    assert guided.shape == x_T.shape and bool(jnp.all(jnp.isfinite(guided)))
+  with pytest.raises(ValueError, match="no guidance"):
+    samplers.run(samplers.ddim_inversion(prior.schedule, num_steps=2), denoiser, x_T,
+                 key=jax.random.key(0), guidance=guidance)
