@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import schedules
-from diffusion.schedules import Schedule, VPSDE, _bcast
+from diffusion.schedules import Schedule, VPSDE
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -250,6 +250,10 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
     state = restored
   start = int(state.step)
   log = MetricsLog(workdir / "metrics.jsonl", start, key="step")
+  if start >= config.steps:
+    say(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
+    ckpt.close()
+    return log.records[-1] if log.records else {"step": start}
   if start:
     say(f"resuming {workdir} at step {start}")
   say(f"UNet {unet.count_params(params):,} parameters; {ds.name} {ds.image_shape}, "

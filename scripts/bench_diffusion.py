@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion import samplers, schedules, training, unet
 from diffusion import prior as prior_lib
