@@ -39,5 +39,5 @@ def test_identity_inside_and_on_the_boundary_outside():
   np.testing.assert_allclose(out[1], [0.5, -1.5], atol=1e-6)  # theta = 2.5: (3 - 2.5) + (4 - 2.5) = 2
   # Ties and multi-dimensional features.
   f = jnp.ones((2, 3, 3))
-  p = projection.l1_ball(f, 9.0 * 0.5)
+  p = projection.l1_ball(f, 18 * 0.5)
   np.testing.assert_allclose(p, 0.5 * f, atol=1e-6)
