@@ -8,6 +8,10 @@
   scored with the same classifier and sample count, never with published Inception FIDs.
   The distance between the training and test sets (`reference_fd`) is the floor a
   perfect model would reach with the same counts.
+- memorisation: the PSNR of each sample to its nearest training image; a prior that
+  copies its training set scores far above held-out test images, whose nearest-training
+  PSNR is printed beside it. (It matters here: the inversion attacks use this prior on
+  test images, and a copied training image would be a prior, not a reconstruction.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   trace_root = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(half @ cov_b @ half), 0, None)))
   return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def nearest_psnr(x: np.ndarray, reference: np.ndarray, *, chunk: int = 256) -> np.ndarray:
+  """For each image of `x [N, ...]` in [0, 1], the PSNR to its nearest image in `reference`."""
+  ref = jnp.asarray(reference.reshape(len(reference), -1))
+  ref_sq = jnp.sum(ref ** 2, 1)
+
+  @jax.jit
+  def best(q):
+    d = jnp.sum(q ** 2, 1)[:, None] - 2 * q @ ref.T + ref_sq[None]
+    return jnp.maximum(jnp.min(d, 1), 0.0) / q.shape[1]
+
+  flat = x.reshape(len(x), -1)
+  mse = np.concatenate([np.asarray(best(jnp.asarray(flat[i:i + chunk]))) for i in range(0, len(x), chunk)])
+  return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 def generate(prior: prior_lib.Prior, labels: np.ndarray | None, *, key: jax.Array, num: int,
@@ -79,4 +98,6 @@ def evaluate(prior: prior_lib.Prior, ds: datasets.Dataset, *, key: jax.Array, nu
             "reference_fd_train_vs_test": frechet_distance(features(ds.x_train[:num]), features(test))}
   if labels is not None:
     result["class_accuracy"] = float(np.mean(np.argmax(logits(x), -1) == labels))
+  result["median_nearest_train_psnr"] = float(np.median(nearest_psnr(x, ds.x_train)))
+  result["median_nearest_train_psnr_of_test_images"] = float(np.median(nearest_psnr(test, ds.x_train)))
   return result

@@ -18,3 +18,14 @@ def test_frechet_distance_matches_the_closed_form():
   np.testing.assert_allclose(evaluation.frechet_distance(c, d), want, rtol=1e-6)
   # Singular covariances (a constant feature) stay finite.
   assert np.isfinite(evaluation.frechet_distance(np.c_[a, np.zeros(4000)], np.c_[b, np.zeros(4000)]))
+
+
+def test_nearest_psnr_finds_copies():
+  rng = np.random.default_rng(1)
+  train = rng.uniform(size=(50, 4, 4, 1)).astype(np.float32)
+  copies = train[[3, 7]]
+  fresh = rng.uniform(size=(2, 4, 4, 1)).astype(np.float32)
+  psnr = evaluation.nearest_psnr(np.concatenate([copies, fresh]), train, chunk=3)
+  assert psnr[0] >= 60 and psnr[1] >= 60 and psnr[2] < 20 and psnr[3] < 20  # float32 cancellation: not inf
+  mse = np.min(np.mean((train - fresh[0]) ** 2, (1, 2, 3)))
+  np.testing.assert_allclose(psnr[2], 10 * np.log10(1 / mse), rtol=1e-4)
