@@ -84,18 +84,20 @@ def evaluate(prior: prior_lib.Prior, ds: datasets.Dataset, *, key: jax.Array, nu
     raise ValueError(f"the prior makes {prior.unet_config.input_shape} images, the dataset holds "
                      f"{ds.image_shape}; load it with the prior's image_size and channels")
   model, params, acc = classifier.reference_classifier(ds, cache_dir, steps=classifier_steps)
-  k_labels, k_gen = jax.random.split(key)
+  k_labels, k_gen, k_test, k_train = jax.random.split(key, 4)
+  # Random subsets: the datasets may be stored sorted by class.
+  test = ds.x_test[np.asarray(jax.random.permutation(k_test, len(ds.x_test)))[:num]]
+  train = ds.x_train[np.asarray(jax.random.permutation(k_train, len(ds.x_train)))[:num]]
   labels = None
   if prior.num_classes:
     labels = np.asarray(jax.random.randint(k_labels, (num,), 0, prior.num_classes))
   x = generate(prior, labels, key=k_gen, num=num, num_steps=num_steps, guidance_weight=guidance_weight)
   features = jax.jit(lambda x: model.features(params, x))
   logits = jax.jit(lambda x: model.apply(params, x))
-  test = ds.x_test[:num]
   result = {"classifier_test_accuracy": acc, "num_samples": num, "ddim_steps": num_steps,
             "guidance_weight": guidance_weight,
             "frechet_distance": frechet_distance(features(x), features(test)),
-            "reference_fd_train_vs_test": frechet_distance(features(ds.x_train[:num]), features(test))}
+            "reference_fd_train_vs_test": frechet_distance(features(train), features(test))}
   if labels is not None:
     result["class_accuracy"] = float(np.mean(np.argmax(logits(x), -1) == labels))
   result["median_nearest_train_psnr"] = float(np.median(nearest_psnr(x, ds.x_train)))

@@ -29,3 +29,27 @@ def test_nearest_psnr_finds_copies():
   assert psnr[0] >= 60 and psnr[1] >= 60 and psnr[2] < 20 and psnr[3] < 20  # float32 cancellation: not inf
   mse = np.min(np.mean((train - fresh[0]) ** 2, (1, 2, 3)))
   np.testing.assert_allclose(psnr[2], 10 * np.log10(1 / mse), rtol=1e-4)
+
+
+def test_evaluation_compares_random_subsets_of_class_sorted_data(tmp_path):
+  # digits' test split is not sorted, so sort it: the first `num` images would then hold
+  # a few classes only, and a uniform-class sample would look far from them.
+  import dataclasses
+
+  import jax
+  from diffusion import prior as prior_lib
+  from diffusion import schedules, unet
+  from fljax import datasets
+  ds = datasets.load("digits", image_size=8, channels=1)
+  order = np.argsort(ds.y_test, kind="stable")
+  ds = dataclasses.replace(ds, x_test=ds.x_test[order], y_test=ds.y_test[order])
+  cfg = unet.UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                        layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+  p = prior_lib.Prior(unet_config=cfg, params=unet.init(cfg, key=jax.random.key(0)),
+                      schedule=schedules.linear(1000), num_classes=10)
+  r = evaluation.evaluate(p, ds, key=jax.random.key(1), num=100, num_steps=2, cache_dir=str(tmp_path),
+                          classifier_steps=50)
+  # Train and test are exchangeable random draws: their distance is small next to the
+  # untrained prior's.
+  assert r["reference_fd_train_vs_test"] < 0.2 * r["frechet_distance"]
