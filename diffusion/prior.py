@@ -53,6 +53,11 @@ class Prior:
   num_classes: int = 0
   schedule_config: dict = dataclasses.field(default_factory=dict)
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images it makes."""
+    return self.unet_config.input_shape
+
   def apply(self, params: Params, x: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """The UNet's raw output at `x [B, H, W, C]` (model range [-1, 1]) and timesteps `t`."""
     if self.unet_config.num_class_embeds and labels is None:

@@ -17,7 +17,10 @@ guidance loss per image.
 Guidance: `Guidance(loss, scale)` with `loss(x0_hat, t) -> [B]`. Each step differentiates
 `sum(loss(x0_hat(x_t), t))` with respect to x_t *through the denoiser* and subtracts
 `scale * gradient` from the step's result (DPS's update x'_{t-1} - zeta grad_{x_t} L).
-`scale` is a number or a function of the step's alpha_bar_t.
+`scale` is a number or a function of the step's alpha_bar_t. Variants: `jacobian=False`
+skips the denoiser's Jacobian (grad_{x_t} ~ grad_{x0_hat} / sqrt(abar_t), exact as t -> 0);
+`on='x_t'` evaluates the loss on the noisy iterate itself (classifier guidance on x_t, as
+GGDM's original); `clip` clips the gradient elementwise before it is scaled.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ class Guidance:
 
   loss: Callable[[jax.Array, jax.Array], jax.Array]
   scale: float | Callable[[jax.Array], jax.Array] = 1.0
+  jacobian: bool = True
+  on: str = "x0_hat"
+  clip: float | None = None
+
+  def __post_init__(self):
+    if self.on not in ("x0_hat", "x_t"):
+      raise ValueError(f"Guidance.on must be 'x0_hat' or 'x_t', got {self.on!r}")
+    if self.clip is not None and self.clip <= 0:
+      raise ValueError(f"Guidance.clip must be positive, got {self.clip}")
 
   def zeta(self, alpha_bar: jax.Array) -> jax.Array:
     return self.scale(alpha_bar) if callable(self.scale) else jnp.asarray(self.scale)
@@ -78,15 +90,28 @@ def _estimate(denoiser: Denoiser, x: jax.Array, t: jax.Array, alpha_bar: jax.Arr
     eps = schedules.convert(out, x, alpha_bar, source=prediction, target="epsilon")
     return eps, x0
 
+  def summed(z):
+    loss = guidance.loss(z, t)
+    return jnp.sum(loss), loss
+
   if guidance is None:
     eps, x0 = predict(x)
     grad = loss = None
+  elif guidance.on == "x_t":
+    eps, x0 = predict(x)
+    grad, loss = jax.grad(summed, has_aux=True)(x)
+  elif not guidance.jacobian:
+    eps, x0 = predict(x)
+    grad, loss = jax.grad(summed, has_aux=True)(x0)
+    grad = grad / jnp.sqrt(alpha_bar)
   else:
     def total(x):
       eps, x0 = predict(x)
-      loss = guidance.loss(x0, t)
-      return jnp.sum(loss), (eps, x0, loss)
+      s, loss = summed(x0)
+      return s, (eps, x0, loss)
     grad, (eps, x0, loss) = jax.grad(total, has_aux=True)(x)
+  if guidance is not None and guidance.clip is not None:
+    grad = jnp.clip(grad, -guidance.clip, guidance.clip)
   if clip is not None:
     # diffusers' clip_sample: the x0 estimate is clipped; eps stays the model's.
     x0 = jnp.clip(x0, -clip, clip)

@@ -43,7 +43,7 @@ from fljax.partitions import Batch
 from fljax.train import check_workdir
 from inversion import attacks, labels as label_inference, metrics
 from inversion import observation as ob
-from inversion.attacks import dlg, ig
+from inversion.attacks import diffusion_guided, dlg, gifd, ig
 from privacy import defenses
 from privacy import federated as pfed
 
@@ -64,6 +64,7 @@ class AttackPlan(NamedTuple):
   attack: attacks.Attack
   labels: Callable[[Any], jax.Array]  # state -> the labels the attack used or found
   steps: int
+  budget: int | None = None  # double-backward evaluations allowed per restart (None: no cap)
 
 
 def _label_method(spec: AttackSpec, threat: ob.ThreatModel) -> str:
@@ -74,26 +75,93 @@ def _label_method(spec: AttackSpec, threat: ob.ThreatModel) -> str:
   return spec.labels
 
 
-def _dlg_plan(apply_fn, threat, spec, labels):
+def _per_restart(spec: AttackSpec) -> int | None:
+  """The double-backward budget of one restart (the victim's budget split evenly)."""
+  if spec.budget is None:
+    return None
+  per = spec.budget // spec.restarts
+  if per < 1:
+    raise ValueError(f"attack.budget {spec.budget} is smaller than attack.restarts {spec.restarts}")
+  return per
+
+
+def _adaptation(spec: AttackSpec, defense: DefenseSpec) -> tuple[str, str | None, float]:
+  """(adaptive mode, matching loss override, declared noise std) of an adaptive attack."""
+  if not spec.adaptive:
+    return "none", None, 0.0
+  if defense.name == "gaussian":
+    return "none", "l2_noise_aware", defense.std
+  if defense.name == "prune":
+    return "prune", None, 0.0
+  if defense.name == "local_dp":
+    return "clip", "l2_noise_aware", defense.clip_norm * defense.noise_multiplier
+  return "none", None, 0.0
+
+
+def _dlg_plan(model, threat, spec, defense, labels):
   defaults = dlg.DLGConfig()
   cfg = dlg.DLGConfig(optimizer=spec.optimizer, lr=spec.lr or defaults.lr,
                       objective=spec.objective or defaults.objective, labels=labels)
-  return AttackPlan(dlg.make(apply_fn, threat, cfg), dlg.labels, spec.steps or 4000)
+  budget = _per_restart(spec)
+  steps = spec.steps or budget or 4000
+  return AttackPlan(dlg.make(model.apply, threat, cfg), dlg.labels, steps, budget)
 
 
-def _ig_plan(apply_fn, threat, spec, labels):
+def _ig_plan(model, threat, spec, defense, labels):
   defaults = ig.IGConfig()
-  steps = spec.steps or 2000
+  budget = _per_restart(spec)
+  steps = spec.steps or budget or 2000
   cfg = ig.IGConfig(steps=steps, lr=spec.lr or defaults.lr, tv=spec.tv,
                     objective=spec.objective or defaults.objective, labels=labels)
-  return AttackPlan(ig.make(apply_fn, threat, cfg), lambda s: s.y, steps)
+  return AttackPlan(ig.make(model.apply, threat, cfg), lambda s: s.y, steps, budget)
+
+
+def _diffusion_plan(model, threat, spec, defense, mode):
+  from diffusion import prior as prior_lib
+  adapt, loss, std = _adaptation(spec, defense)
+  budget = _per_restart(spec)
+  refine = spec.refine_steps
+  steps = spec.steps or ((budget - refine) if budget else 100)
+  if steps < 1:
+    raise ValueError(f"attack.budget leaves no sampler steps after {refine} refinement steps")
+  defaults = diffusion_guided.DiffusionAttackConfig()
+  cfg = diffusion_guided.DiffusionAttackConfig(
+      mode=mode, sampler="ddpm" if mode == "ggdm" else spec.sampler, num_steps=steps,
+      scale=spec.scale if spec.scale is not None else (100.0 if mode == "ggdm" else defaults.scale),
+      gradient_weight=spec.gradient_weight, loss=loss or spec.objective or defaults.loss,
+      noise_std=std, adaptive=adapt, feature_weight=spec.features if mode != "ggdm" else 0.0,
+      guidance_weight=spec.guidance_weight, labels=_label_method(spec, threat),
+      refine_steps=refine, refine_tv=spec.tv)
+  prior = prior_lib.load(spec.prior) if spec.prior else prior_lib.load()
+  attack = diffusion_guided.make(model.apply, threat, prior, cfg, features_fn=model.features)
+  return AttackPlan(attack, diffusion_guided.labels, steps + refine, budget)
+
+
+def _gifd_plan(model, threat, spec, defense):
+  from inversion import gan as gan_lib
+  adapt, loss, std = _adaptation(spec, defense)
+  budget = _per_restart(spec)
+  defaults = gifd.GIFDConfig()
+  total = spec.steps or budget or defaults.latent_steps + defaults.stages * defaults.feature_steps
+  latent = max(1, int(total * 0.45))
+  feature = max(1, (total - latent) // defaults.stages)
+  cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
+                        tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
+                        adaptive=adapt, labels=_label_method(spec, threat))
+  g = gan_lib.load(spec.gan) if spec.gan else gan_lib.load()
+  return AttackPlan(gifd.make(model.apply, threat, g, cfg), gifd.labels, cfg.num_steps, budget)
 
 
 ATTACKS: dict[str, Callable[..., AttackPlan]] = {
-    "dlg": lambda f, t, s: _dlg_plan(f, t, s, "known" if t.labels_known else "optimise"),
-    "idlg": lambda f, t, s: _dlg_plan(f, t, s, _label_method(s, t)),
-    "ig": lambda f, t, s: _ig_plan(f, t, s, _label_method(s, t)),
+    "dlg": lambda m, t, s, d: _dlg_plan(m, t, s, d, "known" if t.labels_known else "optimise"),
+    "idlg": lambda m, t, s, d: _dlg_plan(m, t, s, d, _label_method(s, t)),
+    "ig": lambda m, t, s, d: _ig_plan(m, t, s, d, _label_method(s, t)),
+    "dps": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "dps"),
+    "dps_nojac": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "dps_nojac"),
+    "ggdm": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "ggdm"),
+    "gifd": lambda m, t, s, d: _gifd_plan(m, t, s, d),
 }
+CONTROLS = ("none", "random_observation")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -172,29 +240,59 @@ class AttackSpec:
 
   Attributes:
     name: dlg (labels optimised jointly), idlg (labels inferred first: iDLG for B = 1,
-      the bias-corrected batch estimator otherwise) or ig (Inverting Gradients).
+      the bias-corrected batch estimator otherwise), ig (Inverting Gradients), dps,
+      dps_nojac or ggdm (diffusion-guided, `inversion.attacks.diffusion_guided`) or gifd
+      (GAN prior, `inversion.attacks.gifd`).
     optimizer: dlg/idlg: lbfgs (the original's) or adam.
-    steps: iterations (none: 4000 for dlg/idlg, 2000 for ig).
+    steps: iterations, sampler steps for the diffusion attacks (none: from the budget,
+      else 4000 for dlg/idlg, 2000 for ig, 100 for the diffusion attacks, 1100 for gifd).
+    budget: double-backward evaluations per victim, restarts included: sizes every
+      attack to the same count (DLG's L-BFGS line searches included: it stops there).
     lr: Adam's learning rate (none: the attack's default, 0.1).
-    objective: l2, cosine or layer_cosine (none: l2 for dlg/idlg, cosine for ig).
+    objective: l2, cosine or layer_cosine (none: l2 for dlg/idlg, cosine otherwise).
     labels: auto (idlg for B = 1, bias_corrected otherwise), idlg, bias_corrected or
-      yin (idlg and ig attacks; known labels are used when threat.labels_known).
-    tv: ig's total-variation weight.
-    restarts: R independent initialisations per victim; the lowest final matching loss
-      wins.
+      yin (every attack but dlg; known labels are used when threat.labels_known).
+    tv: total-variation weight (ig, gifd, the diffusion attacks' refinement).
+    restarts: R independent initialisations (seeds) per victim; the lowest final
+      matching loss wins.
     retries: a victim whose every restart diverged is attacked again with fresh keys
       this many times before it is reported as failed.
+    scale: the diffusion guidance step (dps: zeta, default 32; ggdm: gamma, default 100).
+    gradient_weight: weight of gradient matching in the diffusion guidance (0: the
+      prior-only control, with the feature term too when features = 0).
+    features: weight of the diffusion attacks' feature-matching term (0: off).
+    guidance_weight: classifier-free guidance weight of the conditional prior.
+    sampler: ddim (eta 1) or ddpm, for dps and dps_nojac.
+    refine_steps: Inverting-Gradients steps after sampling (diffusion attacks).
+    adaptive: adapt to the declared defense: noise-aware L2 under Gaussian noise,
+      trial gradients pruned where the observed ones are zero, clipped to the observed
+      norm under local DP (diffusion attacks and gifd).
+    control: none, or random_observation: attack a random Gaussian update with the
+      observed one's per-layer scale instead (what the prior and labels alone give).
+    prior: the diffusion prior folder (none: the shipped MNIST prior).
+    gan: the GAN prior folder (none: the shipped MNIST DCGAN).
   """
 
   name: str = "idlg"
   optimizer: str = "lbfgs"
   steps: int | None = None
+  budget: int | None = None
   lr: float | None = None
   objective: str | None = None
   labels: str = "auto"
   tv: float = 1e-4
   restarts: int = 1
   retries: int = 2
+  scale: float | None = None
+  gradient_weight: float = 1.0
+  features: float = 1.0
+  guidance_weight: float = 0.0
+  sampler: str = "ddim"
+  refine_steps: int = 0
+  adaptive: bool = False
+  control: str = "none"
+  prior: str | None = None
+  gan: str | None = None
 
   def __post_init__(self):
     if self.name not in ATTACKS:
@@ -205,6 +303,15 @@ class AttackSpec:
       raise ValueError("attack.restarts must be >= 1 and attack.retries >= 0")
     if self.steps is not None and self.steps < 1:
       raise ValueError(f"attack.steps must be >= 1, got {self.steps}")
+    if self.budget is not None and self.budget < 1:
+      raise ValueError(f"attack.budget must be >= 1, got {self.budget}")
+    if self.control not in CONTROLS:
+      raise ValueError(f"attack.control must be one of {CONTROLS}, got {self.control!r}")
+    if self.sampler not in ("ddim", "ddpm"):
+      raise ValueError(f"attack.sampler must be ddim or ddpm, got {self.sampler!r}")
+    if min(self.gradient_weight, self.features, self.guidance_weight, self.refine_steps) < 0:
+      raise ValueError("attack.gradient_weight, features, guidance_weight and refine_steps "
+                       "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -332,6 +439,18 @@ def observe_all(model: models.Model, params: Any, x: np.ndarray, y: np.ndarray,
   return ob.Observation(update=updates, params=params, labels=labels)
 
 
+def random_observation(obs: ob.Observation, *, key: jax.Array) -> ob.Observation:
+  """The control observation: each leaf of each update replaced by Gaussian noise with
+  that leaf's own standard deviation (what an attack recovers from it comes from its
+  prior and its label guess, not from the client's data)."""
+  leaves, treedef = jax.tree.flatten(obs.update)
+  noisy = [jax.vmap(lambda a, k: jnp.std(a) * jax.random.normal(k, a.shape, a.dtype))(
+      leaf, jax.random.split(jax.random.fold_in(key, i), leaf.shape[0]))
+      for i, leaf in enumerate(leaves)]
+  return ob.Observation(update=jax.tree.unflatten(treedef, noisy), params=obs.params,
+                        labels=obs.labels)
+
+
 def _save_state(path: Path, state: Any, done: int, attempt: int) -> None:
   """The attack states (arrays only) after `done` steps of retry `attempt`, atomically."""
   tmp = path.with_name(path.stem + ".tmp.npz")
@@ -374,11 +493,28 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
                                                           labels=o.labels))
     return fed.batch_over(one, mode, map_batch_size)(keys, rows)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def advance(states, rows, params, n):
+  phases = plan.attack.phases or ((plan.attack.step, plan.steps),)
+  ends = np.cumsum([n for _, n in phases])
+  if ends[-1] != plan.steps:
+    raise ValueError(f"the attack's phases take {ends[-1]} steps, its plan {plan.steps}")
+  cap = plan.budget
+
+  def capped(step):
+    if cap is None:
+      return step
+    def run(s, o):  # a restart that has spent its double-backward budget stops where it is
+      new, metrics = step(s, o)
+      spent = s.counts[attacks.COUNTERS.index("double_backward_evals")] >= cap
+      return jax.tree.map(lambda a, b: jnp.where(spent, a, b), s, new), metrics
+    return run
+
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def advance(states, rows, params, n, phase):
+    step = capped(phases[phase][0])
+
     def one(s, o):
       o = ob.Observation(update=o.update, params=params, labels=o.labels)
-      return jax.lax.scan(lambda s, _: (plan.attack.step(s, o)[0], None), s, None, length=n)[0]
+      return jax.lax.scan(lambda s, _: (step(s, o)[0], None), s, None, length=n)[0]
     return fed.batch_over(one, mode, map_batch_size)(states, rows)
 
   states, done = init(keys, rows, params), 0
@@ -387,8 +523,9 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
     states, done = restored
   progress(done)
   while done < plan.steps:
-    n = min(chunk, plan.steps - done)
-    states = advance(states, rows, params, n)
+    phase = int(np.searchsorted(ends, done, side="right"))
+    n = min(chunk, plan.steps - done, int(ends[phase]) - done)
+    states = advance(states, rows, params, n, phase)
     jax.block_until_ready(states)
     done += n
     progress(n)
@@ -473,7 +610,9 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
     row = jax.tree.map(lambda a: a[i], ob.Observation(update=obs.update, params=None,
                                                       labels=obs.labels))
     ob.check(ob.Observation(update=row.update, params=params, labels=row.labels), threat)
-  plan = ATTACKS[spec.name](model.apply, threat, spec)
+  if spec.control == "random_observation":
+    obs = random_observation(obs, key=jax.random.fold_in(k_clients, 1 << 20))
+  plan = ATTACKS[spec.name](model, threat, spec, config.defense)
   mode = fed.resolve_batching(config.batching)
   v, r = len(y), spec.restarts
   print(f"{ds.describe()}; {v} victims x batch {threat.batch_size} "
@@ -493,10 +632,11 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
   attempts = np.zeros(v, np.int32)
   diverged_restarts = 0
   first_attempt = 0
+  spent = np.zeros((v, len(attacks.COUNTERS)), np.int64)  # evaluations per victim, all restarts
   if results_path.exists():
     saved = np.load(results_path)
     best_x, best_y, best_loss = saved["x"], saved["y"], saved["loss"]
-    pending, attempts = saved["pending"], saved["attempts"]
+    pending, attempts, spent = saved["pending"], saved["attempts"], saved["spent"]
     diverged_restarts, first_attempt = int(saved["diverged"]), int(saved["next_attempt"])
   attack_seconds = 0.0
   bar = tqdm(total=plan.steps * (spec.retries + 1), desc="attack steps", dynamic_ncols=True,
@@ -521,6 +661,7 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
       attack_seconds += time.perf_counter() - t0
       states = jax.tree.map(lambda a: a.reshape((len(ids), r) + a.shape[1:]), states)
       healthy = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
+      spent[ids] += np.asarray(states.counts).sum(axis=1)
       diverged_restarts += int((~healthy).sum())
       chosen = jax.vmap(attacks.best)(states, jnp.where(healthy, states.loss, jnp.inf))
       ok = healthy.any(axis=1)
@@ -530,7 +671,8 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
       attempts[ids] += 1
       pending[ids[ok]] = False
       np.savez(results_path, x=best_x, y=best_y, loss=best_loss, pending=pending,
-               attempts=attempts, diverged=diverged_restarts, next_attempt=attempt + 1)
+               attempts=attempts, spent=spent, diverged=diverged_restarts,
+               next_attempt=attempt + 1)
       if state_path.exists():
         state_path.unlink()
   finally:
@@ -538,14 +680,14 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
   failed = pending
   return _report(config, workdir, ds, model, x, y, names, best_x, best_y, best_loss, failed,
                  attempts, diverged_restarts, plan.steps, attack_seconds,
-                 time.perf_counter() - t_start, model_accuracy, mode)
+                 time.perf_counter() - t_start, model_accuracy, mode, spent)
 
 
 def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model: models.Model,
             x: np.ndarray, y: np.ndarray, names: list[str], rec: np.ndarray, rec_y: np.ndarray,
             loss: np.ndarray, failed: np.ndarray, attempts: np.ndarray, diverged: int,
             steps: int, attack_seconds: float, wall_seconds: float, model_accuracy: float,
-            mode: str) -> dict[str, Any]:
+            mode: str, spent: np.ndarray) -> dict[str, Any]:
   """Scores every victim (after Hungarian matching), writes metrics.json and grid.png."""
   features = None
   reference = {}
@@ -591,12 +733,16 @@ def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model:
           **reference} if features is not None else {}),
       "attack": config.attack.name, "steps": steps, "restarts": config.attack.restarts,
       "gradient_steps_per_victim": steps * config.attack.restarts * int(attempts.max()),
+      **{f"{name}_per_victim": float(spent[:, i].mean()) for i, name in enumerate(attacks.COUNTERS)},
+      "budget": config.attack.budget, "control": config.attack.control,
       "attack_seconds": attack_seconds, "wall_seconds": wall_seconds,
       "victim_attacks_per_hour": len(y) * 3600.0 / max(attack_seconds, 1e-9),
       "model_test_accuracy": model_accuracy, "batching": mode,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "jax": jax.__version__,
   }
+  np.savez_compressed(workdir / "reconstructions.npz", truth=x, reconstruction=matched,
+                      psnr=psnr, failed=failed)
   (workdir / "metrics.json").write_text(json.dumps(
       {"summary": summary, "config": config_lib.to_dict(config), "victims": victims},
       indent=2) + "\n")

@@ -9,6 +9,14 @@ both pytrees shaped like the model's parameters: `objective(candidate, observed)
 
 `total_variation(x)` is the anisotropic TV prior of Inverting Gradients (mean absolute
 difference of neighbouring pixels) on NHWC images.
+
+`matching(kind, noise_std=, adapt=)` builds the generative attacks' matching loss: one of
+the above, or 'l2_noise_aware' (the squared residual over 2 sigma^2, the Gaussian
+negative log-likelihood of the observation under declared noise of std sigma), with the
+attacker's own trial gradient passed first through the declared defense (GGL's adaptive
+mode, the defense's parameters read off the observation): 'prune' zeroes the trial
+gradient wherever the observed one is exactly zero; 'clip' rescales it to at most the
+observed norm.
 """
 
 from __future__ import annotations
@@ -51,3 +59,34 @@ def total_variation(x: jax.Array) -> jax.Array:
 
 
 OBJECTIVES: dict[str, Objective] = {"l2": l2, "cosine": cosine, "layer_cosine": layer_cosine}
+MATCHING = tuple(OBJECTIVES) + ("l2_noise_aware",)
+ADAPTATIONS = ("none", "prune", "clip")
+
+
+def _norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(_dot(tree, tree))
+
+
+def adapt(candidate: Any, observed: Any, mode: str) -> Any:
+  """The attacker's trial gradient after the defense it knows was applied (see above)."""
+  if mode == "prune":
+    return jax.tree.map(lambda c, o: jnp.where(o == 0, 0.0, c), candidate, observed)
+  if mode == "clip":
+    factor = jnp.minimum(1.0, _norm(observed) / jnp.maximum(_norm(candidate), 1e-12))
+    return jax.tree.map(lambda c: c * factor, candidate)
+  return candidate
+
+
+def matching(kind: str, *, noise_std: float = 0.0, adapt_to: str = "none") -> Objective:
+  """The matching loss `loss(candidate, observed)` named `kind` (module docstring)."""
+  if kind not in MATCHING:
+    raise ValueError(f"matching loss must be one of {MATCHING}, got {kind!r}")
+  if adapt_to not in ADAPTATIONS:
+    raise ValueError(f"adaptive mode must be one of {ADAPTATIONS}, got {adapt_to!r}")
+  if kind == "l2_noise_aware":
+    if noise_std <= 0:
+      raise ValueError("the noise-aware L2 loss needs the declared noise std (> 0)")
+    base = lambda a, b: l2(a, b) / (2.0 * noise_std ** 2)  # noqa: E731
+  else:
+    base = OBJECTIVES[kind]
+  return lambda candidate, observed: base(adapt(candidate, observed, adapt_to), observed)

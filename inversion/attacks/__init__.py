@@ -1,11 +1,20 @@
 """Attacks as `init(key, observation) -> state`, `step(state, observation) -> (state, metrics)`.
 
-  dlg  DLG / iDLG (Zhu et al. 2019; Zhao et al. 2020)
-  ig   Inverting Gradients (Geiping et al. 2020)
+  dlg                DLG / iDLG (Zhu et al. 2019; Zhao et al. 2020)
+  ig                 Inverting Gradients (Geiping et al. 2020)
+  diffusion_guided   gradient matching as guidance of a diffusion prior's sampler (DPS,
+                     Chung et al. 2023; GGDM, Gu et al. 2024), with label and feature
+                     conditioning
+  gifd               GAN-prior latent and intermediate-feature search (Fang et al. 2023)
 
 Many victims, or several restarts of one, are batched at the call site with
 `fljax.federated.batch_over(run, 'vmap' | 'map')`; `best` keeps each victim's restart with
 the lowest final matching loss (the ground truth is never looked at).
+
+Every attack state carries `counts` `[3]`: the victim-model evaluations it has spent,
+first-order gradients and double-backward gradients (the gradient of a matching loss of
+a gradient), and prior network evaluations (`COUNTERS`); the driver reports them and
+sizes every attack to the same double-backward budget.
 """
 
 from collections.abc import Callable
@@ -16,8 +25,47 @@ import jax.numpy as jnp
 
 
 class Attack(NamedTuple):
+  """`init(key, obs) -> state`, `step(state, obs) -> (state, metrics)`. An attack in
+  phases (a sampler, then a refinement; GIFD's stages) also lists `phases`: pairs of a
+  step function and its number of steps, run in order (then `step` is the first)."""
+
   init: Callable[[jax.Array, Any], Any]
   step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+  phases: tuple[tuple[Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], int], ...] = ()
+
+
+COUNTERS = ("grad_evals", "double_backward_evals", "prior_nfe")
+
+
+def counted(counts: jax.Array, *, grad: int = 0, double_backward: int = 0,
+            prior: int = 0) -> jax.Array:
+  """`counts` `[3]` plus one step's evaluations (in `COUNTERS` order)."""
+  return counts + jnp.asarray([grad, double_backward, prior], jnp.int32)
+
+
+def no_counts() -> jax.Array:
+  return jnp.zeros(len(COUNTERS), jnp.int32)
+
+
+def to_victim(prior_shape: tuple[int, ...], victim_shape: tuple[int, ...]
+              ) -> Callable[[jax.Array], jax.Array]:
+  """Maps a generative prior's images (in [-1, 1], `prior_shape` (H, W, C)) to the victim
+  model's inputs (in [0, 1], `victim_shape`): grayscale replicated to RGB, RGB averaged to
+  grayscale. The sizes must agree (raises a ValueError saying what to change)."""
+  (ph, pw, pc), (vh, vw, vc) = tuple(prior_shape), tuple(victim_shape)
+  if (ph, pw) != (vh, vw):
+    raise ValueError(f"the prior makes {ph}x{pw} images but the victim model takes {vh}x{vw}; "
+                     f"attack {ph}x{pw} victims (--victims.image_size {ph}) or train a prior "
+                     f"of the victims' size")
+  if pc == vc:
+    channels = lambda x: x  # noqa: E731
+  elif pc == 1:
+    channels = lambda x: jnp.repeat(x, vc, axis=-1)  # noqa: E731
+  elif vc == 1:
+    channels = lambda x: jnp.mean(x, axis=-1, keepdims=True)  # noqa: E731
+  else:
+    raise ValueError(f"cannot map a {pc}-channel prior onto {vc}-channel victims")
+  return lambda x: channels((x + 1.0) / 2.0)
 
 
 def best(states: Any, losses: jax.Array) -> Any:

@@ -25,7 +25,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, guard, healthy
+from inversion.attacks import Attack, counted, guard, healthy, no_counts
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -65,6 +65,7 @@ class DLGState(NamedTuple):
   opt_state: Any
   loss: jax.Array
   diverged: jax.Array
+  counts: jax.Array
 
 
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
@@ -91,7 +92,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
       logits = 1e3 * jax.nn.one_hot(y, threat.num_classes)  # softmax = one-hot
     variables = (x, logits)
     return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables),
-                    loss=objective(variables, obs), diverged=jnp.zeros((), bool))
+                    loss=objective(variables, obs), diverged=jnp.zeros((), bool),
+                    counts=counted(no_counts(), grad=1))
 
   def step(state: DLGState, obs: Observation) -> tuple[DLGState, dict[str, jax.Array]]:
     variables = (state.x, state.label_logits)
@@ -106,8 +108,11 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
       updates, opt_state = opt.update(grads, state.opt_state, variables)
     new_x, new_logits = optax.apply_updates(variables, updates)
     ok = healthy(loss, new_x)
+    # L-BFGS's zoom line search evaluates the objective (and its gradient) again per trial.
+    extra = optax.tree.get(opt_state, "num_linesearch_steps") if cfg.optimizer == "lbfgs" else 0
+    counts = state.counts + jnp.asarray([0, 1, 0], jnp.int32) * (1 + jnp.asarray(extra, jnp.int32))
     new = guard(DLGState(x=new_x, label_logits=new_logits, opt_state=opt_state, loss=loss,
-                         diverged=state.diverged), state, ok)
+                         diverged=state.diverged, counts=counts), state, ok)._replace(counts=counts)
     return new, {"loss": loss, "diverged": new.diverged}
 
   return Attack(init, step)

@@ -21,7 +21,7 @@ import optax
 
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, guard, healthy
+from inversion.attacks import Attack, counted, guard, healthy, no_counts
 from inversion.observation import Observation, ThreatModel, forward
 
 
@@ -62,6 +62,7 @@ class IGState(NamedTuple):
   opt_state: Any
   loss: jax.Array
   diverged: jax.Array
+  counts: jax.Array
 
 
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
@@ -83,15 +84,16 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     x = jax.random.uniform(kx, (threat.batch_size,) + tuple(threat.input_shape))
     y = label_inference.from_observation(cfg.labels, apply_fn, obs, threat, key=ky)
     return IGState(x=x, y=y, opt_state=opt.init(x), loss=loss_of(x, y, obs),
-                   diverged=jnp.zeros((), bool))
+                   diverged=jnp.zeros((), bool), counts=counted(no_counts(), grad=1))
 
   def step(state: IGState, obs: Observation) -> tuple[IGState, dict[str, jax.Array]]:
     loss, grad = jax.value_and_grad(loss_of)(state.x, state.y, obs)
     updates, opt_state = opt.update(jnp.sign(grad), state.opt_state, state.x)
     x = jnp.clip(optax.apply_updates(state.x, updates), 0.0, 1.0)
     ok = healthy(loss, x)
+    counts = counted(state.counts, double_backward=1)  # spent whether or not the step is kept
     new = guard(IGState(x=x, y=state.y, opt_state=opt_state, loss=loss,
-                        diverged=state.diverged), state, ok)
+                        diverged=state.diverged, counts=counts), state, ok)._replace(counts=counts)
     return new, {"loss": loss, "diverged": new.diverged}
 
   return Attack(init, step)

@@ -97,7 +97,7 @@ def test_interrupted_attack_resumes_to_the_same_states(tmp_path):
   x, y = ds.x_test[:2, None], ds.y_test[:2, None]
   obs = ex.observe_all(model, params, x, y, threat, ex.DEFENSES["none"](ex.DefenseSpec()),
                        key=jax.random.key(1))
-  plan = ex.ATTACKS["idlg"](model.apply, threat, ex.AttackSpec(optimizer="lbfgs", steps=30))
+  plan = ex.ATTACKS["idlg"](model, threat, ex.AttackSpec(optimizer="lbfgs", steps=30), ex.DefenseSpec())
   keys = jax.random.split(jax.random.key(2), 2)
   whole = ex.attack_batched(plan, obs, keys, mode="map", chunk=10)
   path = tmp_path / "state.npz"
