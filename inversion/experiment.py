@@ -143,8 +143,8 @@ def _gifd_plan(model, threat, spec, defense):
   budget = _per_restart(spec)
   defaults = gifd.GIFDConfig()
   total = spec.steps or budget or defaults.latent_steps + defaults.stages * defaults.feature_steps
-  latent = max(1, int(total * 0.45))
-  feature = max(1, (total - latent) // defaults.stages)
+  feature = max(1, int(total * 0.55) // defaults.stages)  # stages 1..3 share 55%,
+  latent = max(1, total - defaults.stages * feature)      # the latent search the rest
   cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
                         tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
                         adaptive=adapt, labels=_label_method(spec, threat))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,3 +86,37 @@ def test_train_then_evaluate_a_diffusion_prior(tmp_path):
   bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_diffusion.py"), "--prior",
                         str(tmp_path / "run")], capture_output=True, text=True)
   assert bad.returncode != 0 and "unet.json is missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _tiny_gan(path):
+  import jax
+  from inversion import gan
+  cfg = gan.GANConfig(latent_dim=8, base=4, channels=1)
+  gan.save(gan.GAN(cfg, gan.init(cfg, key=jax.random.key(0))[0]), path)
+
+
+def test_train_gan_writes_a_loadable_prior(tmp_path):
+  run_script("train_gan.py", "--workdir", str(tmp_path / "run"), "--steps", "2", "--base", "4",
+             "--latent_dim", "8", "--batch_size", "8", "--sample_every", "2", "--no-progress")
+  from inversion import gan
+  assert gan.load(tmp_path / "run" / "prior").config.base == 4
+  assert list((tmp_path / "run").glob("samples_*.png"))
+
+
+def test_compare_attacks_writes_one_grid_and_one_table(tmp_path):
+  _tiny_gan(tmp_path / "gan")
+  run_script("compare_attacks.py", "--workdir", str(tmp_path / "cmp"), "--victims.num", "1",
+             "--feature_metric", "false", "--no-progress", "--attack.budget", "6",
+             "--attacks", f"ig,gifd[gan={tmp_path / 'gan'}],dps[steps=2,control=random_observation]")
+  table = (tmp_path / "cmp" / "comparison.md").read_text()
+  assert table.count("\n") == 2 + 3 and "gifd" in table
+  rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+  assert [r["double_backward_evals_per_victim"] for r in rows[:2]] == [6, 6]
+  assert (tmp_path / "cmp" / "comparison.png").exists()
+
+
+@pytest.mark.slow
+def test_bench_generative_attacks_quick_prints_result_line():
+  last = run_script("bench_generative_attacks.py", "--quick", "--victims", "1", "--steps", "2",
+                    "--loop_runs", "1").strip().splitlines()[-1]
+  assert last.startswith("RESULT bench_generative_attacks ratio=")
