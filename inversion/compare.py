@@ -99,6 +99,21 @@ def write_table(workdir: Path, rows: list[dict[str, Any]]) -> None:
   print("\n".join(lines))
 
 
+def collect(root: str | Path) -> str:
+  """One markdown table of every finished experiment under `root/<cell>/<attack>/` (e.g.
+  the folders of `scripts/acceptance_generative.sh`), one row per cell and attack."""
+  root = Path(root)
+  lines = ["| cell | attack | " + " | ".join(c for c, _, _ in COLUMNS) + " |",
+           "|---" * (len(COLUMNS) + 2) + "|"]
+  for cell in sorted(p for p in root.iterdir() if p.is_dir()):
+    for run in sorted(cell.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime):
+      summary = json.loads(run.read_text())["summary"]
+      cells = [fmt.format(summary[key]) if summary.get(key) is not None else "-"
+               for _, key, fmt in COLUMNS]
+      lines.append(f"| {cell.name} | {run.parent.name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def save_comparison_grid(path: Path, folders: list[Path], names: list[str], *,
                          max_images: int = 16) -> None:
   """Ground truth, then one row per attack (its Hungarian-matched reconstructions)."""
@@ -139,10 +154,15 @@ def main(argv: list[str] | None = None) -> None:
                              "brackets), ';' or spaces (default: %(default)s)")
     parser.add_argument("--workdir", default="runs/compare", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--collect", default=None, metavar="ROOT",
+                        help="only print one table of every finished comparison under ROOT")
 
   config, ns = config_lib.parse(ex.InversionConfig, argv, extra=extra,
                                 description="Several gradient-inversion attacks on the same "
                                             "victims: one grid, one table.")
+  if ns.collect:
+    print(collect(ns.collect), end="")
+    return
   variants = [v for v in re.split(r";|\s+|,(?![^\[]*\])", ns.attacks) if v]
   try:
     compare(config, variants, ns.workdir, progress=not ns.no_progress)

@@ -503,9 +503,9 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
     if cap is None:
       return step
     def run(s, o):  # a restart that has spent its double-backward budget stops where it is
-      new, metrics = step(s, o)
       spent = s.counts[attacks.COUNTERS.index("double_backward_evals")] >= cap
-      return jax.tree.map(lambda a, b: jnp.where(spent, a, b), s, new), metrics
+      # lax.cond skips the step under lax.map (one restart at a time); vmap evaluates both.
+      return jax.lax.cond(spent, lambda s: s, lambda s: step(s, o)[0], s), {}
     return run
 
   @functools.partial(jax.jit, static_argnums=(3, 4))

@@ -103,16 +103,33 @@ def test_train_gan_writes_a_loadable_prior(tmp_path):
   assert list((tmp_path / "run").glob("samples_*.png"))
 
 
+def _tiny_prior(path):
+  import jax
+  from diffusion import prior as prior_lib
+  from diffusion import schedules, unet
+  micro = unet.UNetConfig(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8,),
+                          down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                          layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+  prior_lib.save(prior_lib.Prior(unet_config=micro, params=unet.init(micro, key=jax.random.key(0)),
+                                 schedule=schedules.linear(1000), num_classes=10,
+                                 schedule_config={"name": "linear", "num_train_steps": 1000}), path)
+
+
 def test_compare_attacks_writes_one_grid_and_one_table(tmp_path):
   _tiny_gan(tmp_path / "gan")
+  _tiny_prior(tmp_path / "prior")
   run_script("compare_attacks.py", "--workdir", str(tmp_path / "cmp"), "--victims.num", "1",
              "--feature_metric", "false", "--no-progress", "--attack.budget", "6",
-             "--attacks", f"ig,gifd[gan={tmp_path / 'gan'}],dps[steps=2,control=random_observation]")
+             "--attack.gan", str(tmp_path / "gan"), "--attack.prior", str(tmp_path / "prior"),
+             "--attacks", "ig,gifd,dps[steps=2,control=random_observation]")
   table = (tmp_path / "cmp" / "comparison.md").read_text()
   assert table.count("\n") == 2 + 3 and "gifd" in table
   rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
   assert [r["double_backward_evals_per_victim"] for r in rows[:2]] == [6, 6]
   assert (tmp_path / "cmp" / "comparison.png").exists()
+  from inversion import compare
+  collected = compare.collect(tmp_path)  # the cell 'cmp', one row per attack
+  assert collected.count("| cmp |") == 3
 
 
 @pytest.mark.slow

@@ -130,3 +130,47 @@ def test_batch_attack_with_bias_corrected_labels_and_vmap(tmp_path):
   assert summary["batch_size"] == 4 and summary["batching"] == "vmap"
   assert len(data["victims"][0]["psnr"]) == 4 and len(data["victims"][0]["inferred_labels"]) == 4
   assert summary["label_accuracy"] >= 0.75
+
+
+def _digits_setup(batch_size=1):
+  from fljax import models
+  ds = datasets.load("digits")
+  model = models.make("lenet", num_classes=10, input_shape=ds.image_shape, init="uniform")
+  params = model.init(jax.random.key(0))
+  threat = ex.threat_model(ex.ThreatSpec(batch_size=batch_size), ds, "none")
+  x, y = ds.x_test[:2, None], ds.y_test[:2, None]
+  obs = ex.observe_all(model, params, x, y, threat, ex.DEFENSES["none"](ex.DefenseSpec()),
+                       key=jax.random.key(1))
+  return model, threat, obs
+
+
+def test_budget_sizes_every_attack_and_caps_lbfgs_line_searches():
+  model, threat, obs = _digits_setup()
+  plan = ex.ATTACKS["ig"](model, threat, ex.AttackSpec(budget=50, restarts=2), ex.DefenseSpec())
+  assert (plan.steps, plan.budget) == (25, 25)
+  plan = ex.ATTACKS["idlg"](model, threat, ex.AttackSpec(optimizer="lbfgs", budget=12, steps=40),
+                            ex.DefenseSpec())
+  states = ex.attack_batched(plan, obs, jax.random.split(jax.random.key(2), 2), mode="map")
+  spent = np.asarray(states.counts)[:, 1]
+  # Each L-BFGS step costs 1 + its line-search trials; a restart stops once it reaches 12.
+  assert (spent >= 12).all() and (spent < 12 + 25).all()
+  with pytest.raises(ValueError, match="smaller than attack.restarts"):
+    ex.ATTACKS["ig"](model, threat, ex.AttackSpec(budget=1, restarts=2), ex.DefenseSpec())
+
+
+def test_random_observation_control_keeps_shapes_and_layer_scales():
+  _, _, obs = _digits_setup()
+  rand = ex.random_observation(obs, key=jax.random.key(3))
+  for a, b in zip(jax.tree.leaves(obs.update), jax.tree.leaves(rand.update)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.std(b[0]), np.std(a[0]), rtol=0.5)
+    assert not np.allclose(a, b)
+
+
+def test_unknown_attack_variants_are_refused_with_the_valid_names():
+  from inversion import compare
+  assert compare.parse_variant("dps[features=0,scale=8]") == ("dps", {"features": 0.0, "scale": 8.0})
+  with pytest.raises(ValueError, match="valid: .*gifd"):
+    compare.parse_variant("gan_attack")
+  with pytest.raises(ValueError, match="not an attack setting"):
+    compare.parse_variant("dps[zeta=3]")
