@@ -142,7 +142,7 @@ def save_comparison_grid(path: Path, folders: list[Path], names: list[str], *,
     ax.set_yticks([])
     for spine in ax.spines.values():
       spine.set_visible(False)
-  fig.tight_layout(pad=0.3)
+  fig.tight_layout(pad=0.3, rect=(0.1, 0, 1, 1))  # room for the attacks' names
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
