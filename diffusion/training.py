@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +225,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import MetricsLog, _StopRequests, check_workdir
+  from fljax.train import MetricsLog, check_workdir, run_steps
 
   workdir = Path(workdir)
   check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "log_every",
@@ -274,34 +273,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
                        num_steps=config.sample_steps)
     plots.save_image_grid(workdir / f"samples_{int(state.step):06d}.png", grid)
 
-  bar = tqdm(total=config.steps, initial=start, desc="steps", disable=None if progress else True)
-  window, t0, record = [], time.perf_counter(), {}
-  with _StopRequests() as stop:
-    while int(state.step) < config.steps and not stop.requested:
-      state, metrics = step_fn(state)
-      window.append(metrics)
-      step = int(state.step)
-      bar.update(1)
-      if step % config.log_every == 0 or step == config.steps:
-        means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        if not np.isfinite(means["loss"]):
-          raise FloatingPointError(f"the loss is {means['loss']} at step {step}; lower --lr "
-                                   f"(now {config.lr}) or --grad_clip, and resume from the last checkpoint")
-        record = {"step": step, **means, "seconds_per_step": (time.perf_counter() - t0) / len(window)}
-        log.append(record)
-        bar.set_postfix(loss=f"{means['loss']:.4f}")
-        window, t0 = [], time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == config.steps:
-        ckpt.save(state)
-      if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
-        export(state)
-    ckpt.save(state)
-  bar.close()
-  ckpt.close()
-  if stop.requested:
-    say(f"stopped at step {int(state.step)}; rerun the same command to resume")
-    raise SystemExit(130)
-  return record
+  return run_steps(
+      state, step_fn, steps=config.steps, start=start, log=log, ckpt=ckpt, export=export,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      sample_every=config.sample_every, say=say, progress=progress,
+      nonfinite=lambda m, step: (f"the loss is {m['loss']} at step {step}; lower --lr (now "
+                                 f"{config.lr}) or --grad_clip, and resume from the last checkpoint"),
+      postfix=lambda m: {"loss": f"{m['loss']:.4f}"})
 
 
 def main(argv: list[str] | None = None) -> None:

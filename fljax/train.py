@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -216,6 +217,48 @@ class _StopRequests:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+
+def run_steps(state: Any, step_fn: Callable[[Any], tuple[Any, dict[str, Any]]], *, steps: int,
+              start: int, log: MetricsLog, ckpt: Any, export: Callable[[Any], None],
+              log_every: int, checkpoint_every: int, sample_every: int,
+              nonfinite: Callable[[dict[str, float], int], str],
+              postfix: Callable[[dict[str, float]], dict[str, str]], say: Callable[[str], Any],
+              progress: bool = True) -> dict[str, Any]:
+  """The step loop of the prior trainers (diffusion, GAN): runs `step_fn` until `state.step`
+  reaches `steps`, logging window means every `log_every` steps (a non-finite mean stops
+  the run with `nonfinite(means, step)` as the message), checkpointing every
+  `checkpoint_every` and calling `export(state)` every `sample_every` steps and at the end.
+  Ctrl-C / SIGTERM finish the step, checkpoint and exit with status 130. Returns the last
+  logged record."""
+  from tqdm import tqdm
+  bar = tqdm(total=steps, initial=start, desc="steps", disable=None if progress else True)
+  window, t0, record = [], time.perf_counter(), {}
+  with _StopRequests() as stop:
+    while int(state.step) < steps and not stop.requested:
+      state, metrics = step_fn(state)
+      window.append(metrics)
+      step = int(state.step)
+      bar.update(1)
+      if step % log_every == 0 or step == steps:
+        means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        if not all(np.isfinite(v) for v in means.values()):
+          raise FloatingPointError(nonfinite(means, step))
+        record = {"step": step, **means, "seconds_per_step": (time.perf_counter() - t0) / len(window)}
+        log.append(record)
+        bar.set_postfix(**postfix(means))
+        window, t0 = [], time.perf_counter()
+      if step % checkpoint_every == 0 or step == steps:
+        ckpt.save(state)
+      if (sample_every and step % sample_every == 0) or step == steps:
+        export(state)
+    ckpt.save(state)
+  bar.close()
+  ckpt.close()
+  if stop.requested:
+    say(f"stopped at step {int(state.step)}; rerun the same command to resume")
+    raise SystemExit(130)
+  return record
 
 
 def check_workdir(workdir: Path, config: Any, overwrite: bool,

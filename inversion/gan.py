@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +342,7 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import MetricsLog, _StopRequests, check_workdir
+  from fljax.train import MetricsLog, check_workdir, run_steps
 
   workdir = Path(workdir)
   check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "checkpoint_every"))
@@ -384,34 +383,13 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
     grid = np.asarray(to_unit(generate(gan, state.g_vars, z_grid))).reshape(8, 8, 32, 32, -1)
     plots.save_image_grid(workdir / f"samples_{int(state.step):06d}.png", grid)
 
-  bar = tqdm(total=config.steps, initial=start, desc="steps", disable=None if progress else True)
-  window, t0, record = [], time.perf_counter(), {}
-  with _StopRequests() as stop:
-    while int(state.step) < config.steps and not stop.requested:
-      state, metrics = step_fn(state)
-      window.append(metrics)
-      step = int(state.step)
-      bar.update(1)
-      if step % 50 == 0 or step == config.steps:
-        means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        if not all(np.isfinite(v) for v in means.values()):
-          raise FloatingPointError(f"the GAN losses are {means} at step {step}; lower --lr "
-                                   f"and resume from the last checkpoint")
-        record = {"step": step, **means, "seconds_per_step": (time.perf_counter() - t0) / len(window)}
-        log.append(record)
-        bar.set_postfix(d=f"{means['d_loss']:.3f}", g=f"{means['g_loss']:.3f}")
-        window, t0 = [], time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == config.steps:
-        ckpt.save(state)
-      if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
-        export(state)
-    ckpt.save(state)
-  bar.close()
-  ckpt.close()
-  if stop.requested:
-    say(f"stopped at step {int(state.step)}; rerun the same command to resume")
-    raise SystemExit(130)
-  return record
+  return run_steps(
+      state, step_fn, steps=config.steps, start=start, log=log, ckpt=ckpt, export=export,
+      log_every=50, checkpoint_every=config.checkpoint_every, sample_every=config.sample_every,
+      say=say, progress=progress,
+      nonfinite=lambda m, step: (f"the GAN losses are {m} at step {step}; lower --lr and "
+                                 f"resume from the last checkpoint"),
+      postfix=lambda m: {"d": f"{m['d_loss']:.3f}", "g": f"{m['g_loss']:.3f}"})
 
 
 def main(argv: list[str] | None = None) -> None:
