@@ -6,11 +6,13 @@ FedSGD gradient, or FedAvg's local steps unrolled), so the guidance matches exac
 the simulated client sends. Every sampler step estimates x0_hat(x_t) with the prior's
 denoiser, maps it to the victim model's inputs (`attacks.to_victim`) and scores it:
 
-    L(x0_hat) = lambda_g D(A(x0_hat, y_hat), g_obs) + lambda_f(t) ||phi(x0_hat) - h_hat||^2 / ||h_hat||^2
+    L(x0_hat) = lambda_g D(A(x0_hat, y_hat), g_obs) / D(0, g_obs) + lambda_f(t) ||phi(x0_hat) - h_hat||^2 / ||h_hat||^2
 
 with D a matching loss of `inversion.objectives.matching` (global or per-layer cosine,
 L2, or the noise-aware L2 when the observation is declared noisy; optionally adapted to
-the declared defense, GGL's adaptive mode), y_hat the labels (known, or inferred: iDLG
+the declared defense, GGL's adaptive mode; D is measured in units of its value for a zero
+trial update, so under DPS's normalised step the noise-aware loss's constant weight
+1 / 2 sigma^2 cancels and it guides as a relative L2 loss), y_hat the labels (known, or inferred: iDLG
 for B = 1, the batch estimators otherwise), h_hat the last layer's input features
 recovered analytically (`inversion.features`: exact for B = 1, the batch approximation
 for B > 1), phi the victim's penultimate layer, and lambda_f(t) annealed linearly to 0
@@ -202,11 +204,16 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, p
     return match(update_of(obs.params, x, jax.nn.one_hot(y, threat.num_classes)), obs.update)
 
   def guidance_for(y, h, obs) -> samplers.Guidance:
+    # The matching term in units of its value for a zero trial update (1 for the cosine
+    # distances, ||y||^2 for L2, ||y||^2 / 2 sigma^2 for the noise-aware L2), so that one
+    # step size zeta serves every loss under DPS's normalised step.
+    reference = jnp.maximum(match(jax.tree.map(jnp.zeros_like, obs.update), obs.update), 1e-20)
+
     def loss(x0_hat, t):
       x = image_of(x0_hat)
       total = jnp.zeros(())
       if cfg.uses_gradient:
-        total = total + cfg.gradient_weight * matching_loss(x, y, obs)
+        total = total + cfg.gradient_weight * matching_loss(x, y, obs) / reference
       if cfg.uses_features:
         ramp = jnp.clip(t[0] / (cfg.feature_anneal * total_t), 0.0, 1.0)
         err = jnp.sum((features_fn(obs.params, x) - h) ** 2) / jnp.maximum(jnp.sum(h ** 2), 1e-12)

@@ -76,7 +76,7 @@ def test_reconstruction_error_falls_as_the_guidance_scale_grows():
   threat, x, obs = _victim()
   keys = jax.random.split(jax.random.key(3), 4)
   errors = []
-  for scale in (0.0, 0.1, 0.3, 1.0):
+  for scale in (0.0, 0.3, 1.0, 3.0):
     rec = jax.jit(jax.vmap(lambda k: _attack(threat, obs, k, scale=scale, loss="l2").x))(keys)
     errors.append(float(jnp.mean((rec - x[None]) ** 2)))
   assert all(b < a for a, b in zip(errors, errors[1:])), errors
