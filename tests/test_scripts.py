@@ -28,6 +28,7 @@ def test_bench_fl_round_quick_prints_result_line():
   assert ratio > 0
 
 
+@pytest.mark.slow  # a benchmark's smoke test (about 30 s)
 def test_bench_dpsgd_quick_prints_result_line():
   last = run_script("bench_dpsgd.py", "--quick", "--repeats", "1").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_dpsgd ratio=")
@@ -40,6 +41,7 @@ def test_bench_secagg_quick_prints_result_line():
   assert float(last.split("seconds=")[1].split()[0]) > 0
 
 
+@pytest.mark.slow  # a benchmark's smoke test (about 30 s)
 def test_bench_inversion_quick_prints_result_line():
   stdout = run_script("bench_inversion.py", "--quick", "--victims", "2", "--steps", "5")
   last = stdout.strip().splitlines()[-1]
