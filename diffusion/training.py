@@ -31,7 +31,7 @@ import optax
 
 from diffusion import prior as prior_lib
 from diffusion import samplers, schedules, unet
-from fljax import checkpoint, datasets
+from fljax import datasets
 from fljax import config as config_lib
 
 Params = Any
@@ -225,7 +225,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import MetricsLog, check_workdir, run_steps
+  from fljax.train import check_workdir, resume_steps, run_steps
 
   workdir = Path(workdir)
   check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "log_every",
@@ -243,18 +243,9 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
                      ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=optimizer.init(params), key=k_train)
   say = tqdm.write if progress else print
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", step_field="step")
-  restored = ckpt.restore_newest_valid(state, warn=say)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", start, key="step")
-  if start >= config.steps:
-    say(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
-    ckpt.close()
-    return log.records[-1] if log.records else {"step": start}
-  if start:
-    say(f"resuming {workdir} at step {start}")
+  state, start, log, ckpt, finished = resume_steps(workdir, state, steps=config.steps, say=say)
+  if finished is not None:
+    return finished
   say(f"UNet {unet.count_params(params):,} parameters; {ds.name} {ds.image_shape}, "
       f"{len(ds.x_train)} training images")
 

@@ -219,6 +219,28 @@ class _StopRequests:
     return False
 
 
+def resume_steps(workdir: Path, state: Any, *, steps: int, say: Callable[[str], Any]
+                 ) -> tuple[Any, int, MetricsLog, Any, dict[str, Any] | None]:
+  """The prior trainers' resume: restores the newest readable checkpoint of `state` (a
+  dataclass with a `step`) in `workdir/checkpoints` and truncates `metrics.jsonl` to it.
+  Returns (state, start step, log, checkpointer, record): `record` is the last logged
+  one when the run has already reached `steps` (the checkpointer is then closed)."""
+  from fljax import checkpoint
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", step_field="step")
+  restored = ckpt.restore_newest_valid(state, warn=say)
+  if restored is not None:
+    state = restored
+  start = int(state.step)
+  log = MetricsLog(workdir / "metrics.jsonl", start, key="step")
+  if start >= steps:
+    say(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
+    ckpt.close()
+    return state, start, log, ckpt, (log.records[-1] if log.records else {"step": start})
+  if start:
+    say(f"resuming {workdir} at step {start}")
+  return state, start, log, ckpt, None
+
+
 def run_steps(state: Any, step_fn: Callable[[Any], tuple[Any, dict[str, Any]]], *, steps: int,
               start: int, log: MetricsLog, ckpt: Any, export: Callable[[Any], None],
               log_every: int, checkpoint_every: int, sample_every: int,

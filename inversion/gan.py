@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from fljax import checkpoint, datasets
+from fljax import datasets
 from fljax import config as config_lib
 
 MNIST_GAN = Path(__file__).resolve().parent / "priors" / "mnist_dcgan"
@@ -342,7 +342,7 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import MetricsLog, check_workdir, run_steps
+  from fljax.train import check_workdir, resume_steps, run_steps
 
   workdir = Path(workdir)
   check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "checkpoint_every"))
@@ -362,16 +362,9 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
                         g_opt=g_optimizer.init(g_vars["params"]),
                         d_opt=d_optimizer.init(d_params), key=k_train)
   say = tqdm.write if progress else print
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", step_field="step")
-  restored = ckpt.restore_newest_valid(state, warn=say)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", start, key="step")
-  if start >= config.steps:
-    say(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
-    ckpt.close()
-    return log.records[-1] if log.records else {"step": start}
+  state, start, log, ckpt, finished = resume_steps(workdir, state, steps=config.steps, say=say)
+  if finished is not None:
+    return finished
   step_fn = jax.jit(make_train_step(gcfg, 2.0 * jnp.asarray(ds.x_train) - 1.0, train=config,
                                     g_optimizer=g_optimizer, d_optimizer=d_optimizer),
                     donate_argnums=0)
