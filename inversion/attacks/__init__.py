@@ -37,8 +37,8 @@ class Attack(NamedTuple):
 COUNTERS = ("grad_evals", "double_backward_evals", "prior_nfe")
 
 
-def counted(counts: jax.Array, *, grad: int = 0, double_backward: int = 0,
-            prior: int = 0) -> jax.Array:
+def counted(counts: jax.Array, *, grad: int | jax.Array = 0,
+            double_backward: int | jax.Array = 0, prior: int | jax.Array = 0) -> jax.Array:
   """`counts` `[3]` plus one step's evaluations (in `COUNTERS` order)."""
   return counts + jnp.asarray([grad, double_backward, prior], jnp.int32)
 

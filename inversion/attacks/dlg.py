@@ -110,7 +110,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     ok = healthy(loss, new_x)
     # L-BFGS's zoom line search evaluates the objective (and its gradient) again per trial.
     extra = optax.tree.get(opt_state, "num_linesearch_steps") if cfg.optimizer == "lbfgs" else 0
-    counts = state.counts + jnp.asarray([0, 1, 0], jnp.int32) * (1 + jnp.asarray(extra, jnp.int32))
+    counts = counted(state.counts, double_backward=1 + extra)
     new = guard(DLGState(x=new_x, label_logits=new_logits, opt_state=opt_state, loss=loss,
                          diverged=state.diverged, counts=counts), state, ok)._replace(counts=counts)
     return new, {"loss": loss, "diverged": new.diverged}
