@@ -7,8 +7,9 @@ One round, as `round_step(state, clients) -> (state, metrics)`:
      FedSGD sends the gradient of its mean loss on all its data; FedAvg runs E epochs of
      local SGD with batch size B (ceil(n/B) steps per epoch, the last batch smaller) and
      sends the model delta `local_params - params`;
-  3. every update passes through the `defense(update, key) -> update` hook (identity by
-     default: DP noise, clipping, pruning and forward-diffusion noise plug in here);
+  3. every update passes through the `defense(update, key, round) -> update` hook
+     (identity by default: DP noise, clipping, pruning and forward-diffusion noise plug in
+     here; `round` is the round's index, a traced int32, for schedules over rounds);
   4. the server's `aggregate(updates, weights, key) -> update` hook combines the stacked
      updates (a mean weighted by client size by default; secure aggregation plugs in here);
   5. the server optimizer (optax) steps on the pseudo-gradient: `-aggregate` for FedAvg,
@@ -43,7 +44,7 @@ Update = Any  # a pytree shaped like Params
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Metrics]]
 ClientUpdateFn = Callable[[Params, Batch, jax.Array], tuple[Update, Metrics]]
-DefenseFn = Callable[[Update, jax.Array], Update]
+DefenseFn = Callable[[Update, jax.Array, jax.Array], Update]  # (update, key, round)
 AggregateFn = Callable[[Update, jax.Array, jax.Array], Update]
 
 
@@ -233,9 +234,9 @@ def make_client_update(loss_fn: LossFn, cfg: FedConfig) -> ClientUpdateFn:
   return fedsgd if cfg.algorithm == "fedsgd" else fedavg
 
 
-def identity_defense(update: Update, key: jax.Array) -> Update:
+def identity_defense(update: Update, key: jax.Array, round_: jax.Array | int = 0) -> Update:
   """The default `defense` hook: sends the update as it is."""
-  del key
+  del key, round_
   return update
 
 
@@ -378,7 +379,8 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
     client_update: from `make_client_update` (or any function with its signature).
     cfg: the federated settings.
     num_clients: C, the leading size of `clients`.
-    defense: per-update hook, called on each client's update with its own key.
+    defense: per-update hook, `defense(update, key, round)`, called on each client's update
+      with its own key and the round's index.
     aggregate: server hook over the stacked updates `[m, ...]` and their weights (a
       function, or a stateful `Aggregator`; build the state with the same hook in
       `init_server_state`).
@@ -398,10 +400,10 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
 
   skip_empty_slots = resolve_batching(cfg.client_batching) == "map"
 
-  def one_client(params, data, ckey, dkey, real):
+  def one_client(params, round_, data, ckey, dkey, real):
     def run(_):
       update, metrics = client_update(params, data, ckey)
-      return defense(update, dkey), metrics
+      return defense(update, dkey, round_), metrics
 
     if not skip_empty_slots:
       return run(None)
@@ -415,21 +417,21 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
 
     return jax.lax.cond(real > 0, run, empty, None)
 
-  def local_clients(params, batch, ckeys, dkeys, real):
-    return batch_over(lambda d, c, k, r: one_client(params, d, c, k, r), cfg.client_batching,
-                      cfg.map_batch_size)(batch, ckeys, dkeys, real)
+  def local_clients(params, round_, batch, ckeys, dkeys, real):
+    return batch_over(lambda d, c, k, r: one_client(params, round_, d, c, k, r),
+                      cfg.client_batching, cfg.map_batch_size)(batch, ckeys, dkeys, real)
 
   if mesh is None:
     client_phase = local_clients
   else:
-    def sharded_body(params, batch, ckeys, dkeys, real):
+    def sharded_body(params, round_, batch, ckeys, dkeys, real):
       # params enter replicated; mark them varying so that per-client gradients stay
       # per-device instead of being summed over the mesh by the transpose of a broadcast.
       params = jax.lax.pcast(params, CLIENT_AXIS, to="varying")
-      return local_clients(params, batch, ckeys, dkeys, real)
+      return local_clients(params, round_, batch, ckeys, dkeys, real)
     client_phase = jax.shard_map(
         sharded_body, mesh=mesh,
-        in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+        in_specs=(P(), P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
         out_specs=(P(CLIENT_AXIS), P(CLIENT_AXIS)))
 
   def round_step(state: ServerState, clients: Batch) -> tuple[ServerState, Metrics]:
@@ -441,7 +443,7 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
     batch = jax.tree.map(lambda a: a[idx], clients)
     ckeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["clients"], idx)
     dkeys = jax.vmap(jax.random.fold_in, (None, 0))(keys["defense"], idx)
-    updates, cmetrics = client_phase(state.params, batch, ckeys, dkeys, real)
+    updates, cmetrics = client_phase(state.params, state.round, batch, ckeys, dkeys, real)
     weights = real * batch.mask.sum(axis=1)
     aggregated, aggregate_state, ametrics = aggregator.update(
         updates, weights, state.aggregate_state, keys["aggregate"])

@@ -92,14 +92,15 @@ def check_batch(mask: jax.Array, threat: ThreatModel) -> None:
 
 def observe(client_update: fed.ClientUpdateFn, params: Any, data: Batch, key: jax.Array,
             threat: ThreatModel, *, defense: fed.DefenseFn = fed.identity_defense,
-            defense_key: jax.Array | None = None) -> Observation:
-  """What the server sees when a client with `data` runs `client_update` (then `defense`)."""
+            defense_key: jax.Array | None = None, round_: int | jax.Array = 0) -> Observation:
+  """What the server sees when a client with `data` runs `client_update` (then `defense`,
+  at round `round_`)."""
   if not isinstance(data.mask, jax.core.Tracer):  # checked eagerly; vmap/jit callers check first
     check_batch(data.mask, threat)
   update, _ = client_update(params, data, key)
   if defense_key is None:
     defense_key = jax.random.fold_in(key, 1)
-  update = defense(update, defense_key)
+  update = defense(update, defense_key, round_)
   return Observation(update=update, params=params,
                      labels=data.y if threat.labels_known else None)
 
@@ -125,8 +126,8 @@ def gradient_signal(update: Any, threat: ThreatModel) -> Any:
 def observe_aggregate(client_update: fed.ClientUpdateFn, params: Any, clients: Batch,
                       key: jax.Array, threat: ThreatModel, *,
                       defense: fed.DefenseFn = fed.identity_defense,
-                      aggregate: fed.AggregateFn | fed.Aggregator = fed.weighted_mean
-                      ) -> Observation:
+                      aggregate: fed.AggregateFn | fed.Aggregator = fed.weighted_mean,
+                      round_: int | jax.Array = 0) -> Observation:
   """What the server sees of a round under secure aggregation: only the aggregate.
 
   Each of the m clients in `clients` (a padded `Batch [m, N_max, ...]`) runs
@@ -147,7 +148,8 @@ def observe_aggregate(client_update: fed.ClientUpdateFn, params: Any, clients: B
   ids = jnp.arange(m)
   updates, _ = jax.vmap(lambda d, i: client_update(params, d, jax.random.fold_in(key, i)))(
       clients, ids)
-  updates = jax.vmap(lambda u, i: defense(u, jax.random.fold_in(key, m + i)))(updates, ids)
+  updates = jax.vmap(lambda u, i: defense(u, jax.random.fold_in(key, m + i), round_))(
+      updates, ids)
   aggregator = fed.as_aggregator(aggregate)
   total, _, _ = aggregator.update(updates, clients.mask.sum(axis=1), aggregator.init(params),
                                   jax.random.fold_in(key, 2 * m))

@@ -87,16 +87,20 @@ def _quiet() -> Iterator[None]:
     absl_logging.set_verbosity(level)
 
 
-def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove"
-                    ) -> dp_accounting.PrivacyAccountant:
-  """A fresh dp_accounting accountant: 'rdp' or 'pld', for 'add_remove' or 'replace_one'."""
+def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove", *,
+                    discretization: float = 1e-4) -> dp_accounting.PrivacyAccountant:
+  """A fresh dp_accounting accountant: 'rdp' or 'pld', for 'add_remove' or 'replace_one'.
+
+  `discretization`: PLD's privacy-loss grid (pessimistic: a coarser grid only raises the
+  reported epsilon, 1e-3 is ~10x faster for long heterogeneous compositions).
+  """
   _check(neighbouring in NEIGHBOURING,
          f"neighbouring must be one of {sorted(NEIGHBOURING)}, got {neighbouring!r}")
   rel = NEIGHBOURING[neighbouring]
   if accountant == "rdp":
     return dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS), rel)
   if accountant == "pld":
-    return dp_accounting.pld.PLDAccountant(rel)
+    return dp_accounting.pld.PLDAccountant(rel, discretization)
   raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
 
 
@@ -172,14 +176,15 @@ def compose(parts: Sequence[tuple[dp_event.DpEvent, int]]) -> dp_event.DpEvent:
 
 
 def epsilon(event: dp_event.DpEvent, delta: float, *, accountant: str = "pld",
-            neighbouring: str | None = None) -> float:
+            neighbouring: str | None = None, discretization: float = 1e-4) -> float:
   """The epsilon of `event` at `delta` (inf for a non-private event).
 
   Raises a ValueError naming the unsupported event when the chosen accountant cannot
   account it (e.g. 'rdp' with truncated Poisson, 'pld' with sampling without replacement).
   """
   check_delta(delta)
-  acc = make_accountant(accountant, neighbouring or default_neighbouring(event))
+  acc = make_accountant(accountant, neighbouring or default_neighbouring(event),
+                        discretization=discretization)
   if not acc.supports(event):
     other = "pld" if accountant == "rdp" else "rdp"
     raise ValueError(f"the {accountant!r} accountant ({acc.neighboring_relation.name}) cannot "

@@ -1,7 +1,7 @@
 """Baseline non-DP defenses on updates: top-k pruning and additive Gaussian noise (Zhu et
 al. 2019), and quantization.
 
-All are `defense(update, key) -> update` hooks for `fljax.federated.make_round_step`.
+All are `defense(update, key, round) -> update` hooks for `fljax.federated.make_round_step`.
 Neither has a DP guarantee (no sensitivity bound, no noise calibrated to one): their
 epsilon is infinity, and what they buy against gradient inversion is measured
 empirically, as the DLG paper did for pruning.
@@ -46,8 +46,8 @@ def topk_prune(fraction: float, *, per_layer: bool = False) -> DefenseFn:
     threshold = jax.lax.top_k(jnp.abs(v), k)[0][-1]
     return jnp.where(jnp.abs(v) >= threshold, v, 0.0)
 
-  def defense(update, key):
-    del key
+  def defense(update, key, round_=0):
+    del key, round_
     if per_layer:
       return jax.tree.map(lambda u: prune_vector(u.ravel()).reshape(u.shape), update)
     flat, unflatten = _flatten(update)
@@ -66,7 +66,8 @@ def gaussian_noise(std: float) -> DefenseFn:
   if not std >= 0:
     raise ValueError(f"noise std must be >= 0, got {std}")
 
-  def defense(update, key):
+  def defense(update, key, round_=0):
+    del round_
     return jax.tree.map(jnp.add, update, tree_gaussian(update, std, key=key))
 
   return defense
@@ -84,12 +85,13 @@ def quantize(mode: str) -> DefenseFn:
   return QUANTIZERS[mode]
 
 
-def _fp16(update, key):
-  del key
+def _fp16(update, key, round_=0):
+  del key, round_
   return jax.tree.map(lambda u: u.astype(jnp.float16).astype(u.dtype), update)
 
 
-def _int8(update, key):
+def _int8(update, key, round_=0):
+  del round_
   leaves, treedef = jax.tree.flatten(update)
   keys = jax.random.split(key, len(leaves))
 

@@ -153,7 +153,7 @@ def dp_fedavg_event(cfg: fed.FedConfig, num_clients: int, noise_multiplier: floa
 
 
 def local_dp(*, clip_norm: float, noise_multiplier: float) -> fed.DefenseFn:
-  """Local DP on updates: `defense(update, key)` clips to C and adds N(0, (sigma C)^2).
+  """Local DP on updates: `defense(update, key, round)` clips to C and adds N(0, (sigma C)^2).
 
   Guarantee (per upload, against everyone including the server). What is clipped: the
   client's whole update, to L2 norm C. Neighbouring relation: any two local datasets of
@@ -164,7 +164,8 @@ def local_dp(*, clip_norm: float, noise_multiplier: float) -> fed.DefenseFn:
   accounting.check_clip_norm(clip_norm)
   accounting.check_noise_multiplier(noise_multiplier)
 
-  def defense(update, key):
+  def defense(update, key, round_=0):
+    del round_
     clipped, _ = clip_update(update, clip_norm)
     noise = tree_gaussian(clipped, noise_multiplier * clip_norm, key=key)
     return jax.tree.map(jnp.add, clipped, noise)

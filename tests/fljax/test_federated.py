@@ -152,14 +152,14 @@ def test_defense_hook_gets_distinct_keys_and_changes_the_round():
   cfg = fed.FedConfig(clients_per_round=1.0)
   client_update = fed.make_client_update(fed.make_loss_fn(model.apply), cfg)
 
-  def zero(update, key):
+  def zero(update, key, round_):
     return jax.tree.map(jnp.zeros_like, update)
 
   step = jax.jit(fed.make_round_step(client_update, cfg, 3, defense=zero))
   state, _ = step(fed.init_server_state(params, cfg, key=jax.random.key(0)), clients)
   _close(state.params, params, atol=0)
 
-  def key_as_update(update, key):  # each client's defense key, as a number
+  def key_as_update(update, key, round_):  # each client's defense key, as a number
     return jax.tree.map(lambda u: jnp.zeros_like(u) + jax.random.uniform(key), update)
 
   captured = {}
@@ -172,6 +172,15 @@ def test_defense_hook_gets_distinct_keys_and_changes_the_round():
   fed.make_round_step(client_update, cfg, 3, defense=key_as_update, aggregate=capture)(
       fed.init_server_state(params, cfg, key=jax.random.key(0)), clients)
   assert len(set(np.asarray(captured["u"]).tolist())) == 3
+
+  def round_as_update(update, key, round_):  # the round index reaches the hook
+    return jax.tree.map(lambda u: jnp.zeros_like(u) + round_, update)
+
+  step = fed.make_round_step(client_update, cfg, 3, defense=round_as_update, aggregate=capture)
+  state = fed.init_server_state(params, cfg, key=jax.random.key(0))
+  state, _ = step(state, clients)
+  state, _ = step(state, clients)
+  np.testing.assert_allclose(np.asarray(captured["u"]), 1.0)
 
 
 def test_weighted_mean():

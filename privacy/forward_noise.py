@@ -1,0 +1,544 @@
+"""Forward-diffusion noise on client updates, its schedules over rounds, and its accounting.
+
+The mechanism. A client clips its update to L2 norm C and releases the update forward-noised
+to diffusion time t,
+
+    y_t = sqrt(abar_t) * clip_C(u) + sqrt(1 - abar_t) * C * xi,    xi ~ N(0, I),
+
+with a fresh key per (round, client). Dividing by sqrt(abar_t) is a bijection (free
+post-processing), so y_t is exactly clip_C(u) + z_t C xi: **the Gaussian mechanism with noise
+multiplier z_t = sqrt((1 - abar_t) / abar_t)** relative to C. The diffusion view brings
+schedules, denoisers and attacks; it brings no privacy of its own. Without clipping (or with
+noise relative to the update's own norm) there is no sensitivity bound and no guarantee:
+such variants declare `NonPrivateDpEvent` (epsilon = inf, "empirical only").
+
+Neighbouring relation: **replace one client's data** (user level). The client sends a noised
+update in both worlds, its clipped part moves by at most 2C, and its own noise is in both;
+dp_accounting's `GaussianDpEvent(z)` under `REPLACE_ONE` accounts exactly that (it equals
+`GaussianDpEvent(z / 2)` under add/remove). Add/remove-one-client is *not* a valid relation
+for local noise: removing the client also removes its noise, so unless other clients'
+noise is trusted the two worlds differ by a point mass against a Gaussian (epsilon = inf),
+and even with n honest noisers the variance changes by a factor (n + 1) / n, visible over
+d coordinates. (Tables that compose `GaussianDpEvent(z)` under add/remove for local noise
+under-report epsilon; ../shared/research/diffusion_defenses.md section 1 does so, and this
+module does not.)
+
+Threat models, each with its `dp_accounting` event (`ForwardNoise.dp_event` /
+`upload_event`):
+
+  model observer   sees the model (or the aggregate) but not who took part: per round
+                   `PoissonSampledDpEvent(q, GaussianDpEvent(z_r))`, REPLACE_ONE;
+  server           sees each upload: `GaussianDpEvent(z_r)` per round the client took part
+                   in, REPLACE_ONE, no amplification;
+  record level     one example of a client: bounded by the server's per-upload epsilon (a
+                   changed record is a changed dataset), or DP-SGD's record-level epsilon
+                   when clients also run DP-SGD (`ScheduleAccountant`).
+
+Server post-processing (rescaling by 1/sqrt(abar), averaging, momentum, Wiener shrinkage, a
+denoiser trained on public data) never changes the event.
+
+Schedules (`NoiseSchedule`) are stored as z per round in float64 on the host (neither
+diffusion grid can express z < 0.01, and composition depends on z only). Composition is
+order-free, so a schedule's epsilon is governed by its smallest z's.
+
+Data-level noising (PFDM, Patel, Zhang & Wang 2025) is `DataForwardNoise`: pixels clipped to
+[-1, 1] and forward-noised once to t0, before training.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from dp_accounting import dp_event
+from scipy import stats as scipy_stats
+
+from fljax.federated import DefenseFn
+from privacy import accounting
+from privacy.clipping import clip_update
+from privacy.noise import tree_gaussian
+
+SCALINGS = ("flat", "per_layer", "coordinate", "norm")
+DIFFUSION_KINDS = ("linear", "cosine")
+SHAPES = ("constant", "linear", "geometric", "cosine")
+WEAK_Z = 0.3  # below this a round's noise gives no meaningful DP (epsilon per round >> 10)
+
+
+class ScheduleWarning(UserWarning):
+  """A schedule with rounds too weakly noised for a meaningful guarantee."""
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+def alpha_bars(kind: str, num_steps: int = 1000) -> np.ndarray:
+  """`[T]` float64 alpha_bar_t for t = 1..T: DDPM's linear betas (1e-4..0.02) or the cosine
+  schedule (s = 0.008, betas capped at 0.999), as in `diffusion.schedules`."""
+  _check(kind in DIFFUSION_KINDS, f"diffusion schedule must be one of {DIFFUSION_KINDS}, "
+                                  f"got {kind!r}")
+  _check(num_steps >= 1, f"num_steps must be >= 1, got {num_steps}")
+  if kind == "linear":
+    betas = np.linspace(1e-4, 0.02, num_steps, dtype=np.float64)
+  else:
+    s = 0.008
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+    i = np.arange(num_steps, dtype=np.float64)
+    betas = np.minimum(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999)
+  return np.cumprod(1.0 - betas)
+
+
+def z_of_t(kind: str, t: Any, num_steps: int = 1000) -> np.ndarray:
+  """z_t = sqrt((1 - abar_t) / abar_t) at integer diffusion times t in [1, T]."""
+  t = np.asarray(t)
+  _check(np.all(t == np.round(t)) and np.all((t >= 1) & (t <= num_steps)),
+         f"diffusion time t must be an integer in [1, {num_steps}], got {t}")
+  abar = alpha_bars(kind, num_steps)[t.astype(int) - 1]
+  return np.sqrt((1.0 - abar) / abar)
+
+
+def t_of_z(kind: str, z: float, num_steps: int = 1000) -> int:
+  """The first diffusion time whose z_t reaches `z` (T if none does)."""
+  zs = z_of_t(kind, np.arange(1, num_steps + 1), num_steps)
+  return int(min(np.searchsorted(zs, z) + 1, num_steps))
+
+
+def alpha_bar_of(z: Any) -> Any:
+  """abar = 1 / (1 + z^2), the diffusion time's signal level for noise multiplier z."""
+  return 1.0 / (1.0 + z * z)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+  """The noise multiplier z_r of every round r = 0..R-1 (float64, on the host).
+
+  Build one with `constant`, `staircase`, `from_diffusion`, `annealed` or `calibrate`.
+  """
+
+  z: np.ndarray
+  name: str = "custom"
+
+  def __post_init__(self):
+    z = np.asarray(self.z, np.float64)
+    _check(z.ndim == 1 and len(z) >= 1, f"a schedule needs one z per round, got shape {z.shape}")
+    _check(bool(np.all(np.isfinite(z) & (z > 0))),
+           f"every round's noise multiplier z must be > 0 and finite, got min {z.min()}")
+    object.__setattr__(self, "z", z)
+    if z.min() < WEAK_Z:
+      warnings.warn(f"schedule {self.name!r}: round {int(z.argmin())} has z = {z.min():.3g} < "
+                    f"{WEAK_Z}: no meaningful DP (its own epsilon is in the tens or more); "
+                    f"any protection there is empirical only", ScheduleWarning, stacklevel=3)
+
+  @property
+  def rounds(self) -> int:
+    return len(self.z)
+
+  @property
+  def alpha_bar(self) -> np.ndarray:
+    return alpha_bar_of(self.z)
+
+  @property
+  def z_equivalent(self) -> float:
+    """(mean z^-2)^-1/2: the constant z with the same Gaussian-DP mu at q = 1."""
+    return float(np.mean(self.z ** -2.0) ** -0.5)
+
+  def check_rounds(self, rounds: int) -> None:
+    _check(self.rounds == rounds, f"the noise schedule has {self.rounds} rounds but the run "
+                                  f"has {rounds}; build the schedule for --rounds {rounds}")
+
+  def scaled(self, c: float) -> NoiseSchedule:
+    return NoiseSchedule(self.z * c, f"{self.name} x {c:.4g}")
+
+  def reversed(self) -> NoiseSchedule:
+    return NoiseSchedule(self.z[::-1].copy(), f"{self.name}, reversed")
+
+  def to_json(self) -> dict[str, Any]:
+    return {"name": self.name, "z": [float(v) for v in self.z]}
+
+  def describe(self) -> str:
+    return (f"{self.name}: z from {self.z.max():.4g} down to {self.z.min():.4g} over "
+            f"{self.rounds} rounds (z_eq {self.z_equivalent:.4g})"
+            if self.z.max() > self.z.min() else
+            f"{self.name}: z = {self.z[0]:.4g} for {self.rounds} rounds")
+
+
+def constant(z: float, rounds: int) -> NoiseSchedule:
+  _check_rounds(rounds)
+  return NoiseSchedule(np.full(rounds, float(z)), f"constant z={z:g}")
+
+
+def staircase(levels: Sequence[float], rounds: int) -> NoiseSchedule:
+  """`levels[i]` for the i-th of len(levels) (nearly) equal runs of rounds."""
+  _check_rounds(rounds)
+  _check(1 <= len(levels) <= rounds, f"a staircase needs 1..{rounds} levels, got {len(levels)}")
+  index = np.arange(rounds) * len(levels) // rounds
+  return NoiseSchedule(np.asarray(levels, np.float64)[index],
+                       f"staircase {'/'.join(f'{v:g}' for v in levels)}")
+
+
+def from_diffusion(kind: str, t_start: int, t_end: int, rounds: int, *,
+                   num_steps: int = 1000) -> NoiseSchedule:
+  """Round r at diffusion time t_r, linear from t_start (round 0) to t_end (last round),
+  rounded to integers in [1, T]; z_r = z_{t_r} of the `kind` schedule."""
+  _check_rounds(rounds)
+  for t in (t_start, t_end):
+    _check(1 <= t <= num_steps and t == int(t),
+           f"diffusion time t must be an integer in [1, {num_steps}], got {t}")
+  ts = np.rint(np.linspace(t_start, t_end, rounds)).astype(int)
+  return NoiseSchedule(z_of_t(kind, ts, num_steps), f"{kind} t {t_start}->{t_end}")
+
+
+def annealed(z_start: float, z_end: float, rounds: int, shape: str = "geometric") -> NoiseSchedule:
+  """z from `z_start` (round 0) to `z_end` (last round): linear, geometric or cosine in r."""
+  _check_rounds(rounds)
+  _check(shape in SHAPES[1:], f"anneal shape must be one of {SHAPES[1:]}, got {shape!r}")
+  _check(z_start > 0 and z_end > 0, f"z must be > 0, got {z_start} and {z_end}")
+  u = np.linspace(0.0, 1.0, rounds)
+  if shape == "linear":
+    z = z_start + (z_end - z_start) * u
+  elif shape == "geometric":
+    z = z_start * (z_end / z_start) ** u
+  else:
+    z = z_end + (z_start - z_end) * 0.5 * (1 + np.cos(np.pi * u))
+  return NoiseSchedule(z, f"{shape} anneal {z_start:g}->{z_end:g}")
+
+
+def _check_rounds(rounds: int) -> None:
+  _check(rounds >= 1 and rounds == int(rounds), f"rounds must be an integer >= 1, got {rounds}")
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def round_event(z: float, q: float = 1.0) -> dp_event.DpEvent:
+  """One round for the model observer: the Gaussian at z, Poisson-sampled at rate q."""
+  accounting.check_sampling_rate(q)
+  g = dp_event.GaussianDpEvent(float(z))
+  return g if q == 1.0 else dp_event.PoissonSampledDpEvent(q, g)
+
+
+def schedule_event(z: Sequence[float], q: float = 1.0) -> dp_event.DpEvent:
+  """All rounds of a schedule, equal z grouped (exact: composition is order-free)."""
+  counts = collections.Counter(float(v) for v in np.asarray(z))
+  return accounting.compose([(round_event(v, q), k) for v, k in sorted(counts.items())])
+
+
+def schedule_epsilon(z: Sequence[float], delta: float, *, q: float = 1.0,
+                     neighbouring: str = "replace_one", accountant: str = "pld",
+                     discretization: float = 1e-4) -> float:
+  """Epsilon of the rounds `z` (model observer with sampling q; the server's view is q = 1).
+
+  PLD's grid is coarsened for weak schedules (privacy losses grow as z^-2, and so would the
+  grid and its memory): pessimistic, so still an upper bound.
+  """
+  if len(z) == 0:
+    return 0.0
+  return accounting.epsilon(schedule_event(z, q), delta, accountant=accountant,
+                            neighbouring=neighbouring,
+                            discretization=pld_grid(np.min(z), discretization))
+
+
+def pld_grid(z_min: float, base: float) -> float:
+  """The PLD discretisation for a composition whose weakest round has `z_min`."""
+  return float(min(0.05, base * max(1.0, (WEAK_Z / z_min) ** 2)))
+
+
+def gdp_mu(z: Sequence[float], neighbouring: str = "add_remove") -> float:
+  """mu of the composition at q = 1: sqrt(sum z^-2), doubled for replace-one (sensitivity 2C)."""
+  mu = float(np.sqrt(np.sum(np.asarray(z, np.float64) ** -2.0)))
+  return 2.0 * mu if neighbouring == "replace_one" else mu
+
+
+def gdp_delta(epsilon: float, mu: float) -> float:
+  """delta(epsilon) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong et al.)."""
+  norm = scipy_stats.norm
+  return float(norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+  """The epsilon at which mu-GDP has `delta` (closed form, solved by bisection)."""
+  accounting.check_delta(delta)
+  lo, hi = 0.0, max(1.0, mu * mu + 10 * mu)
+  while gdp_delta(hi, mu) > delta:
+    hi *= 2
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if gdp_delta(mid, mu) > delta else (lo, mid)
+  return hi
+
+
+def rero_bound(mu: float, kappa: float) -> float:
+  """Kaissis et al. 2023: under mu-GDP, P(reconstruction succeeds) <= Phi(Phi^-1(kappa) + mu),
+  where kappa is the attacker's success rate without the observation (its prior)."""
+  _check(0 < kappa < 1, f"kappa must be in (0, 1), got {kappa}")
+  return float(scipy_stats.norm.cdf(scipy_stats.norm.ppf(kappa) + mu))
+
+
+def calibrate(shape: NoiseSchedule, target_epsilon: float, delta: float, *, q: float = 1.0,
+              neighbouring: str = "replace_one", discretization: float = 1e-3,
+              rtol: float = 1e-3) -> NoiseSchedule:
+  """`shape` scaled by the smallest c whose schedule meets `target_epsilon` (PLD bisection;
+  epsilon falls monotonically in c). The coarse default grid is pessimistic, so the result
+  meets the target at the finer default grid too."""
+  accounting.check_delta(delta)
+  accounting.check_sampling_rate(q)
+  _check(target_epsilon > 0 and math.isfinite(target_epsilon),
+         f"target_epsilon must be > 0 and finite, got {target_epsilon}")
+  z0 = shape.z / shape.z.min()  # the shape with its smallest round at 1
+
+  def eps(c):
+    return schedule_epsilon(z0 * c, delta, q=q, neighbouring=neighbouring,
+                            discretization=discretization)
+
+  # Bracket from c = 1 outwards (PLDs of tiny z are slow and large), then bisect.
+  lo = hi = 1.0
+  while eps(hi) > target_epsilon:
+    hi *= 2.0
+    _check(hi < 1e5, f"target_epsilon={target_epsilon} is out of reach of schedule {shape.name!r}")
+  while lo > 0.05 and eps(lo) <= target_epsilon:
+    lo /= 2.0
+  c = accounting.calibrate_noise(eps, target_epsilon, sigma_min=min(lo, hi / 2), sigma_max=hi,
+                                 rtol=rtol)
+  return NoiseSchedule(z0 * c, f"{shape.name}, calibrated to eps={target_epsilon:g}")
+
+
+# ----------------------------------------------------------------------------- the defense
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class ForwardNoise:
+  """Clip to C, forward-noise to the round's diffusion time: `defense(update, key, round)`.
+
+  Attributes:
+    clip_norm: C (None: no clipping, which has no guarantee).
+    schedule: z per round.
+    scaling: how the noise is scaled:
+      flat        clip ||u|| <= C, noise z C per coordinate (mu = 1/z per round);
+      per_layer   clip each of the L tensors to C_l = C / sqrt(L) (sum C_l^2 = C^2); noise
+                  z C per coordinate (`layer_noise='shared'`, mu = 1/z) or z C_l
+                  (`'proportional'`, mu = sqrt(L)/z: every layer at its own budget);
+      coordinate  a public, data-independent scale s (pytree like the update, e.g. from
+                  the initial parameters): clip ||u / s|| <= C, release s * (clipped +
+                  noise z C) (mu = 1/z);
+      norm        noise z ||u|| relative to the update's own norm, unclipped: **not DP**
+                  (unbounded sensitivity, and ||y|| reveals ||u||).
+    rescale: the server's first post-processing step, y / sqrt(abar) (unbiased update), is
+      applied here (free: post-processing). Without it the aggregate is shrunk by sqrt(abar).
+    layer_noise: per_layer's 'shared' or 'proportional'.
+    coordinate_scale: the public s for `coordinate`.
+  """
+
+  clip_norm: float | None
+  schedule: NoiseSchedule
+  scaling: str = "flat"
+  rescale: bool = True
+  layer_noise: str = "shared"
+  coordinate_scale: Any = None
+
+  def __post_init__(self):
+    _check(self.scaling in SCALINGS, f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+    if self.scaling != "norm" and self.clip_norm is not None:
+      accounting.check_clip_norm(self.clip_norm)
+    _check(self.scaling != "norm" or self.clip_norm is None,
+           "scaling='norm' noises relative to the update's own norm and is unclipped: pass "
+           "clip_norm=None (it has no DP guarantee)")
+    _check(self.layer_noise in ("shared", "proportional"),
+           f"layer_noise must be 'shared' or 'proportional', got {self.layer_noise!r}")
+    _check(self.scaling != "coordinate" or self.coordinate_scale is not None,
+           "scaling='coordinate' needs a public coordinate_scale (a pytree like the update)")
+
+  # -- privacy declaration
+
+  @property
+  def private(self) -> bool:
+    return self.clip_norm is not None and self.scaling != "norm"
+
+  @property
+  def sensitivity(self) -> float | None:
+    """L2 sensitivity of one upload under replace-one (2C), or None (not DP)."""
+    return 2.0 * self.clip_norm if self.private else None
+
+  relation = "replace one client's data (user level); the client's own noise in both worlds"
+
+  def _z_event(self, round_: int, layers: int) -> float:
+    z = float(self.schedule.z[round_])
+    if self.scaling == "per_layer" and self.layer_noise == "proportional":
+      return z / math.sqrt(layers)
+    return z
+
+  def dp_event(self, round_: int, q: float = 1.0, *, layers: int = 1) -> dp_event.DpEvent:
+    """Round `round_` for the model observer (REPLACE_ONE, client sampling q)."""
+    if not self.private:
+      return dp_event.NonPrivateDpEvent()
+    return round_event(self._z_event(round_, layers), q)
+
+  def upload_event(self, round_: int, *, layers: int = 1) -> dp_event.DpEvent:
+    """One upload in round `round_` as the server sees it (REPLACE_ONE, no amplification)."""
+    return self.dp_event(round_, 1.0, layers=layers)
+
+  def event_z(self, layers: int = 1) -> np.ndarray:
+    """The per-round Gaussian multipliers the events use (per_layer proportional: z/sqrt(L))."""
+    return np.asarray([self._z_event(r, layers) for r in range(self.schedule.rounds)])
+
+  # -- the hook
+
+  def defense(self) -> DefenseFn:
+    zs = jnp.asarray(self.schedule.z, jnp.float32)
+    last = self.schedule.rounds - 1
+    c = self.clip_norm
+
+    def defense(update, key, round_=0):
+      z = zs[jnp.clip(round_, 0, last)]
+      abar = 1.0 / (1.0 + z * z)
+      signal, noise_scale = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+      if self.rescale:  # y / sqrt(abar): the clipped update plus z-scaled noise
+        signal, noise_scale = jnp.ones_like(z), z
+      xi = tree_gaussian(update, 1.0, key=key)
+      if self.scaling == "norm":
+        finite = jax.tree.map(lambda u: jnp.where(jnp.isfinite(u), u, 0.0), update)
+        norm = jnp.sqrt(sum(jnp.sum(u * u) for u in jax.tree.leaves(finite)))
+        return jax.tree.map(lambda u, e: signal * u + noise_scale * norm * e, finite, xi)
+      if self.scaling == "flat":
+        clipped = update if c is None else clip_update(update, c)[0]
+        return jax.tree.map(lambda u, e: signal * u + noise_scale * c * e, clipped, xi)
+      if self.scaling == "per_layer":
+        leaves = jax.tree.leaves(update)
+        cl = c / math.sqrt(len(leaves))
+        clipped = jax.tree.map(lambda u: clip_update(u, cl)[0], update)
+        std = cl if self.layer_noise == "proportional" else c
+        return jax.tree.map(lambda u, e: signal * u + noise_scale * std * e, clipped, xi)
+      s = self.coordinate_scale
+      clipped = clip_update(jax.tree.map(jnp.divide, update, s), c)[0]
+      return jax.tree.map(lambda u, e, si: si * (signal * u + noise_scale * c * e), clipped, xi, s)
+
+    return defense
+
+
+def public_scale(params: Any) -> Any:
+  """A data-independent per-coordinate scale for `scaling='coordinate'`: each tensor's RMS
+  in `params` (the initial parameters, public), normalised to mean square 1 over all
+  coordinates; zero tensors (biases) get the mean."""
+  leaves, treedef = jax.tree.flatten(params)
+  rms = [float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) for x in leaves]
+  positive = [r for r in rms if r > 0] or [1.0]
+  rms = [r if r > 0 else float(np.mean(positive)) for r in rms]
+  sizes = [x.size for x in leaves]
+  norm = math.sqrt(sum(r * r * n for r, n in zip(rms, sizes)) / sum(sizes))
+  return jax.tree.unflatten(treedef, [jnp.full(x.shape, r / norm, jnp.float32)
+                                      for x, r in zip(leaves, rms)])
+
+
+# ----------------------------------------------------------------------------- data level
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataForwardNoise:
+  """PFDM-style data-level noising (Patel, Zhang & Wang 2025): every training image, mapped
+  to [-1, 1] and clipped there, is released once forward-noised to t0,
+  x_t0 = sqrt(abar) x + sqrt(1 - abar) xi, and the client trains on x_t0 (mapped back by
+  (x_t0 + 1) / 2, post-processing).
+
+  Guarantee (replace one image, or one pixel): an image of d values in [-1, 1] moves by at
+  most 2 sqrt(d) in L2, so one release is mu = 2 sqrt(d) / z per image (2 / z per pixel),
+  z = z_t0; k fresh releases multiply mu by sqrt(k). Events: `GaussianDpEvent(z / (2
+  sqrt(d)))` per image, `GaussianDpEvent(z / 2)` per pixel, add/remove form.
+  """
+
+  z: float
+  releases: int = 1
+
+  def __post_init__(self):
+    accounting.check_noise_multiplier(self.z)
+    _check(self.releases >= 1, f"releases must be >= 1, got {self.releases}")
+
+  @classmethod
+  def at(cls, kind: str, t0: int, **kwargs) -> DataForwardNoise:
+    return cls(z=float(z_of_t(kind, t0)), **kwargs)
+
+  def apply(self, x: jax.Array, *, key: jax.Array) -> jax.Array:
+    """Images in [0, 1] -> their noised release, mapped back to the [0, 1] affine range."""
+    abar = alpha_bar_of(self.z)
+    x = jnp.clip(2.0 * x - 1.0, -1.0, 1.0)
+    x_t = math.sqrt(abar) * x + math.sqrt(1 - abar) * jax.random.normal(key, x.shape, x.dtype)
+    return (x_t + 1.0) / 2.0
+
+  def image_event(self, pixels: int) -> dp_event.DpEvent:
+    return dp_event.SelfComposedDpEvent(
+        dp_event.GaussianDpEvent(self.z / (2.0 * math.sqrt(pixels))), self.releases)
+
+  def pixel_event(self) -> dp_event.DpEvent:
+    return dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(self.z / 2.0), self.releases)
+
+  def epsilons(self, pixels: int, delta: float) -> dict[str, float]:
+    return {"epsilon_image": accounting.epsilon(self.image_event(pixels), delta),
+            "epsilon_pixel": accounting.epsilon(self.pixel_event(), delta)}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class ScheduleAccountant:
+  """Epsilon after round r for the three threat models of a forward-noise schedule.
+
+  - `epsilon` (model observer, user level, replace-one): rounds 0..r-1 Poisson-sampled at q.
+  - `epsilon_server` (per upload, the worst client): REPLACE_ONE composition of the uploads
+    of the client that took part most often, k_max(r) times, bounded above by taking the
+    k_max smallest z's among rounds 0..r-1 (exact for constant schedules).
+  - `epsilon_record` (one example): min(server epsilon, `record_epsilon(r)` when clients
+    run DP-SGD inside: a record-level guarantee that holds against the server too).
+
+  All PLD (dp_accounting's RDP has no Poisson replace-one): on a 10x coarser grid every
+  round (pessimistic, cheap), on the `discretization` grid every `pld_every` rounds and at
+  the last round; the grid used is logged as `pld_grid`. Values depend on r only, so a
+  resumed run logs the same numbers.
+  """
+
+  def __init__(self, event_z: np.ndarray, *, q: float, delta: float,
+               participations: np.ndarray | None = None, record_epsilon=None,
+               pld_every: int = 10, discretization: float = 1e-3, private: bool = True):
+    accounting.check_sampling_rate(q)
+    accounting.check_delta(delta)
+    self.z, self.q, self.delta = np.asarray(event_z, np.float64), q, delta
+    self.rounds = len(self.z)
+    # participations[r] = the most rounds any one client took part in among 0..r-1
+    self.k_max = (np.arange(self.rounds + 1) if participations is None
+                  else np.asarray(participations, int))
+    self.record_epsilon = record_epsilon
+    self.pld_every, self.discretization, self.private = pld_every, discretization, private
+
+  def _pld(self, r: int) -> bool:
+    return r == self.rounds or (self.pld_every > 0 and r % self.pld_every == 0)
+
+  def epsilons(self, r: int) -> dict[str, float]:
+    if not self.private:
+      return {"epsilon": math.inf, "epsilon_server": math.inf, "epsilon_record": math.inf}
+    if r == 0:
+      return {"epsilon": 0.0, "epsilon_server": 0.0, "epsilon_record": 0.0}
+    grid = self.discretization if self._pld(r) else 10 * self.discretization
+
+    def eps(z, q):
+      return schedule_epsilon(z, self.delta, q=q, discretization=grid)
+
+    out = {"epsilon": eps(self.z[:r], self.q)}
+    k = int(self.k_max[r])
+    out["epsilon_server"] = eps(np.sort(self.z[:r])[:k], 1.0)
+    record = out["epsilon_server"]
+    if self.record_epsilon is not None:
+      record = min(record, float(self.record_epsilon(r)))
+    out["epsilon_record"] = record
+    out["pld_grid"] = grid
+    return out
