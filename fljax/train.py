@@ -135,6 +135,7 @@ class RunContext:
   model: models.Model
   loss_fn: fed.LossFn
   run_key: jax.Array  # the ServerState key: round r's keys are derived from it
+  workdir: Path | None = None  # where a plugin may write its own records (e.g. privacy.json)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,6 +144,8 @@ class Plugins:
 
   Attributes:
     client_update: replaces `make_client_update(loss_fn, config.fed)`.
+    clients: `clients(Batch) -> Batch`, applied once to every client's data before
+      training (data-level defenses: what leaves the device is the transformed data).
     defense: the per-update `defense` hook.
     aggregate: the server's `aggregate` hook (a function or a stateful `Aggregator`).
     round_metrics: host-side `round_metrics(r) -> dict` after round r (e.g. epsilon so
@@ -152,6 +155,7 @@ class Plugins:
   """
 
   client_update: fed.ClientUpdateFn | None = None
+  clients: Any = None
   defense: fed.DefenseFn | None = None
   aggregate: Any = None
   round_metrics: Any = None
@@ -335,7 +339,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
     mesh = fed.make_mesh(config.devices or None)
   loss_fn = fed.make_loss_fn(model.apply)
   extra = plugins(RunContext(config=config, dataset=ds, clients=clients, model=model,
-                             loss_fn=loss_fn, run_key=k_run)) if plugins else Plugins()
+                             loss_fn=loss_fn, run_key=k_run, workdir=workdir)) if plugins else Plugins()
+  if extra.clients is not None:
+    clients = extra.clients(clients)
   client_update = extra.client_update or fed.make_client_update(loss_fn, config.fed)
   aggregate = extra.aggregate or fed.weighted_mean
   round_step = jax.jit(fed.make_round_step(

@@ -41,11 +41,13 @@ from fljax import config as config_lib
 from fljax import federated as fed
 from fljax.partitions import Batch
 from fljax.train import check_workdir
-from inversion import attacks, labels as label_inference, metrics
+from inversion import adaptive, attacks, labels as label_inference, metrics
 from inversion import observation as ob
 from inversion.attacks import diffusion_guided, dlg, gifd, ig
 from privacy import defenses
 from privacy import federated as pfed
+from privacy import forward_noise as fn
+from privacy.clipping import clip_update
 
 
 # ----------------------------------------------------------------------------- registries
@@ -57,7 +59,34 @@ DEFENSES: dict[str, Callable[[DefenseSpec], fed.DefenseFn]] = {
     "prune": lambda d: defenses.topk_prune(d.fraction),
     "quantize": lambda d: defenses.quantize(d.quantize),
     "local_dp": lambda d: pfed.local_dp(clip_norm=d.clip_norm, noise_multiplier=d.noise_multiplier),
+    "forward_noise": lambda d: _forward_noise(d),
 }
+
+
+def _forward_noise(d: DefenseSpec) -> fed.DefenseFn:
+  """Forward noise at one z (z = 0: clipping only), the same at every observed round."""
+  if d.noise_multiplier < 0:
+    raise ValueError(f"defense.noise_multiplier must be >= 0, got {d.noise_multiplier}")
+  if d.noise_multiplier == 0:
+    return lambda update, key, round_=0: clip_update(update, d.clip_norm)[0]
+  import warnings
+  with warnings.catch_warnings():  # weak z is what these attack experiments measure
+    warnings.simplefilter("ignore", fn.ScheduleWarning)
+    schedule = fn.constant(d.noise_multiplier, 1)
+  return fn.ForwardNoise(clip_norm=d.clip_norm, schedule=schedule, rescale=d.rescale).defense()
+
+
+def declared_noise(d: DefenseSpec) -> adaptive.DeclaredNoise:
+  """What the adaptive attacker knows of the defense's noise."""
+  if d.name == "forward_noise":
+    z = d.noise_multiplier
+    return adaptive.DeclaredNoise(sigma=z * d.clip_norm, clip_norm=d.clip_norm,
+                                  scale=1.0 if d.rescale else float(fn.alpha_bar_of(z)) ** 0.5)
+  if d.name == "local_dp":
+    return adaptive.DeclaredNoise(sigma=d.noise_multiplier * d.clip_norm, clip_norm=d.clip_norm)
+  if d.name == "gaussian":
+    return adaptive.DeclaredNoise(sigma=d.std)
+  return adaptive.DeclaredNoise(sigma=0.0)
 
 
 class AttackPlan(NamedTuple):
@@ -85,17 +114,22 @@ def _per_restart(spec: AttackSpec) -> int | None:
   return per
 
 
-def _adaptation(spec: AttackSpec, defense: DefenseSpec) -> tuple[str, str | None, float]:
-  """(adaptive mode, matching loss override, declared noise std) of an adaptive attack."""
+def _adaptation(spec: AttackSpec, defense: DefenseSpec
+                ) -> tuple[str, str | None, float, float | None]:
+  """(adaptive mode, matching loss override, declared noise std, clip norm) of an attack."""
   if not spec.adaptive:
-    return "none", None, 0.0
+    return "none", None, 0.0, None
+  if defense.name == "forward_noise":  # the noise left after the attacker's averaging
+    rounds = spec.rounds if "average" in adaptive.parse(spec.denoise) else 1
+    std = defense.noise_multiplier * defense.clip_norm / rounds ** 0.5
+    return "clip", "l2_noise_aware" if std > 0 else None, std, defense.clip_norm
   if defense.name == "gaussian":
-    return "none", "l2_noise_aware", defense.std
+    return "none", "l2_noise_aware", defense.std, None
   if defense.name == "prune":
-    return "prune", None, 0.0
+    return "prune", None, 0.0, None
   if defense.name == "local_dp":
-    return "clip", "l2_noise_aware", defense.clip_norm * defense.noise_multiplier
-  return "none", None, 0.0
+    return "clip", "l2_noise_aware", defense.clip_norm * defense.noise_multiplier, defense.clip_norm
+  return "none", None, 0.0, None
 
 
 def _dlg_plan(model, threat, spec, defense, labels):
@@ -118,7 +152,7 @@ def _ig_plan(model, threat, spec, defense, labels):
 
 def _diffusion_plan(model, threat, spec, defense, mode):
   from diffusion import prior as prior_lib
-  adapt, loss, std = _adaptation(spec, defense)
+  adapt, loss, std, clip = _adaptation(spec, defense)
   budget = _per_restart(spec)
   refine = spec.refine_steps
   steps = spec.steps or ((budget - refine) if budget else 100)
@@ -129,7 +163,8 @@ def _diffusion_plan(model, threat, spec, defense, mode):
       mode=mode, sampler="ddpm" if mode == "ggdm" else spec.sampler, num_steps=steps,
       scale=spec.scale if spec.scale is not None else (100.0 if mode == "ggdm" else defaults.scale),
       gradient_weight=spec.gradient_weight, loss=loss or spec.objective or defaults.loss,
-      noise_std=std, adaptive=adapt, feature_weight=spec.features if mode != "ggdm" else 0.0,
+      noise_std=std, adaptive=adapt, clip_norm=clip,
+      feature_weight=spec.features if mode != "ggdm" else 0.0,
       guidance_weight=spec.guidance_weight, labels=_label_method(spec, threat),
       refine_steps=refine, refine_tv=spec.tv)
   prior = prior_lib.load(spec.prior) if spec.prior else prior_lib.load()
@@ -139,7 +174,7 @@ def _diffusion_plan(model, threat, spec, defense, mode):
 
 def _gifd_plan(model, threat, spec, defense):
   from inversion import gan as gan_lib
-  adapt, loss, std = _adaptation(spec, defense)
+  adapt, loss, std, clip = _adaptation(spec, defense)
   budget = _per_restart(spec)
   defaults = gifd.GIFDConfig()
   total = spec.steps or budget or defaults.latent_steps + defaults.stages * defaults.feature_steps
@@ -147,7 +182,7 @@ def _gifd_plan(model, threat, spec, defense):
   latent = max(1, total - defaults.stages * feature)      # the latent search the rest
   cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
                         tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
-                        adaptive=adapt, labels=_label_method(spec, threat))
+                        adaptive=adapt, clip_norm=clip, labels=_label_method(spec, threat))
   g = gan_lib.load(spec.gan) if spec.gan else gan_lib.load()
   return AttackPlan(gifd.make(model.apply, threat, g, cfg), gifd.labels, cfg.num_steps, budget)
 
@@ -271,6 +306,14 @@ class AttackSpec:
       observed one's per-layer scale instead (what the prior and labels alone give).
     prior: the diffusion prior folder (none: the shipped MNIST prior).
     gan: the GAN prior folder (none: the shipped MNIST DCGAN).
+    denoise: the adaptive attacker's processing of the observed update before the attack,
+      steps joined by '+' (`inversion.adaptive`): rescale, average (over `rounds`), svd,
+      wiener, pca; none: the update as received.
+    rounds: observations of the same client's update (same model, fresh defense noise
+      each) that 'average' combines (A3).
+    surrogates: clean updates on public data (the training split) at the same model, for
+      'wiener' and 'pca'.
+    pca_rank: principal components kept by 'pca'.
   """
 
   name: str = "idlg"
@@ -293,8 +336,15 @@ class AttackSpec:
   control: str = "none"
   prior: str | None = None
   gan: str | None = None
+  denoise: str = "none"
+  rounds: int = 1
+  surrogates: int = 128
+  pca_rank: int = 32
 
   def __post_init__(self):
+    adaptive.parse(self.denoise)
+    if min(self.rounds, self.surrogates, self.pca_rank) < 1:
+      raise ValueError("attack.rounds, attack.surrogates and attack.pca_rank must be >= 1")
     if self.name not in ATTACKS:
       raise ValueError(f"attack.name must be one of {sorted(ATTACKS)}, got {self.name!r}")
     if self.labels != "auto" and self.labels not in label_inference.METHODS:
@@ -320,12 +370,15 @@ class DefenseSpec:
 
   Attributes:
     name: none, gaussian (N(0, std^2) added, not DP), prune (top-k, not DP), quantize
-      (not DP) or local_dp (clip to clip_norm, add N(0, (noise_multiplier clip_norm)^2)).
+      (not DP), local_dp (clip to clip_norm, add N(0, (noise_multiplier clip_norm)^2)) or
+      forward_noise (clip, then forward-noise to z = noise_multiplier: sqrt(abar) u +
+      sqrt(1 - abar) C xi; z = 0 clips only).
     std: gaussian's noise std.
     fraction: prune's fraction of entries zeroed.
     quantize: fp16 or int8.
-    clip_norm: local_dp's C.
-    noise_multiplier: local_dp's sigma.
+    clip_norm: local_dp's and forward_noise's C.
+    noise_multiplier: local_dp's sigma, forward_noise's z.
+    rescale: forward_noise: the upload is already divided by sqrt(abar).
   """
 
   name: str = "none"
@@ -334,6 +387,7 @@ class DefenseSpec:
   quantize: str = "int8"
   clip_norm: float = 1.0
   noise_multiplier: float = 1.0
+  rescale: bool = False
 
   def __post_init__(self):
     if self.name not in DEFENSES:
@@ -420,18 +474,22 @@ def threat_model(spec: ThreatSpec, ds: datasets.Dataset, defense: str) -> ob.Thr
 
 
 def observe_all(model: models.Model, params: Any, x: np.ndarray, y: np.ndarray,
-                threat: ob.ThreatModel, defense: fed.DefenseFn, *, key: jax.Array
-                ) -> ob.Observation:
+                threat: ob.ThreatModel, defense: fed.DefenseFn, *, key: jax.Array,
+                round_: int = 0) -> ob.Observation:
   """The V victims' observations: updates (and known labels) stacked `[V, ...]`, params
   shared. Victim i's client runs fljax's client update with `fold_in(key, i)` and the
-  defense with its own fold of that key (`observation.observe`)."""
+  defense with its own fold of that key (`observation.observe`), folded again with the
+  round for rounds > 0 (the same update, fresh defense noise)."""
   fed_cfg = fed.FedConfig(algorithm=threat.algorithm, local_epochs=threat.local_epochs,
                           local_batch_size=threat.local_batch_size, local_lr=threat.local_lr)
   client_update = fed.make_client_update(fed.make_loss_fn(model.apply), fed_cfg)
   batch = Batch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones(y.shape, jnp.float32))
   ob.check_batch(batch.mask, threat)
   def one(data, k):
-    o = ob.observe(client_update, params, data, k, threat, defense=defense)
+    dkey = jax.random.fold_in(k, 1)
+    dkey = dkey if round_ == 0 else jax.random.fold_in(dkey, round_)
+    o = ob.observe(client_update, params, data, k, threat, defense=defense, defense_key=dkey,
+                   round_=round_)
     return o.update, o.labels
 
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(y)))
@@ -604,8 +662,10 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
                             optimizer=optax.sgd(config.model.train_lr), key=k_train)
   model_accuracy = classifier.accuracy(model, params, ds.x_test, ds.y_test)
   threat = threat_model(config.threat, ds, config.defense.name)
-  obs = observe_all(model, params, x, y, threat, DEFENSES[config.defense.name](config.defense),
-                    key=k_clients)
+  defense = DEFENSES[config.defense.name](config.defense)
+  obs = observe_all(model, params, x, y, threat, defense, key=k_clients)
+  obs, extra = _adaptive_processing(config, model, params, ds, x, y, threat, defense, obs,
+                                    key=k_clients)
   for i in range(len(y)):  # what the server received must be attackable
     row = jax.tree.map(lambda a: a[i], ob.Observation(update=obs.update, params=None,
                                                       labels=obs.labels))
@@ -680,14 +740,65 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
   failed = pending
   return _report(config, workdir, ds, model, x, y, names, best_x, best_y, best_loss, failed,
                  attempts, diverged_restarts, plan.steps, attack_seconds,
-                 time.perf_counter() - t_start, model_accuracy, mode, spent)
+                 time.perf_counter() - t_start, model_accuracy, mode, spent, extra)
+
+
+def _adaptive_processing(config: InversionConfig, model: models.Model, params: Any,
+                         ds: datasets.Dataset, x: np.ndarray, y: np.ndarray,
+                         threat: ob.ThreatModel, defense: fed.DefenseFn, obs: ob.Observation,
+                         *, key: jax.Array) -> tuple[ob.Observation, dict[str, Any]]:
+  """The attacker's denoising pipeline (`attack.denoise`) on the observations, and what to
+  report about it: the cosine between the processed and the clean update, and the
+  reconstruction-robustness ceiling (Kaissis et al. 2023) at the attacker's mu."""
+  spec, d = config.attack, config.defense
+  steps = adaptive.parse(spec.denoise)
+  extra: dict[str, Any] = {"denoise": spec.denoise, "observed_rounds": spec.rounds}
+  if steps:
+    rounds = spec.rounds if "average" in steps else 1
+    ys = [obs.update] + [observe_all(model, params, x, y, threat, defense, key=key,
+                                     round_=i).update for i in range(1, rounds)]
+    surrogates = None
+    if "wiener" in steps or "pca" in steps:
+      surrogates = _surrogate_updates(model, params, ds, threat, spec.surrogates,
+                                      key=jax.random.fold_in(key, 1 << 21))
+    update, _ = adaptive.process(jax.tree.map(lambda *a: jnp.stack(a), *ys), steps,
+                                 declared_noise(d), batch_size=threat.batch_size,
+                                 surrogates=surrogates, pca_rank=spec.pca_rank)
+    obs = ob.Observation(update=update, params=obs.params, labels=obs.labels)
+  if d.name != "none":
+    clean = observe_all(model, params, x, y, threat, fed.identity_defense, key=key).update
+    extra["update_cosine"] = float(np.median(np.asarray(adaptive.update_cosine(obs.update,
+                                                                                clean))))
+  z = {"forward_noise": d.noise_multiplier, "local_dp": d.noise_multiplier}.get(d.name, 0.0)
+  if z > 0:  # per upload, replace-one: mu = 2 sqrt(k) / z over the k uploads the attack used
+    k = spec.rounds if "average" in steps else 1
+    extra["mu_per_upload"] = 2.0 * k ** 0.5 / z
+    extra["rero_bound_kappa_1e-3"] = fn.rero_bound(extra["mu_per_upload"], 1e-3)
+  return obs, extra
+
+
+def _surrogate_updates(model: models.Model, params: Any, ds: datasets.Dataset,
+                       threat: ob.ThreatModel, num: int, *, key: jax.Array) -> Any:
+  """`num` clean updates `[K, ...]` of batches drawn from the training split (the
+  attacker's public data, disjoint from the test-split victims) at the same model."""
+  b = threat.batch_size
+  if num * b > len(ds.y_train):
+    raise ValueError(f"attack.surrogates={num} batches of {b} exceed the {len(ds.y_train)} "
+                     f"training images")
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(ds.y_train)))
+  idx = order[:num * b]
+  xs = ds.x_train[idx].reshape((num, b) + ds.x_train.shape[1:])
+  ys = ds.y_train[idx].reshape(num, b)
+  return observe_all(model, params, xs, ys, threat, fed.identity_defense,
+                     key=jax.random.fold_in(key, 1)).update
 
 
 def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model: models.Model,
             x: np.ndarray, y: np.ndarray, names: list[str], rec: np.ndarray, rec_y: np.ndarray,
             loss: np.ndarray, failed: np.ndarray, attempts: np.ndarray, diverged: int,
             steps: int, attack_seconds: float, wall_seconds: float, model_accuracy: float,
-            mode: str, spent: np.ndarray) -> dict[str, Any]:
+            mode: str, spent: np.ndarray, extra: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
   """Scores every victim (after Hungarian matching), writes metrics.json and grid.png."""
   features = None
   reference = {}
@@ -728,6 +839,8 @@ def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model:
       "mean_ssim": float(np.mean(flat("ssim"))) if ok else float("nan"),
       "label_accuracy": float(np.mean([e["label_accuracy"] for e in victims])),
       "images_above_30db": int(np.sum(np.asarray(flat("psnr")) >= 30)),
+      # reconstruction success (for the ReRo ceiling): an image at >= 20 dB, failures count
+      "success_rate_20db": float(np.sum(np.asarray(flat("psnr")) >= 20) / y.size),
       **({"mean_feature_distance": float(np.mean(flat("feature_distance"))) if ok else float("nan"),
           "recognised": float(np.mean(flat("recognised"))) if ok else float("nan"),
           **reference} if features is not None else {}),
@@ -740,6 +853,7 @@ def _report(config: InversionConfig, workdir: Path, ds: datasets.Dataset, model:
       "model_test_accuracy": model_accuracy, "batching": mode,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "jax": jax.__version__,
+      **(extra or {}),
   }
   np.savez_compressed(workdir / "reconstructions.npz", truth=x, reconstruction=matched,
                       psnr=psnr, failed=failed)

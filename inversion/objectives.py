@@ -67,17 +67,20 @@ def _norm(tree: Any) -> jax.Array:
   return jnp.sqrt(_dot(tree, tree))
 
 
-def adapt(candidate: Any, observed: Any, mode: str) -> Any:
-  """The attacker's trial gradient after the defense it knows was applied (see above)."""
+def adapt(candidate: Any, observed: Any, mode: str, clip_norm: float | None = None) -> Any:
+  """The attacker's trial gradient after the defense it knows was applied (see above);
+  'clip' clips to `clip_norm` when the defense declares it, else to the observed norm."""
   if mode == "prune":
     return jax.tree.map(lambda c, o: jnp.where(o == 0, 0.0, c), candidate, observed)
   if mode == "clip":
-    factor = jnp.minimum(1.0, _norm(observed) / jnp.maximum(_norm(candidate), 1e-12))
+    bound = _norm(observed) if clip_norm is None else clip_norm
+    factor = jnp.minimum(1.0, bound / jnp.maximum(_norm(candidate), 1e-12))
     return jax.tree.map(lambda c: c * factor, candidate)
   return candidate
 
 
-def matching(kind: str, *, noise_std: float = 0.0, adapt_to: str = "none") -> Objective:
+def matching(kind: str, *, noise_std: float = 0.0, adapt_to: str = "none",
+             clip_norm: float | None = None) -> Objective:
   """The matching loss `loss(candidate, observed)` named `kind` (module docstring)."""
   if kind not in MATCHING:
     raise ValueError(f"matching loss must be one of {MATCHING}, got {kind!r}")
@@ -89,4 +92,5 @@ def matching(kind: str, *, noise_std: float = 0.0, adapt_to: str = "none") -> Ob
     base = lambda a, b: l2(a, b) / (2.0 * noise_std ** 2)  # noqa: E731
   else:
     base = OBJECTIVES[kind]
-  return lambda candidate, observed: base(adapt(candidate, observed, adapt_to), observed)
+  return lambda candidate, observed: base(adapt(candidate, observed, adapt_to, clip_norm),
+                                         observed)

@@ -264,9 +264,11 @@ def gdp_mu(z: Sequence[float], neighbouring: str = "add_remove") -> float:
 
 
 def gdp_delta(epsilon: float, mu: float) -> float:
-  """delta(epsilon) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong et al.)."""
+  """delta(epsilon) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong et al.),
+  the second term in log space (e^eps overflows for the epsilons of weak schedules)."""
   norm = scipy_stats.norm
-  return float(norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2))
+  first = norm.cdf(-epsilon / mu + mu / 2)
+  return float(first - math.exp(min(epsilon + norm.logcdf(-epsilon / mu - mu / 2), 0.0)))
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -501,8 +503,9 @@ class ScheduleAccountant:
   - `epsilon_record` (one example): min(server epsilon, `record_epsilon(r)` when clients
     run DP-SGD inside: a record-level guarantee that holds against the server too).
 
-  All PLD (dp_accounting's RDP has no Poisson replace-one): on a 10x coarser grid every
-  round (pessimistic, cheap), on the `discretization` grid every `pld_every` rounds and at
+  At q = 1 (the server's view, or no amplification) the composition is exactly mu-GDP,
+  mu = 2 sqrt(sum z^-2), and epsilon comes in closed form. With sampling, PLD
+  (dp_accounting's RDP has no Poisson replace-one): on a 10x coarser grid every round (pessimistic, cheap), on the `discretization` grid every `pld_every` rounds and at
   the last round; the grid used is logged as `pld_grid`. Values depend on r only, so a
   resumed run logs the same numbers.
   """
@@ -531,6 +534,8 @@ class ScheduleAccountant:
     grid = self.discretization if self._pld(r) else 10 * self.discretization
 
     def eps(z, q):
+      if q == 1.0:  # a composition of Gaussians is exactly mu-GDP: closed form, any z
+        return gdp_epsilon(gdp_mu(z, "replace_one"), self.delta) if len(z) else 0.0
       return schedule_epsilon(z, self.delta, q=q, discretization=grid)
 
     out = {"epsilon": eps(self.z[:r], self.q)}

@@ -43,6 +43,7 @@ import os
 import struct
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -545,6 +546,14 @@ class SecureAggregation:
                         neighbours=k, graph_seed=os.urandom(32))
 
 
+def effective_noise_multiplier(z: float, survivors: Any, t_noise: Any) -> Any:
+  """The noise multiplier of the decoded sum when `survivors` clients each added their share
+  N(0, (z C)^2 / t_noise): z sqrt(survivors / t_noise). It is z when exactly t_noise survive
+  (what the guarantee assumes) and falls with every further dropout, which is why a round
+  with fewer survivors aborts."""
+  return z * (survivors / t_noise) ** 0.5
+
+
 def aggregator(settings: SecureAggregation):
   """A stateless `fljax.federated.Aggregator` that runs the real protocol each round.
 
@@ -560,7 +569,8 @@ def aggregator(settings: SecureAggregation):
   than the t_noise = max(ceil(threshold r), r // 2 + 1) of its r clients that the noise
   level assumed) leaves
   the model unchanged and is counted in `secagg_aborted`. Metrics: `secagg_survivors`,
-  `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`.
+  `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`, `secagg_z_eff`
+  (the noise multiplier the survivors' shares add up to, `effective_noise_multiplier`).
 
   Threat model: the server learns the sum only (`SERVER_OBSERVES`), so an attack on a
   secure-aggregation round must be given the aggregate, never a client's update.
@@ -630,6 +640,9 @@ def aggregator(settings: SecureAggregation):
       signed = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, shift), shift)
     mean = signed.astype(jnp.float32) / scale / jnp.maximum(survivors, 1).astype(jnp.float32)
     metrics = {"secagg_survivors": survivors.astype(jnp.float32),
+               # the noise multiplier the survivors' shares actually add up to
+               "secagg_z_eff": effective_noise_multiplier(
+                   settings.noise_multiplier, survivors.astype(jnp.float32), t_noise),
                "secagg_clipped": clipped.astype(jnp.float32),
                "secagg_aborted": aborted.astype(jnp.float32)}
     return unravel(mean), state, metrics

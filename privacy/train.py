@@ -16,6 +16,21 @@ with the mechanism's hooks plugged in, and logs the privacy spent after every ro
   secagg      aggregate       server sees only the sum;   (none), or with a noise multiplier:
                               + distributed DP: model     accountant over rounds
                               observer, user level
+  forward_noise  defense      model observer, server      `privacy.forward_noise.ScheduleAccountant`:
+              (+ aggregate,   per upload, record level    epsilon (model observer),
+              client_update   (replace one user)          epsilon_server, epsilon_record
+              for hybrids)
+  pfdm        clients         one image / one pixel       epsilon (= per image), epsilon_pixel
+              (data noised    (replace one record)        (one release before training)
+              once)
+
+Forward noise's hybrids: `central_noise_multiplier` > 0 adds central Gaussian noise at the
+server (which sums the noised uploads unclipped); `record_noise_multiplier` > 0 runs
+DP-SGD inside the clients (record level, accounted separately and reported as
+min(DP-SGD's, the per-upload epsilon)). Every epsilon of a forward-noise run is under
+replace-one-user (see `privacy.forward_noise` for why add/remove does not hold for local
+noise); DP-FedAvg and SecAgg runs log it too (`epsilon_replace_one`) for comparisons at
+equal epsilon.
 
 What the guarantee covers: the model parameters (and, for `dpsgd` and `local_dp`, every
 update the server receives). The training loss and other diagnostics in metrics.jsonl
@@ -29,19 +44,28 @@ recomputed from the run's key, since client sampling does not depend on the data
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fljax import federated as fed
 from fljax import train as fl_train
 from privacy import accounting, defenses, secagg
+from privacy import forward_noise as fn
+from privacy.noise import tree_gaussian
 from privacy import federated as pfed
 
 
-MECHANISM_NAMES = ("none", "dp_fedavg", "dpsgd", "local_dp", "prune", "quantize", "secagg")
+MECHANISM_NAMES = ("none", "dp_fedavg", "dpsgd", "local_dp", "prune", "quantize", "secagg",
+                   "forward_noise", "pfdm")
 DP_MECHANISMS = ("dp_fedavg", "dpsgd", "local_dp")
+SCHEDULES = ("constant", "staircase", "anneal", "linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +95,22 @@ class PrivacyConfig:
       SecAgg+ neighbourhood).
     secagg_neighbours: secagg: k > 0 runs SecAgg+ with k neighbours per client.
     secagg_dropout: secagg: probability that a client drops before its masked input.
+    schedule: forward_noise: constant (z = noise_multiplier), staircase (`stairs`
+      geometric levels from noise_multiplier to z_end), anneal (geometric from
+      noise_multiplier to z_end), linear or cosine (diffusion time t_start -> t_end over the
+      rounds). With target_epsilon the schedule's shape is scaled to meet it (model
+      observer, replace-one, PLD).
+    z_end: forward_noise: the last round's z (staircase, anneal; with target_epsilon, the
+      shape runs from 1 to z_end before it is scaled).
+    stairs: forward_noise: staircase levels.
+    t_start, t_end: forward_noise: diffusion times of the first and last round; pfdm: t_start
+      is t0, the data's diffusion time.
+    diffusion: forward_noise / pfdm: the diffusion schedule (linear or cosine) behind t.
+    scaling: forward_noise: flat, per_layer, coordinate (public scale from the initial
+      parameters) or norm (relative to the update's norm: not DP).
+    rescale: forward_noise: the server divides each upload by sqrt(abar) (post-processing).
+    central_noise_multiplier: forward_noise hybrid: central Gaussian noise z_C C on the sum.
+    record_noise_multiplier: forward_noise hybrid: DP-SGD with this sigma inside clients.
   """
 
   mechanism: str = "none"
@@ -91,6 +131,16 @@ class PrivacyConfig:
   secagg_threshold: float = 0.6
   secagg_neighbours: int = 0
   secagg_dropout: float = 0.0
+  schedule: str = "constant"
+  z_end: float | None = None
+  stairs: int = 4
+  t_start: int = 500
+  t_end: int = 250
+  diffusion: str = "linear"
+  scaling: str = "flat"
+  rescale: bool = True
+  central_noise_multiplier: float = 0.0
+  record_noise_multiplier: float = 0.0
 
   def __post_init__(self):
     if self.mechanism not in MECHANISM_NAMES:
@@ -107,6 +157,21 @@ class PrivacyConfig:
     if self.mechanism == "secagg" and None not in (self.noise_multiplier, self.target_epsilon):
       raise ValueError("privacy.mechanism=secagg takes at most one of --privacy.noise_multiplier "
                        "or --privacy.target_epsilon (none: secure aggregation without DP)")
+    if self.mechanism == "forward_noise":
+      if (self.noise_multiplier is None) == (self.target_epsilon is None) and \
+          self.schedule not in ("linear", "cosine"):
+        raise ValueError("privacy.mechanism=forward_noise needs exactly one of "
+                         "--privacy.noise_multiplier (z) or --privacy.target_epsilon")
+      if self.schedule not in SCHEDULES:
+        raise ValueError(f"privacy.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+      if self.schedule in ("staircase", "anneal") and self.z_end is None:
+        raise ValueError(f"privacy.schedule={self.schedule} needs --privacy.z_end")
+      if min(self.central_noise_multiplier, self.record_noise_multiplier) < 0:
+        raise ValueError("privacy.central_noise_multiplier and record_noise_multiplier must be >= 0")
+      if self.scaling not in fn.SCALINGS:
+        raise ValueError(f"privacy.scaling must be one of {fn.SCALINGS}, got {self.scaling!r}")
+    if self.mechanism in ("forward_noise", "pfdm"):
+      fn.z_of_t(self.diffusion, [self.t_start, self.t_end])
     if self.accountant not in ("pld", "rdp"):
       raise ValueError(f"privacy.accountant must be 'pld' or 'rdp', got {self.accountant!r}")
 
@@ -196,9 +261,21 @@ def _user_level(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> _UserLevel:
                        neighbouring)
   running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta),
                              event_of(sigma))
+  replace_one = None
+  if neighbouring == "add_remove" and accounting.make_accountant("pld", "replace_one").supports(
+      event_of(sigma)):  # the relation forward noise is accounted under, for comparisons
+    replace_one = _RoundAccountant(
+        lambda: accounting.Accountant("pld", "replace_one", cfg.delta), event_of(sigma))
+
+  def round_metrics(r):
+    out = {"epsilon": running.epsilon(r), "noise_multiplier": sigma}
+    if replace_one is not None:
+      out["epsilon_replace_one"] = replace_one.epsilon(r)
+    return out
+
   return _UserLevel(
       sigma=sigma,
-      round_metrics=lambda r: {"epsilon": running.epsilon(r), "noise_multiplier": sigma},
+      round_metrics=round_metrics,
       text=f"user level, {neighbouring}, C={cfg.clip_norm}, sigma={sigma:.4g}, {name} accountant, "
            f"delta={cfg.delta:g}")
 
@@ -235,11 +312,13 @@ def _participation_counts(ctx: fl_train.RunContext) -> np.ndarray:
   return np.concatenate([np.zeros((1, taken.shape[1])), np.cumsum(taken, axis=0)])
 
 
-def _dpsgd(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+def _record_level(cfg: PrivacyConfig, ctx: fl_train.RunContext, sigma: float | None
+                  ) -> tuple[float, fed.ClientUpdateFn, Callable[[int], float]]:
+  """DP-SGD inside every client: (sigma, its client update, worst-client epsilon after r
+  rounds, RDP over the rounds each client took part in). sigma None: calibrated."""
   fed_cfg = ctx.config.fed
   sizes = np.asarray(ctx.clients.mask.sum(axis=1)).astype(int)
   counts = _participation_counts(ctx)
-  final = counts[-1]
 
   def curves(sigma: float) -> dict[int, np.ndarray]:
     return {int(s): accounting.rdp_curve(pfed.dpsgd_client_event(fed_cfg, int(s), sigma))
@@ -249,13 +328,19 @@ def _dpsgd(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
     pairs = {(int(s), int(k)) for s, k in zip(sizes, participations) if k > 0}
     return max([accounting.rdp_epsilon(k * curve_of[s], cfg.delta) for s, k in pairs], default=0.0)
 
-  sigma = _sigma(cfg, lambda s: worst(curves(s), final))
+  if sigma is None:
+    sigma = _sigma(cfg, lambda s: worst(curves(s), counts[-1]))
   curve_of = curves(sigma)
   client_update = pfed.make_dpsgd_client_update(ctx.loss_fn, fed_cfg, clip_norm=cfg.clip_norm,
                                                 noise_multiplier=sigma, per_layer=cfg.per_layer)
+  return sigma, client_update, lambda r: worst(curve_of, counts[r])
+
+
+def _dpsgd(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+  sigma, client_update, record_epsilon = _record_level(cfg, ctx, cfg.noise_multiplier)
   return fl_train.Plugins(
       client_update=client_update,
-      round_metrics=lambda r: {"epsilon": worst(curve_of, counts[r]), "noise_multiplier": sigma},
+      round_metrics=lambda r: {"epsilon": record_epsilon(r), "noise_multiplier": sigma},
       description=(f"local DP-SGD (record level, add/remove), C={cfg.clip_norm}, "
                    f"sigma={sigma:.4g}, epsilon = max over clients (rdp), delta={cfg.delta:g}"))
 
@@ -278,6 +363,119 @@ def _local_dp(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
                    f"epsilon = max over clients of their uploads, delta={cfg.delta:g}"))
 
 
+def noise_schedule(cfg: PrivacyConfig, rounds: int, q: float) -> fn.NoiseSchedule:
+  """The forward-noise schedule of a run: its shape from the flags, scaled to the target."""
+  z = cfg.noise_multiplier if cfg.noise_multiplier is not None else 1.0
+  if cfg.schedule == "constant":
+    shape = fn.constant(z, rounds)
+  elif cfg.schedule == "staircase":
+    shape = fn.staircase(list(np.geomspace(z, cfg.z_end, cfg.stairs)), rounds)
+  elif cfg.schedule == "anneal":
+    shape = fn.annealed(z, cfg.z_end, rounds)
+  else:
+    shape = fn.from_diffusion(cfg.schedule, cfg.t_start, cfg.t_end, rounds)
+  if cfg.target_epsilon is None:
+    return shape
+  return fn.calibrate(shape, cfg.target_epsilon, cfg.delta, q=q)
+
+
+def _sampling_rate(fed_cfg, what: str) -> tuple[float, str]:
+  """q for the model observer's amplification, and how it was credited."""
+  if fed_cfg.sampling == "poisson" and fed_cfg.poisson_cap == 0:
+    return fed_cfg.clients_per_round, f"Poisson client sampling q={fed_cfg.clients_per_round:g}"
+  return 1.0, (f"no amplification credited ({fed_cfg.sampling} client sampling; "
+               f"--fed.sampling poisson --fed.poisson_cap 0 credits q for {what})")
+
+
+def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+  """Forward-diffusion noise on every upload (and its hybrids); see `privacy.forward_noise`."""
+  fed_cfg, rounds = ctx.config.fed, ctx.config.rounds
+  q, sampling = _sampling_rate(fed_cfg, "forward noise")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", fn.ScheduleWarning)
+    schedule = noise_schedule(cfg, rounds, q)
+  for w in caught:
+    print(f"warning: {w.message}")
+  schedule.check_rounds(rounds)
+  scale = None
+  if cfg.scaling == "coordinate":
+    scale = fn.public_scale(ctx.model.init(jax.random.key(0)))
+  mech = fn.ForwardNoise(clip_norm=None if cfg.scaling == "norm" else cfg.clip_norm,
+                         schedule=schedule, scaling=cfg.scaling, rescale=cfg.rescale,
+                         coordinate_scale=scale)
+  layers = len(jax.tree.leaves(ctx.model.init(jax.random.key(0))))
+  event_z = mech.event_z(layers)
+  # hybrid (a): the client's own noise and the central noise are in both worlds (replace-one)
+  z_model = np.sqrt(event_z ** 2 + cfg.central_noise_multiplier ** 2)
+  plugins: dict[str, Any] = {"defense": mech.defense()}
+  text = [f"forward noise, {schedule.describe()}, {cfg.scaling} scaling, C={cfg.clip_norm}",
+          "not DP (epsilon = inf, empirical only)" if not mech.private else
+          f"replace-one user level, {sampling}"]
+  if cfg.central_noise_multiplier:
+    plugins["aggregate"] = central_gaussian(cfg.central_noise_multiplier * cfg.clip_norm,
+                                            pfed.expected_clients(fed_cfg, ctx.clients.num_clients))
+    text.append(f"+ central noise z_C={cfg.central_noise_multiplier:g} (server sums the "
+                f"uploads unclipped; model observer z = sqrt(z^2 + z_C^2))")
+  record_epsilon = None
+  if cfg.record_noise_multiplier:
+    sigma, plugins["client_update"], record_epsilon = _record_level(
+        cfg, ctx, cfg.record_noise_multiplier)
+    text.append(f"+ DP-SGD in clients sigma={sigma:g} (record level, rdp)")
+  counts = _participation_counts(ctx).max(axis=1)
+  acc = fn.ScheduleAccountant(z_model, q=q, delta=cfg.delta, participations=counts,
+                              record_epsilon=record_epsilon, private=mech.private)
+  server = fn.ScheduleAccountant(event_z, q=1.0, delta=cfg.delta, participations=counts,
+                                 record_epsilon=record_epsilon, private=mech.private)
+  zs = schedule.z
+
+  def round_metrics(r):
+    model = acc.epsilons(r)
+    # the server sees each upload before the central noise: its view is from z_L alone
+    uploads = server.epsilons(r) if cfg.central_noise_multiplier else model
+    return {"epsilon": model["epsilon"], "epsilon_server": uploads["epsilon_server"],
+            "epsilon_record": uploads["epsilon_record"], "pld_grid": model.get("pld_grid", 0.0),
+            "noise_multiplier": float(zs[min(r, rounds) - 1]) if r else float(zs[0])}
+
+  if ctx.workdir is not None and jax.process_index() == 0:
+    (ctx.workdir / "privacy.json").write_text(json.dumps({
+        "mechanism": "forward_noise", "schedule": schedule.to_json(), "event_z": list(event_z),
+        "model_observer_z": list(z_model), "q": q, "delta": cfg.delta,
+        "relation": "replace_one (user)", "private": mech.private,
+        "description": "; ".join(text)}) + "\n")
+  return fl_train.Plugins(round_metrics=round_metrics, description="; ".join(text), **plugins)
+
+
+def central_gaussian(stddev: float, expected_clients: float) -> fed.Aggregator:
+  """The server's central noise for the forward-noise hybrid: the sum of the (already
+  clipped and noised) uploads, each with weight 1, plus N(0, stddev^2), over the public
+  `expected_clients`. It does not clip again: the uploads' own noise would dominate it."""
+  def update(updates, weights, state, key):
+    real = (weights > 0).astype(jnp.float32)
+    total = jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1), updates)
+    noise = tree_gaussian(total, stddev, key=key)
+    return jax.tree.map(lambda s, z: (s + z) / expected_clients, total, noise), state, {}
+  return fed.Aggregator(lambda params: (), update)
+
+
+def _pfdm(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
+  """PFDM-style data-level noising: every client's images released once at t0."""
+  data = fn.DataForwardNoise.at(cfg.diffusion, cfg.t_start)
+  pixels = int(np.prod(ctx.dataset.image_shape))
+  eps = data.epsilons(pixels, cfg.delta)
+  key = jax.random.fold_in(ctx.run_key, 0x5FD)  # the one data release; no round key uses it
+
+  def clients(batch):
+    return dataclasses.replace(batch, x=data.apply(jnp.asarray(batch.x), key=key))
+
+  return fl_train.Plugins(
+      clients=clients,
+      round_metrics=lambda r: {"epsilon": eps["epsilon_image"],
+                               "epsilon_pixel": eps["epsilon_pixel"], "noise_multiplier": data.z},
+      description=(f"PFDM data noising at {cfg.diffusion} t0={cfg.t_start} (z={data.z:.3g}), one "
+                   f"release: epsilon {eps['epsilon_image']:.3g} per image, "
+                   f"{eps['epsilon_pixel']:.3g} per pixel (replace one record), delta={cfg.delta:g}"))
+
+
 MECHANISMS: dict[str, Callable[[PrivacyConfig, fl_train.RunContext], fl_train.Plugins]] = {
     "none": _none,
     "dp_fedavg": _dp_fedavg,
@@ -286,6 +484,8 @@ MECHANISMS: dict[str, Callable[[PrivacyConfig, fl_train.RunContext], fl_train.Pl
     "prune": _prune,
     "quantize": _quantize,
     "secagg": _secagg,
+    "forward_noise": _forward_noise,
+    "pfdm": _pfdm,
 }
 assert tuple(MECHANISMS) == MECHANISM_NAMES
 

@@ -139,3 +139,26 @@ def test_bench_generative_attacks_quick_prints_result_line():
   last = run_script("bench_generative_attacks.py", "--quick", "--victims", "1", "--steps", "2",
                     "--loop_runs", "1").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_generative_attacks ratio=")
+
+
+def test_defense_tradeoff_quick_trains_reports_and_records_failures(tmp_path):
+  # The attack curve comes from a fake attack_vs_noise cell (its format: comparison.json).
+  cell = tmp_path / "attacks" / "z0.3"
+  cell.mkdir(parents=True)
+  (cell / "comparison.json").write_text(json.dumps([
+      {"attack": "dps", "median_psnr": 11.0},
+      {"attack": "dps[adaptive=true,denoise=rescale]", "median_psnr": 11.5,
+       "rero_bound_kappa_1e-3": 1.0, "success_rate_20db": 0.0, "update_cosine": 0.1}]))
+  out = tmp_path / "t"
+  run_script("defense_tradeoff.py", "--quick", "--out", str(out), "--defenses", "none",
+             "forward z=0.3")
+  failed = out / "iid" / "none" / "seed0"
+  (failed / "done.json").unlink()  # a cell that failed is reported, not dropped
+  (failed / "failed.txt").write_text("FloatingPointError: diverged\n")
+  stdout = run_script("defense_tradeoff.py", "--quick", "--out", str(out), "--defenses", "none",
+                      "forward z=0.3", "--report", str(tmp_path / "attacks"))
+  assert "failed: FloatingPointError" in stdout
+  assert "| iid | forward z=0.3 |" in stdout and "| 11.5 |" in stdout
+  for name in ("accuracy_vs_epsilon.png", "psnr_vs_z.png", "frontier.png", "schedules.png",
+               "tradeoff.md", "tradeoff.json"):
+    assert (out / name).exists(), name

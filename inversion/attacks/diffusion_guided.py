@@ -77,6 +77,7 @@ class DiffusionAttackConfig:
     loss: cosine, layer_cosine, l2 or l2_noise_aware.
     noise_std: the declared noise std, for l2_noise_aware.
     adaptive: none, prune or clip: apply the declared defense to trial gradients.
+    clip_norm: the declared clip norm C for adaptive clip (None: the observed norm).
     feature_weight: lambda_f of the feature-matching term (0: no feature conditioning).
     feature_anneal: fraction of the final steps over which lambda_f falls to 0.
     conditional: sample the class-conditional prior at the labels (else unconditionally).
@@ -97,6 +98,7 @@ class DiffusionAttackConfig:
   loss: str = "cosine"
   noise_std: float = 0.0
   adaptive: str = "none"
+  clip_norm: float | None = None
   feature_weight: float = 1.0
   feature_anneal: float = 0.3
   conditional: bool = True
@@ -122,7 +124,8 @@ class DiffusionAttackConfig:
       raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
     if self.ggdm_on not in ("x0_hat", "x_t"):
       raise ValueError(f"ggdm_on must be x0_hat or x_t, got {self.ggdm_on!r}")
-    objectives.matching(self.loss, noise_std=self.noise_std, adapt_to=self.adaptive)
+    objectives.matching(self.loss, noise_std=self.noise_std, adapt_to=self.adaptive,
+                        clip_norm=self.clip_norm)
 
   @property
   def uses_gradient(self) -> bool:
@@ -183,7 +186,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, p
   conditional = cfg.conditional and prior.num_classes > 0
   image_of = to_victim(prior.image_shape, threat.input_shape)
   update_of = forward(apply_fn, threat)
-  match = objectives.matching(cfg.loss, noise_std=cfg.noise_std, adapt_to=cfg.adaptive)
+  match = objectives.matching(cfg.loss, noise_std=cfg.noise_std, adapt_to=cfg.adaptive,
+                                 clip_norm=cfg.clip_norm)
   ggdm = cfg.mode == "ggdm"
   if ggdm or cfg.sampler == "ddpm":
     sampler = samplers.ddpm(prior.schedule, num_steps=cfg.num_steps, prediction=prior.prediction,

@@ -57,6 +57,7 @@ class GIFDConfig:
     loss: matching loss (cosine, layer_cosine, l2, l2_noise_aware).
     noise_std: the declared noise std, for l2_noise_aware.
     adaptive: none, prune or clip (the declared defense applied to trial gradients).
+    clip_norm: the declared clip norm C for adaptive clip (None: the observed norm).
     labels: known, or inferred: idlg (B = 1), bias_corrected or yin.
   """
 
@@ -70,6 +71,7 @@ class GIFDConfig:
   loss: str = "cosine"
   noise_std: float = 0.0
   adaptive: str = "none"
+  clip_norm: float | None = None
   labels: str = "idlg"
 
   def __post_init__(self):
@@ -81,7 +83,8 @@ class GIFDConfig:
       raise ValueError(f"radii needs {self.stages} positive entries, got {self.radii}")
     if self.labels not in LABELS:
       raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
-    objectives.matching(self.loss, noise_std=self.noise_std, adapt_to=self.adaptive)
+    objectives.matching(self.loss, noise_std=self.noise_std, adapt_to=self.adaptive,
+                        clip_norm=self.clip_norm)
 
   @property
   def num_steps(self) -> int:
@@ -117,7 +120,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
   label_inference.check(cfg.labels, threat.batch_size)
   image_of = to_victim(gan.image_shape, threat.input_shape)
   update_of = forward(apply_fn, threat)
-  match = objectives.matching(cfg.loss, noise_std=cfg.noise_std, adapt_to=cfg.adaptive)
+  match = objectives.matching(cfg.loss, noise_std=cfg.noise_std, adapt_to=cfg.adaptive,
+                                 clip_norm=cfg.clip_norm)
   hw = threat.input_shape[0] * threat.input_shape[1]
 
   def adam(steps):

@@ -170,8 +170,10 @@ def test_schedule_accountant_reports_three_threat_models():
   out = acc.epsilons(10)
   assert out["epsilon"] == pytest.approx(fn.schedule_epsilon(z, 1e-5, q=0.5,
                                                              discretization=1e-3), rel=1e-9)
-  assert out["epsilon_server"] == pytest.approx(fn.schedule_epsilon(z[:6], 1e-5,
-                                                                    discretization=1e-3), rel=1e-9)
+  # the server's view (q = 1) is exactly mu-GDP: closed form, which PLD approaches
+  assert out["epsilon_server"] == pytest.approx(fn.gdp_epsilon(fn.gdp_mu(z[:6], "replace_one"),
+                                                               1e-5), rel=1e-9)
+  assert out["epsilon_server"] == pytest.approx(fn.schedule_epsilon(z[:6], 1e-5), rel=1e-4)
   assert out["epsilon_record"] == pytest.approx(1.0)
   assert acc.epsilons(0)["epsilon"] == 0.0
   assert acc.epsilons(3)["pld_grid"] == 1e-2 and acc.epsilons(5)["pld_grid"] == 1e-3

@@ -226,3 +226,22 @@ def test_fedavg_rounds_with_secure_aggregation_match_plain_averaging():
     results.append(state.params)
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_logged_effective_noise_multiplier_falls_with_dropouts():
+  m, d, z = 5, 50, 2.0
+  agg = sa.aggregator(sa.SecureAggregation(clip=50.0, threshold=0.6, noise_multiplier=z,
+                                           dropout=0.3))
+  seen = {}
+  for seed in range(12):
+    _, _, metrics = jax.jit(agg.update)({"w": jnp.zeros((m, d))}, jnp.ones(m), (),
+                                        jax.random.key(seed))
+    if not float(metrics["secagg_aborted"]):
+      seen[int(metrics["secagg_survivors"])] = float(metrics["secagg_z_eff"])
+  t_noise = 3  # max(ceil(0.6 * 5), 5 // 2 + 1)
+  assert len(seen) >= 2  # at least two survivor counts among the seeds
+  for k, z_eff in seen.items():
+    assert z_eff == pytest.approx(z * (k / t_noise) ** 0.5, rel=1e-6)
+  ks = sorted(seen)
+  assert all(seen[a] < seen[b] for a, b in zip(ks, ks[1:]))
+  assert float(sa.effective_noise_multiplier(z, t_noise, t_noise)) == z

@@ -145,3 +145,60 @@ def test_secure_aggregation_trains_like_plain_fedavg(tmp_path):
   # uniform vs size-weighted mean of 4 near-equal iid clients, plus quantization
   assert abs(secure["test_accuracy"] - plain["test_accuracy"]) < 0.03
   assert secure["secagg_clipped"] == 0 and secure["secagg_aborted"] == 0
+
+
+def test_forward_noise_logs_three_threat_models_and_post_processing_changes_none(tmp_path):
+  base = dict(mechanism="forward_noise", noise_multiplier=2.0, clip_norm=0.01)
+  runs = {"plain": _config(**base),
+          "no_rescale": _config(**base, rescale=False),
+          "momentum": dataclasses.replace(
+              _config(**base), fed=fl_train.fed.FedConfig(
+                  clients_per_round=0.5, sampling="poisson", server_optimizer="momentum"))}
+  logs = {}
+  for name, cfg in runs.items():
+    train.train_and_evaluate(cfg, tmp_path / name, progress=False)
+    logs[name] = _records(tmp_path / name)
+  keys = ("epsilon", "epsilon_server", "epsilon_record")
+  first = [[r[k] for k in keys] for r in logs["plain"]]
+  for name in runs:
+    assert [[r[k] for k in keys] for r in logs[name]] == first
+  last = logs["plain"][-1]
+  assert 0 < last["epsilon"] < last["epsilon_server"] < float("inf")  # q = 0.5 amplifies
+  saved = json.loads((tmp_path / "plain" / "privacy.json").read_text())
+  assert saved["schedule"]["z"] == [2.0] * 3 and saved["relation"].startswith("replace_one")
+
+
+@pytest.mark.parametrize("privacy", [
+    dict(mechanism="forward_noise", target_epsilon=20.0, schedule="anneal", z_end=0.5),
+    dict(mechanism="forward_noise", schedule="cosine", t_start=900, t_end=700,
+         central_noise_multiplier=1.0, record_noise_multiplier=1.0),
+    dict(mechanism="forward_noise", noise_multiplier=1.0, scaling="norm"),
+    dict(mechanism="pfdm", t_start=750),
+])
+def test_forward_noise_variants_run(tmp_path, privacy):
+  if privacy["mechanism"] == "forward_noise":
+    privacy = {**privacy, "clip_norm": 0.01}  # noise z C sqrt(55k) must not swamp the mlp
+  record = train.train_and_evaluate(_config(rounds=2, **privacy), tmp_path, progress=False)
+  assert 0 <= record["test_accuracy"] <= 1
+  if privacy.get("scaling") == "norm":
+    assert record["epsilon"] == float("inf")
+  elif "target_epsilon" in privacy:
+    assert record["epsilon"] <= privacy["target_epsilon"]
+  else:
+    assert 0 < record["epsilon"] < float("inf")
+  if "record_noise_multiplier" in privacy:
+    assert record["epsilon_record"] < record["epsilon_server"]
+
+
+@pytest.mark.parametrize("privacy, message", [
+    (dict(mechanism="forward_noise"), "exactly one of"),
+    (dict(mechanism="forward_noise", noise_multiplier=1.0, schedule="staircase"), "z_end"),
+    (dict(mechanism="forward_noise", noise_multiplier=1.0, schedule="sigmoid"), "schedule"),
+    (dict(mechanism="forward_noise", schedule="linear", t_start=0), "integer in"),
+    (dict(mechanism="forward_noise", noise_multiplier=1.0, clip_norm=0.0), "clip norm"),
+    (dict(mechanism="forward_noise", noise_multiplier=1.0, delta=1.0), "delta"),
+    (dict(mechanism="pfdm", t_start=1001), "integer in"),
+])
+def test_forward_noise_bad_settings_are_rejected(privacy, message):
+  with pytest.raises(ValueError, match=message):
+    train.PrivacyConfig(**privacy)
