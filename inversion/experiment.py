@@ -480,21 +480,30 @@ def observe_all(model: models.Model, params: Any, x: np.ndarray, y: np.ndarray,
   shared. Victim i's client runs fljax's client update with `fold_in(key, i)` and the
   defense with its own fold of that key (`observation.observe`), folded again with the
   round for rounds > 0 (the same update, fresh defense noise)."""
+  batch = Batch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones(y.shape, jnp.float32))
+  ob.check_batch(batch.mask, threat)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(y)))
+  updates, labels = _observer(model, threat, defense)(params, batch, keys, round_)
+  return ob.Observation(update=updates, params=params, labels=labels)
+
+
+@functools.lru_cache(maxsize=32)
+def _observer(model: models.Model, threat: ob.ThreatModel, defense: fed.DefenseFn):
+  """The compiled `(params, batch, keys, round) -> (updates, labels)` of `observe_all`,
+  one per (model, threat, defense), so that k rounds or many surrogate batches compile once."""
   fed_cfg = fed.FedConfig(algorithm=threat.algorithm, local_epochs=threat.local_epochs,
                           local_batch_size=threat.local_batch_size, local_lr=threat.local_lr)
   client_update = fed.make_client_update(fed.make_loss_fn(model.apply), fed_cfg)
-  batch = Batch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones(y.shape, jnp.float32))
-  ob.check_batch(batch.mask, threat)
-  def one(data, k):
+
+  def one(params, data, k, round_):
     dkey = jax.random.fold_in(k, 1)
-    dkey = dkey if round_ == 0 else jax.random.fold_in(dkey, round_)
-    o = ob.observe(client_update, params, data, k, threat, defense=defense, defense_key=dkey,
-                   round_=round_)
+    dkey = jnp.where(round_ == 0, jax.random.key_data(dkey),
+                     jax.random.key_data(jax.random.fold_in(dkey, round_)))
+    o = ob.observe(client_update, params, data, k, threat, defense=defense,
+                   defense_key=jax.random.wrap_key_data(dkey), round_=round_)
     return o.update, o.labels
 
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(y)))
-  updates, labels = jax.jit(jax.vmap(one))(batch, keys)
-  return ob.Observation(update=updates, params=params, labels=labels)
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
 
 
 def random_observation(obs: ob.Observation, *, key: jax.Array) -> ob.Observation:

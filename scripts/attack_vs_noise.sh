@@ -16,7 +16,7 @@ set -euo pipefail
 OUT=${1:-runs/attack_vs_noise}
 shift || true
 ZS=("$@")
-[[ ${#ZS[@]} -eq 0 ]] && ZS=(0 0.003 0.01 0.03 0.1 1)
+[[ ${#ZS[@]} -eq 0 ]] && ZS=(0 0.003 0.01 0.03 0.1 0.3 1)
 A0="ig,dps"
 ADAPTIVE="dps[adaptive=true,denoise=rescale],dps[adaptive=true,denoise=svd+wiener],dps[adaptive=true,denoise=average,rounds=10],dps[adaptive=true,denoise=pca]"
 for z in "${ZS[@]}"; do

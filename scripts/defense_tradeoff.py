@@ -260,23 +260,61 @@ def _table(out: Path, rows: list[dict], curve: dict) -> None:
   print("\n".join(lines))
 
 
-def _figures(plt, out, rows, curve, by_round, partitions) -> None:
-  ok = [r for r in rows if "failed" not in r]
+def _panels(plt, partitions, draw, path: Path, *, xlabel: str, ylabel: str, title: str = "{}",
+            legend: str = "best", xlog: bool = False) -> None:
+  """One panel per partition; `draw(ax, partition)` plots into each."""
   fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
   for ax, p in zip(axes[0], partitions):
-    for r in (r for r in ok if r["partition"] == p):
-      eps = r["epsilon_model"]
-      x = 1e4 if eps is None or math.isinf(eps) else eps
-      ax.errorbar([x], [r["accuracy"]], yerr=[r["accuracy_std"]], fmt="o", label=r["defense"])
-    ax.set_xscale("log")
-    ax.set_xlabel("epsilon, model observer (replace-one; inf plotted at 1e4)")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title(p)
-  axes[0][-1].legend(fontsize=6, loc="lower right")
+    draw(ax, p)
+    if xlog:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title.format(p))
+  handles = {}
+  for ax in axes[0]:  # one legend entry per defense, whichever panel drew it
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
   fig.tight_layout()
-  fig.savefig(out / "accuracy_vs_epsilon.png", dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
+
+def _figures(plt, out, rows, curve, by_round, partitions) -> None:
+  ok = [r for r in rows if "failed" not in r]
+  names = list(dict.fromkeys(r["defense"] for r in ok))
+  color = {n: f"C{i % 10}" for i, n in enumerate(names)}
+  marker = {n: "os^vD"[i // 10 % 5] for i, n in enumerate(names)}
+
+  def point(ax, r, x):
+    ax.errorbar([x], [r["accuracy"]], yerr=[r["accuracy_std"]], fmt=marker[r["defense"]],
+                color=color[r["defense"]], label=r["defense"])
+
+  def accuracy_vs_epsilon(ax, p):
+    for r in (r for r in ok if r["partition"] == p):
+      eps = r["epsilon_model"]
+      point(ax, r, 1e4 if eps is None or math.isinf(eps) else eps)
+
+  def frontier(ax, p):
+    for r in (r for r in ok if r["partition"] == p and r["psnr_best_adaptive"] is not None):
+      point(ax, r, r["psnr_best_adaptive"])
+    ax.axvline(12, color="gray", ls=":", lw=1)
+
+  def schedules(ax, p):
+    for name in SCHEDULE_RUNS:
+      for i, (rounds, acc) in enumerate(by_round.get((p, name), [])):
+        ax.plot(rounds, acc, color=f"C{SCHEDULE_RUNS.index(name)}", alpha=0.8,
+                label=name if i == 0 else None)
+
+  _panels(plt, partitions, accuracy_vs_epsilon, out / "accuracy_vs_epsilon.png", xlog=True,
+          xlabel="epsilon, model observer (replace-one; inf plotted at 1e4)",
+          ylabel="final test accuracy", legend="lower right")
+  _panels(plt, partitions, frontier, out / "frontier.png",
+          xlabel="best adaptive attack PSNR on the server's view, dB (worst case B = 1)",
+          ylabel="final test accuracy", legend="lower left")
+  _panels(plt, partitions, schedules, out / "schedules.png", xlabel="round",
+          ylabel="test accuracy", title="{}: schedules at epsilon 8")
   if curve:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     zs = sorted(curve)
@@ -294,34 +332,6 @@ def _figures(plt, out, rows, curve, by_round, partitions) -> None:
     fig.tight_layout()
     fig.savefig(out / "psnr_vs_z.png", dpi=110)
     plt.close(fig)
-
-  fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
-  for ax, p in zip(axes[0], partitions):
-    for r in (r for r in ok if r["partition"] == p and r["psnr_best_adaptive"] is not None):
-      ax.errorbar([r["psnr_best_adaptive"]], [r["accuracy"]], yerr=[r["accuracy_std"]], fmt="o",
-                  label=r["defense"])
-    ax.axvline(12, color="gray", ls=":", lw=1)
-    ax.set_xlabel("best adaptive attack PSNR on the server's view, dB")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title(p)
-  axes[0][-1].legend(fontsize=6, loc="lower left")
-  fig.tight_layout()
-  fig.savefig(out / "frontier.png", dpi=110)
-  plt.close(fig)
-
-  fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
-  for ax, p in zip(axes[0], partitions):
-    for name in SCHEDULE_RUNS:
-      for i, (rounds, acc) in enumerate(by_round.get((p, name), [])):
-        ax.plot(rounds, acc, color=f"C{SCHEDULE_RUNS.index(name)}", alpha=0.8,
-                label=name if i == 0 else None)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{p}: schedules at epsilon 8")
-  axes[0][-1].legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(out / "schedules.png", dpi=110)
-  plt.close(fig)
 
 
 def main(argv=None) -> None:
