@@ -61,6 +61,7 @@ def defenses(rounds: int, delta: float) -> dict[str, dict[str, Any]]:
   fnoise = dict(mechanism="forward_noise", clip_norm=0.5)
   return {
       "none": dict(mechanism="none"),
+      "forward z=0.03": dict(fnoise, noise_multiplier=0.03),
       "forward z=0.1": dict(fnoise, noise_multiplier=0.1),
       "forward z=0.3": dict(fnoise, noise_multiplier=0.3),
       "forward z=1": dict(fnoise, noise_multiplier=1.0),
@@ -73,13 +74,17 @@ def defenses(rounds: int, delta: float) -> dict[str, dict[str, Any]]:
       "dp-sgd + forward z=0.3": dict(fnoise, noise_multiplier=0.3, record_noise_multiplier=1.0),
       "pfdm t0=500": dict(mechanism="pfdm", t_start=500),
       "dp-fedavg eps=8": dict(mechanism="dp_fedavg", target_epsilon=TARGET, clip_norm=0.5),
+      # the same z as forward noise at epsilon 8: DP-FedAvg at epsilon 8 under replace-one
+      "dp-fedavg eps=8 replace-one": dict(mechanism="dp_fedavg", noise_multiplier=z_star,
+                                          clip_norm=0.5),
       "secagg+ddp eps=8": dict(mechanism="secagg", target_epsilon=TARGET, clip_norm=0.5,
                                secagg_clip=10.0, secagg_neighbours=8),
   }
 
 
-CORE = ("none", "forward z=0.3", "forward eps=8", f"hybrid z_L={Z_LOCAL:g} + central",
-        "dp-fedavg eps=8", "secagg+ddp eps=8")
+CORE = ("none", "forward z=0.03", "forward z=0.3", "forward eps=8",
+        f"hybrid z_L={Z_LOCAL:g} + central", "dp-fedavg eps=8", "dp-fedavg eps=8 replace-one",
+        "secagg+ddp eps=8")
 
 
 SCHEDULE_RUNS = ("forward eps=8", "forward anneal eps=8", "forward cosine eps=8", "dp-fedavg eps=8")

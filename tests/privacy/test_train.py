@@ -79,7 +79,9 @@ def _restore_template():
     dict(mechanism="quantize", quantize="int8"),
     dict(mechanism="dp_fedavg", noise_multiplier=1.0, accountant="rdp"),
     dict(mechanism="secagg", secagg_neighbours=2, secagg_dropout=0.2),
-    dict(mechanism="secagg", target_epsilon=30.0, secagg_clip=10.0),
+    # the real protocol with distributed DP, calibrated (~45 s; test_secagg covers its parts)
+    pytest.param(dict(mechanism="secagg", target_epsilon=30.0, secagg_clip=10.0),
+                 marks=pytest.mark.slow),
 ])
 def test_every_mechanism_runs(tmp_path, privacy):
   record = train.train_and_evaluate(_config(rounds=2, **privacy), tmp_path, progress=False)
@@ -108,6 +110,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # ~45 s: two script runs (the DP-SGD step and accounting have unit tests)
 def test_centralized_dpsgd_script_meets_target_and_resumes(tmp_path):
   args = ["--workdir", str(tmp_path), "--dataset", "digits", "--model.name", "mlp",
           "--dpsgd.batch_size", "64", "--lr", "0.1"]
