@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,7 +70,6 @@ def _forward_noise(d: DefenseSpec) -> fed.DefenseFn:
     raise ValueError(f"defense.noise_multiplier must be >= 0, got {d.noise_multiplier}")
   if d.noise_multiplier == 0:
     return lambda update, key, round_=0: clip_update(update, d.clip_norm)[0]
-  import warnings
   with warnings.catch_warnings():  # weak z is what these attack experiments measure
     warnings.simplefilter("ignore", fn.ScheduleWarning)
     schedule = fn.constant(d.noise_multiplier, 1)

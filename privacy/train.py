@@ -397,13 +397,14 @@ def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plu
   for w in caught:
     print(f"warning: {w.message}")
   schedule.check_rounds(rounds)
+  shapes = jax.eval_shape(ctx.model.init, jax.random.key(0))  # only the tensor count is needed
   scale = None
-  if cfg.scaling == "coordinate":
+  if cfg.scaling == "coordinate":  # the RMS of each tensor at a data-independent init
     scale = fn.public_scale(ctx.model.init(jax.random.key(0)))
   mech = fn.ForwardNoise(clip_norm=None if cfg.scaling == "norm" else cfg.clip_norm,
                          schedule=schedule, scaling=cfg.scaling, rescale=cfg.rescale,
                          coordinate_scale=scale)
-  layers = len(jax.tree.leaves(ctx.model.init(jax.random.key(0))))
+  layers = len(jax.tree.leaves(shapes))
   event_z = mech.event_z(layers)
   # hybrid (a): the client's own noise and the central noise are in both worlds (replace-one)
   z_model = np.sqrt(event_z ** 2 + cfg.central_noise_multiplier ** 2)
