@@ -71,7 +71,7 @@ def process(ys: Any, steps: tuple[str, ...], noise: DeclaredNoise, *, batch_size
     ys = jax.tree.map(lambda y: y / noise.scale, ys)
   if "average" in steps:
     stds = jnp.full((k,), max(sigma, 1e-30))
-    y, joint = jax.vmap(lambda o: dn.combine_rounds(o, stds), in_axes=1)(ys)
+    y, _ = jax.vmap(lambda o: dn.combine_rounds(o, stds), in_axes=1)(ys)
     sigma = sigma / math.sqrt(k)
   else:
     y = jax.tree.map(lambda a: a[0], ys)

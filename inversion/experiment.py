@@ -116,20 +116,18 @@ def _per_restart(spec: AttackSpec) -> int | None:
 
 def _adaptation(spec: AttackSpec, defense: DefenseSpec
                 ) -> tuple[str, str | None, float, float | None]:
-  """(adaptive mode, matching loss override, declared noise std, clip norm) of an attack."""
+  """(adaptive mode, matching loss override, declared noise std, clip norm) of an attack,
+  from what the defense declares (`declared_noise`)."""
   if not spec.adaptive:
     return "none", None, 0.0, None
-  if defense.name == "forward_noise":  # the noise left after the attacker's averaging
-    rounds = spec.rounds if "average" in adaptive.parse(spec.denoise) else 1
-    std = defense.noise_multiplier * defense.clip_norm / rounds ** 0.5
-    return "clip", "l2_noise_aware" if std > 0 else None, std, defense.clip_norm
-  if defense.name == "gaussian":
-    return "none", "l2_noise_aware", defense.std, None
   if defense.name == "prune":
     return "prune", None, 0.0, None
-  if defense.name == "local_dp":
-    return "clip", "l2_noise_aware", defense.clip_norm * defense.noise_multiplier, defense.clip_norm
-  return "none", None, 0.0, None
+  noise = declared_noise(defense)
+  std = noise.sigma
+  if defense.name == "forward_noise" and "average" in adaptive.parse(spec.denoise):
+    std /= spec.rounds ** 0.5  # the noise left after the attacker's averaging
+  return ("none" if noise.clip_norm is None else "clip", "l2_noise_aware" if std > 0 else None,
+          std, noise.clip_norm)
 
 
 def _dlg_plan(model, threat, spec, defense, labels):
