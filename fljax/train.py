@@ -26,6 +26,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -408,7 +409,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
     ckpt.close()
 
   evaluated = [r for r in log.records if "test_accuracy" in r]
-  if primary:
+  if primary:  # the final model, for whoever attacks or evaluates it later (flax msgpack)
+    (workdir / "params.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(state.params)))
     plots.plot_curves({config.data.partition: ([r["round"] for r in evaluated],
                                                [r["test_accuracy"] for r in evaluated])},
                       str(workdir / "accuracy.png"),

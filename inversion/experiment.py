@@ -541,21 +541,28 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
                    map_batch_size: int = 0, chunk: int = 100,
                    progress: Callable[[int], Any] = lambda n: None,
                    checkpoint: Callable[[Any, int], None] | None = None,
-                   restore: Callable[[Any], tuple[Any, int] | None] | None = None) -> Any:
+                   restore: Callable[[Any], tuple[Any, int] | None] | None = None,
+                   row_params: bool = False) -> Any:
   """Runs `plan` on N observations stacked on their leading axis (keys `[N]`), all in one
   compiled computation per `chunk` steps; returns the final states stacked `[N, ...]`.
 
-  The model parameters are shared by every observation (`obs.params` unbatched).
+  The model parameters are shared by every observation (`obs.params` unbatched), or, with
+  `row_params`, stacked `[N, ...]` like the updates (observations of different models,
+  e.g. a study's cells, attacked in one computation).
   `checkpoint(states, steps_done)` is called between chunks; `restore(initial_states)`
   may return `(states, steps_done)` saved by an earlier, interrupted call.
   """
-  params = obs.params
-  rows = ob.Observation(update=obs.update, params=None, labels=obs.labels)
+  params = None if row_params else obs.params
+  rows = ob.Observation(update=obs.update, params=obs.params if row_params else None,
+                        labels=obs.labels)
+
+  def with_params(o, params):
+    return ob.Observation(update=o.update, params=o.params if row_params else params,
+                          labels=o.labels)
 
   @jax.jit
   def init(keys, rows, params):
-    one = lambda k, o: plan.attack.init(k, ob.Observation(update=o.update, params=params,
-                                                          labels=o.labels))
+    one = lambda k, o: plan.attack.init(k, with_params(o, params))
     return fed.batch_over(one, mode, map_batch_size)(keys, rows)
 
   phases = plan.attack.phases or ((plan.attack.step, plan.steps),)
@@ -578,7 +585,7 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
     step = capped(phases[phase][0])
 
     def one(s, o):
-      o = ob.Observation(update=o.update, params=params, labels=o.labels)
+      o = with_params(o, params)
       return jax.lax.scan(lambda s, _: (step(s, o)[0], None), s, None, length=n)[0]
     return fed.batch_over(one, mode, map_batch_size)(states, rows)
 

@@ -257,15 +257,14 @@ def _user_level(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> _UserLevel:
     raise ValueError(f"the {name} accountant cannot account {type(event_of(1.0)).__name__} "
                      f"(Poisson client sampling truncated by --fed.poisson_cap): use "
                      f"--privacy.accountant pld, or --fed.poisson_cap 0")
-  sigma = _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), rounds)]), name,
-                       neighbouring)
-  running = _RoundAccountant(lambda: accounting.Accountant(name, neighbouring, cfg.delta),
-                             event_of(sigma))
+  sigma = _memo(("user_sigma", repr(fed_cfg), n, rounds, repr(cfg), name, neighbouring),
+                lambda: _event_sigma(cfg, lambda s: accounting.compose([(event_of(s), rounds)]),
+                                     name, neighbouring))
+  running = _RoundAccountant(name, neighbouring, cfg.delta, event_of(sigma))
   replace_one = None
   if neighbouring == "add_remove" and accounting.make_accountant("pld", "replace_one").supports(
       event_of(sigma)):  # the relation forward noise is accounted under, for comparisons
-    replace_one = _RoundAccountant(
-        lambda: accounting.Accountant("pld", "replace_one", cfg.delta), event_of(sigma))
+    replace_one = _RoundAccountant("pld", "replace_one", cfg.delta, event_of(sigma))
 
   def round_metrics(r):
     out = {"epsilon": running.epsilon(r), "noise_multiplier": sigma}
@@ -295,14 +294,26 @@ def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins
       description=f"DP-FedAvg{' (adaptive clipping)' if adaptive else ''}, {user.text}")
 
 
+# Accounting is a pure function of its inputs: a process that runs many trainings (a study's
+# seeds and partitions share the client sampling, hence the events) computes each once.
+_MEMO: dict[tuple, Any] = {}
+
+
+def _memo(key: tuple, compute: Callable[[], Any]) -> Any:
+  if key not in _MEMO:
+    _MEMO[key] = compute()
+  return _MEMO[key]
+
+
 class _RoundAccountant:
   """epsilon(r) after r rounds of the same event (a function of r only, so resumable)."""
 
-  def __init__(self, make: Callable[[], accounting.Accountant], event):
-    self.make, self.event = make, event
+  def __init__(self, name: str, neighbouring: str, delta: float, event):
+    self.args, self.event = (name, neighbouring, delta), event
 
   def epsilon(self, r: int) -> float:
-    return self.make().compose(self.event, r).epsilon()
+    return _memo(("round_epsilon", self.args, repr(self.event), r),
+                 lambda: accounting.Accountant(*self.args).compose(self.event, r).epsilon())
 
 
 def _participation_counts(ctx: fl_train.RunContext) -> np.ndarray:
@@ -321,8 +332,8 @@ def _record_level(cfg: PrivacyConfig, ctx: fl_train.RunContext, sigma: float | N
   counts = _participation_counts(ctx)
 
   def curves(sigma: float) -> dict[int, np.ndarray]:
-    return {int(s): accounting.rdp_curve(pfed.dpsgd_client_event(fed_cfg, int(s), sigma))
-            for s in np.unique(sizes)}
+    return {int(s): _memo(("dpsgd_curve", repr(fed_cfg), int(s), sigma), lambda s=s: accounting.rdp_curve(
+        pfed.dpsgd_client_event(fed_cfg, int(s), sigma))) for s in np.unique(sizes)}
 
   def worst(curve_of: dict[int, np.ndarray], participations: np.ndarray) -> float:
     pairs = {(int(s), int(k)) for s, k in zip(sizes, participations) if k > 0}

@@ -1,0 +1,408 @@
+"""The study's report: `report.md` and the same as one self-contained `report.html`.
+
+Built from the cell caches (`inversion.study`): a summary table per defense and partition
+(final accuracy, mean and 95% confidence interval over seeds (Student t); epsilon and its
+accountant; the best attack's PSNR / SSIM / label accuracy), the attack table (median
+PSNR of every attack under every defense), the figures (accuracy per round, accuracy vs
+epsilon, attack PSNR vs epsilon, the frontier accuracy vs best attack PSNR, one panel per
+partition; reconstruction grids of the same victims), and every cell's config, status,
+device and wall time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inversion import study as st
+
+# two-sided 97.5% Student t quantiles for n - 1 degrees of freedom
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228}
+
+ACCOUNTANTS = {
+    "none": "not DP", "prune": "not DP", "secagg": "not DP (the server sees only the sum)",
+    "dp_fedavg": "user level, add/remove, PLD over Poisson-sampled rounds",
+    "secagg_ddp": "user level, add/remove, PLD (distributed noise over the survivors)",
+    "dpsgd": "record level, add/remove, RDP, worst client",
+    "forward": "user level, replace-one, PLD (model observer; server: closed-form GDP)",
+    "hybrid": "user level, replace-one, PLD (local z = 0.3 and central noise)",
+}
+
+
+def ci95(values: list[float]) -> float:
+  n = len(values)
+  if n < 2:
+    return float("nan")
+  return _T975.get(n - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(n)
+
+
+def _accountant(defense: str) -> str:
+  for prefix, text in ACCOUNTANTS.items():
+    if defense.startswith(prefix):
+      return text
+  return "-"
+
+
+def _epsilon(final: dict[str, Any], defense: str) -> float:
+  if not st.DEFENSES[defense].dp:
+    return math.inf
+  return float(final.get("epsilon", math.inf))
+
+
+def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[str, Any]:
+  """Rows for the tables and figures from the cells' results."""
+  cells = out / "cells"
+  summary, failed, curves = [], [], {}
+  attack_rows = []
+  for p in cfg.partitions:
+    for d in cfg.defenses:
+      runs = []
+      for s in cfg.seeds:
+        h, cell = fl[(p, d, s)]
+        r = st.read_cell(cells / "fl" / h)
+        if r is None or r["status"] != "done":
+          failed.append({"kind": "fl", "hash": h, "what": f"{p} / {d} / seed {s}",
+                         "reason": "not run" if r is None else r["reason"]})
+          continue
+        runs.append(r)
+      row: dict[str, Any] = {"partition": p, "defense": d, "seeds": len(runs)}
+      if runs:
+        acc = [r["final"]["test_accuracy"] for r in runs]
+        row.update(accuracy=float(np.mean(acc)), accuracy_ci=ci95(acc),
+                   epsilon=_epsilon(runs[0]["final"], d), accountant=_accountant(d),
+                   epsilon_replace_one=runs[0]["final"].get("epsilon_replace_one"))
+        curves[(p, d)] = [([x["round"] for x in r["records"] if "test_accuracy" in x],
+                           [x["test_accuracy"] for x in r["records"] if "test_accuracy" in x])
+                          for r in runs]
+      best = {}
+      for key, (h, cell) in attack_plan.items():
+        if key[0] != p or key[1] != d:
+          continue
+        r = st.read_cell(cells / "attack" / h)
+        _, _, seed, attack, b, steps, state = key
+        if r is None or r["status"] != "done":
+          failed.append({"kind": "attack", "hash": h,
+                         "what": f"{p} / {d} / seed {seed} / {attack} / B={b} / s={steps} / {state}",
+                         "reason": "not run" if r is None else r["reason"]})
+          continue
+        entry = {"partition": p, "defense": d, "seed": seed, "attack": attack, "batch": b,
+                 "local_steps": steps, "state": state, "hash": h, "psnr": r["median_psnr"],
+                 "ssim": r["mean_ssim"], "label_accuracy": r["mean_label_accuracy"],
+                 "evals": r["double_backward_evals_per_victim"], "seconds": r["wall_seconds"],
+                 "failed_victims": len(r["failed_victims"])}
+        attack_rows.append(entry)
+        best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
+      point = (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
+      if point in best:  # each attack's median over the attack seeds, then the best attack
+        scores = {a: {k: float(np.median([e[k] for e in es]))
+                      for k in ("psnr", "ssim", "label_accuracy")}
+                  for a, es in best[point].items()}
+        top = max(scores, key=lambda a: scores[a]["psnr"])
+        row.update(best_attack=top, **scores[top])
+      summary.append(row)
+  return {"summary": summary, "attacks": attack_rows, "failed": failed, "curves": curves}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _panels(plt, partitions, draw, path: Path, *, xlabel: str, ylabel: str,
+            xlog: bool = False, legend: str = "best") -> None:
+  fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
+  for ax, p in zip(axes[0], partitions):
+    draw(ax, p)
+    if xlog:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(p)
+  handles = {}
+  for ax in axes[0]:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  if handles:
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
+  from fljax.plots import _pyplot
+  plt = _pyplot()
+  ok = [r for r in data["summary"] if "accuracy" in r]
+  color = {d: f"C{i % 10}" for i, d in enumerate(cfg.defenses)}
+  marker = {d: "os^vD"[i // 10 % 5] for i, d in enumerate(cfg.defenses)}
+  eps_inf = 1e4
+
+  def x_eps(r):
+    e = r.get("epsilon", math.inf)
+    return eps_inf if e is None or not math.isfinite(e) else e
+
+  def per_round(ax, p):
+    for d in cfg.defenses:
+      runs = data["curves"].get((p, d))
+      if not runs:
+        continue
+      n = min(len(x) for x, _ in runs)
+      ax.plot(runs[0][0][:n], np.mean([y[:n] for _, y in runs], axis=0), color=color[d], label=d)
+
+  def point(ax, r, x, y, yerr=None):
+    ax.errorbar([x], [y], yerr=None if yerr is None or not math.isfinite(yerr) else [yerr],
+                fmt=marker[r["defense"]], color=color[r["defense"]], label=r["defense"])
+
+  def acc_eps(ax, p):
+    for r in (r for r in ok if r["partition"] == p):
+      point(ax, r, x_eps(r), r["accuracy"], r["accuracy_ci"])
+
+  def psnr_eps(ax, p):
+    for r in (r for r in ok if r["partition"] == p and "psnr" in r):
+      point(ax, r, x_eps(r), r["psnr"])
+
+  def frontier(ax, p):
+    for r in (r for r in ok if r["partition"] == p and "psnr" in r):
+      point(ax, r, r["psnr"], r["accuracy"], r["accuracy_ci"])
+
+  made = []
+  _panels(plt, cfg.partitions, per_round, out / "accuracy_per_round.png", xlabel="round",
+          ylabel="test accuracy (mean over seeds)", legend="lower right")
+  made.append(("accuracy_per_round.png", "Test accuracy per round, mean over seeds."))
+  _panels(plt, cfg.partitions, acc_eps, out / "accuracy_vs_epsilon.png", xlog=True,
+          xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
+          ylabel="final test accuracy", legend="lower right")
+  made.append(("accuracy_vs_epsilon.png", "Final accuracy (mean, 95% CI over seeds) vs "
+               "epsilon; each defense's own relation and accountant (summary table)."))
+  _panels(plt, cfg.partitions, psnr_eps, out / "psnr_vs_epsilon.png", xlog=True,
+          xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
+          ylabel="best attack median PSNR, dB")
+  made.append(("psnr_vs_epsilon.png", "The best attack's median PSNR on what the server sees "
+               "vs epsilon."))
+  _panels(plt, cfg.partitions, frontier, out / "frontier.png",
+          xlabel="best attack median PSNR on the server's view, dB (lower: more private)",
+          ylabel="final test accuracy", legend="lower left")
+  made.append(("frontier.png", "The privacy/utility frontier: accuracy vs the best attack's "
+               "PSNR, one panel per partition."))
+  for p in cfg.partitions:
+    name = f"reconstructions_{p}.png"
+    if _grid(plt, cfg, out, data, p, out / name):
+      made.append((name, f"{p}: the first image of victim 0 (attack seed {cfg.attack_seeds[0]}) "
+                         f"and each attack's reconstruction under each defense (PSNR under "
+                         f"each; the SecAgg rows' truth is the first image of the aggregate)."))
+  return made
+
+
+def _grid(plt, cfg, out: Path, data: dict, partition: str, path: Path) -> bool:
+  rows = {}
+  for e in data["attacks"]:
+    if (e["partition"] == partition and e["seed"] == cfg.attack_seeds[0]
+        and (e["batch"], e["local_steps"], e["state"]) ==
+        (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])):
+      rows.setdefault(e["defense"], {})[e["attack"]] = e
+  if not rows:
+    return False
+  defenses = [d for d in cfg.defenses if d in rows]
+  cols = ["truth"] + list(cfg.attacks)
+  fig, axes = plt.subplots(len(defenses), len(cols), figsize=(1.1 * len(cols) + 1.2,
+                                                              1.15 * len(defenses) + 0.4),
+                           squeeze=False)
+  for i, d in enumerate(defenses):
+    for j, c in enumerate(cols):
+      ax = axes[i, j]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(c, fontsize=7)
+      if j == 0:
+        ax.set_ylabel(d, fontsize=6, rotation=0, ha="right", va="center")
+      e = rows[d].get(c if j else next(iter(rows[d])))
+      if e is None:
+        continue
+      npz = out / "cells" / "attack" / e["hash"] / "reconstructions.npz"
+      if not npz.exists():
+        continue
+      z = np.load(npz)
+      img = z["truth"][0, 0] if j == 0 else z["reconstruction"][0, 0]
+      ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap="gray",
+                vmin=0, vmax=1)
+      if j:
+        ax.set_xlabel(f"{e['psnr']:.1f} dB", fontsize=6, labelpad=1)
+  fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _fmt(v, spec="{:.3g}") -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return "-"
+  if isinstance(v, float) and math.isinf(v):
+    return "inf"
+  return spec.format(v)
+
+
+def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: dict,
+           figs: list[tuple[str, str]], wall_seconds: float) -> list[tuple]:
+  """The report as blocks: ('h', level, text), ('p', text), ('table', header, rows),
+  ('img', file, caption), ('pre', text)."""
+  env = st.environment()
+  b: list[tuple] = [("h", 1, "fljax study report")]
+  b.append(("p", f"{len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "
+                 f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.dataset} "
+                 f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}, {cfg.clients} clients, "
+                 f"Poisson q = {cfg.q}, {cfg.rounds} rounds); attacks {', '.join(cfg.attacks)} "
+                 f"on {cfg.victims} victims per cell (attack seeds {list(cfg.attack_seeds)}, "
+                 f"batch {list(cfg.batch_sizes)}, local steps {list(cfg.local_steps)}, models "
+                 f"{list(cfg.model_states)}, {cfg.budget} double-backward evaluations per "
+                 f"victim). Machine: {env['cpus']} CPUs, {env['backend']} "
+                 f"({env['device_kind']}) x {env['devices']}, {env['processes']} process(es); "
+                 f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy "
+                 f"{env['numpy']}, Python {env['python']}. This session's wall time: "
+                 f"{wall_seconds:.0f} s."))
+  b.append(("h", 2, "Summary per defense"))
+  b.append(("p", "Final test accuracy: mean +- 95% confidence interval over seeds (Student t). "
+                 "Epsilon at delta 1e-5 after the last round, with its relation and "
+                 "accountant. Best attack: the highest median PSNR among the attacks on the "
+                 f"first grid point (B = {cfg.batch_sizes[0]}, {cfg.local_steps[0]} local "
+                 f"step(s), {cfg.model_states[0]} model)."))
+  header = ["partition", "defense", "accuracy", "seeds", "epsilon", "accountant",
+            "best attack", "PSNR dB", "SSIM", "label acc"]
+  rows = []
+  for r in data["summary"]:
+    acc = "failed" if "accuracy" not in r else (
+        f"{r['accuracy']:.3f} +- {_fmt(r['accuracy_ci'], '{:.3f}')}")
+    eps = _fmt(r.get("epsilon"))
+    if r.get("epsilon_replace_one") is not None:
+      eps += f" (replace-one {_fmt(r['epsilon_replace_one'])})"
+    rows.append([r["partition"], r["defense"], acc, str(r["seeds"]), eps,
+                 r.get("accountant", "-"), r.get("best_attack", "-"),
+                 _fmt(r.get("psnr"), "{:.1f}"), _fmt(r.get("ssim"), "{:.3f}"),
+                 _fmt(r.get("label_accuracy"), "{:.2f}")])
+  b.append(("table", header, rows))
+  b.append(("h", 2, "Every attack under every defense"))
+  b.append(("p", "Median PSNR (dB) over the victims (and attack seeds) of each attack on what "
+                 "the server sees; the best per row in bold."))
+  points = sorted({(e["batch"], e["local_steps"], e["state"]) for e in data["attacks"]})
+  for pt in points:
+    header = ["partition", "defense"] + list(cfg.attacks)
+    rows = []
+    for p in cfg.partitions:
+      for d in cfg.defenses:
+        vals = {}
+        for a in cfg.attacks:
+          es = [e["psnr"] for e in data["attacks"] if (e["partition"], e["defense"], e["attack"],
+                e["batch"], e["local_steps"], e["state"]) == (p, d, a) + pt]
+          vals[a] = float(np.median(es)) if es else None
+        top = max((v for v in vals.values() if v is not None), default=None)
+        rows.append([p, d] + [("**{}**" if v is not None and v == top else "{}").format(
+            _fmt(v, "{:.1f}")) for v in vals.values()])
+    b.append(("p", f"B = {pt[0]}, {pt[1]} local step(s), {pt[2]} model:"))
+    b.append(("table", header, rows))
+  b.append(("h", 2, "Figures"))
+  for name, caption in figs:
+    b.append(("img", name, caption))
+  b.append(("h", 2, "Defenses and attacks"))
+  b.append(("table", ["defense", "what trains the model", "what the server sees", "paper"],
+            [[d, json.dumps(st.DEFENSES[d].privacy), st.DEFENSES[d].view, st.DEFENSES[d].paper]
+             for d in cfg.defenses]))
+  b.append(("table", ["attack", "variant", "paper"],
+            [[a, st.ATTACKS[a][0], st.ATTACKS[a][1]] for a in cfg.attacks]))
+  b.append(("h", 2, "Failed cells"))
+  if data["failed"]:
+    b.append(("table", ["kind", "cell", "what", "reason"],
+              [[f["kind"], f["hash"], f["what"], f["reason"].splitlines()[0][:300]]
+               for f in data["failed"]]))
+  else:
+    b.append(("p", "None."))
+  b.append(("h", 2, "Cells"))
+  b.append(("p", "Every cell's exact config (the JSON its hash covers), status, device and wall "
+                 "time; its folder `cells/<kind>/<hash>/` holds done.json (or failed.json) "
+                 "with the full records."))
+  rows = []
+  for kind, plan in (("fl", fl), ("attack", attack_plan)):
+    seen = set()
+    for key, (h, cell) in plan.items():
+      if h in seen:
+        continue
+      seen.add(h)
+      r = st.read_cell(out / "cells" / kind / h) or {}
+      e = r.get("environment", {})
+      rows.append([kind, h, " / ".join(map(str, key)), r.get("status", "not run"),
+                   _fmt(r.get("wall_seconds"), "{:.1f}"),
+                   f"{e.get('backend', '-')} x{e.get('devices', '-')}",
+                   "`" + json.dumps(cell, sort_keys=True) + "`"])
+  b.append(("table", ["kind", "hash", "grid point", "status", "wall s", "device", "config"], rows))
+  return b
+
+
+def to_markdown(blocks_: list[tuple]) -> str:
+  lines = []
+  for blk in blocks_:
+    if blk[0] == "h":
+      lines += ["#" * blk[1] + " " + blk[2], ""]
+    elif blk[0] == "p":
+      lines += [blk[1], ""]
+    elif blk[0] == "table":
+      lines.append("| " + " | ".join(blk[1]) + " |")
+      lines.append("|" + "---|" * len(blk[1]))
+      lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in blk[2]]
+      lines.append("")
+    elif blk[0] == "img":
+      lines += [f"![{blk[2]}]({blk[1]})", "", f"*{blk[2]}*", ""]
+    elif blk[0] == "pre":
+      lines += ["```", blk[1], "```", ""]
+  return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+  """Escaped text with **bold** and `code` kept."""
+  import re
+  out = html.escape(text)
+  out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+  return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def to_html(blocks_: list[tuple], out: Path) -> str:
+  parts = ["<!doctype html><html><head><meta charset='utf-8'><title>fljax study report</title>",
+           "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+           "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+           "td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"
+           "code{font-size:10px;word-break:break-all}img{max-width:100%}</style></head><body>"]
+  for blk in blocks_:
+    if blk[0] == "h":
+      parts.append(f"<h{blk[1]}>{html.escape(blk[2])}</h{blk[1]}>")
+    elif blk[0] == "p":
+      parts.append(f"<p>{_inline(blk[1])}</p>")
+    elif blk[0] == "table":
+      parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in blk[1]) + "</tr>")
+      parts += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in blk[2]]
+      parts.append("</table>")
+    elif blk[0] == "img":
+      data = base64.b64encode((out / blk[1]).read_bytes()).decode()
+      parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(blk[1])}'>"
+                   f"<figcaption>{_inline(blk[2])}</figcaption></figure>")
+    elif blk[0] == "pre":
+      parts.append(f"<pre>{html.escape(blk[1])}</pre>")
+  parts.append("</body></html>")
+  return "\n".join(parts)
+
+
+def write(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
+          wall_seconds: float) -> dict[str, Any]:
+  data = gather(cfg, out, fl, attack_plan)
+  figs = figures(cfg, out, data)
+  b = blocks(cfg, out, data, fl, attack_plan, figs, wall_seconds)
+  (out / "report.md").write_text(to_markdown(b) + "\n")
+  (out / "report.html").write_text(to_html(b, out) + "\n")
+  json_data = {k: v for k, v in data.items() if k != "curves"}
+  (out / "report.json").write_text(json.dumps(json_data, indent=1, default=float) + "\n")
+  return data

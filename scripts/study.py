@@ -1,0 +1,90 @@
+"""The comparative study: attacks x defenses x data skew, one command, one report.
+
+  python scripts/study.py                       # the default grid, ~20 min on 2 CPU cores
+  python scripts/study.py --full --out runs/full   # the full grid (accelerators)
+  python scripts/study.py --tiny --out /tmp/s   # seconds: digits, 2 defenses, 2 seeds
+
+Trains FedAvg (100 clients, embedded MNIST) under every defense, partition and seed,
+attacks what the server sees with every attack on the same victims, and writes
+`report.md`, `report.html` (self-contained) and the figures into --out. Each cell is
+cached by a hash of its config: rerunning skips finished cells and resumes a killed
+study. Several hosts: start the same command on each with --distributed (and the usual
+JAX_COORDINATOR_ADDRESS / process settings of `jax.distributed.initialize`) and a shared
+--out; each host runs its share of the cells and the first writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(seeds=(0, 1, 2, 3, 4), attack_seeds=(0, 1, 2), rounds=50, victims=8, budget=200,
+            batch_sizes=(1, 4, 16), local_steps=(1, 5), model_states=("untrained", "trained"),
+            eval_every=5)
+TINY = dict(dataset="digits", partitions=("iid",), defenses=("none", "forward"),
+            attacks=("ig",), seeds=(0, 1), attack_seeds=(0, 1), clients=8, q=0.5, rounds=2,
+            model="mlp", victims=1, budget=4, eval_every=1)
+
+
+def parse(argv=None) -> tuple[argparse.Namespace, dict]:
+  from inversion import study as st
+  defaults = st.StudyConfig()
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="partitions: " + ", ".join(st.PARTITIONS) + "\ndefenses: "
+                              + ", ".join(st.DEFENSES) + "\nattacks: " + ", ".join(st.ATTACKS))
+  p.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
+  p.add_argument("--full", action="store_true", help="the full grid: 5 seeds, 50 rounds, B in "
+                 "{1, 4, 16}, 1 and 5 local steps, untrained and trained models, 8 victims")
+  p.add_argument("--tiny", action="store_true", help="a smoke test in seconds (digits)")
+  for name in ("partitions", "defenses", "attacks", "model_states"):
+    p.add_argument(f"--{name}", nargs="+", default=None,
+                   help=f"default: {' '.join(getattr(defaults, name))}")
+  for name in ("seeds", "attack_seeds", "batch_sizes", "local_steps"):
+    p.add_argument(f"--{name}", nargs="+", type=int, default=None,
+                   help=f"default: {' '.join(map(str, getattr(defaults, name)))}")
+  for name in ("rounds", "clients", "victims", "budget", "eval_every"):
+    p.add_argument(f"--{name}", type=int, default=None, help=f"default: {getattr(defaults, name)}")
+  p.add_argument("--q", type=float, default=None, help=f"default: {defaults.q}")
+  p.add_argument("--dataset", default=None, help=f"default: {defaults.dataset}")
+  p.add_argument("--model", default=None, help=f"default: {defaults.model}")
+  p.add_argument("--budget_minutes", type=float, default=30.0,
+                 help="stop before starting when the estimate (from the first cell) exceeds "
+                      "this (0: no limit; default 30)")
+  p.add_argument("--distributed", action="store_true",
+                 help="jax.distributed.initialize() first: several hosts share the cells")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = p.parse_args(argv)
+  fields = dict(FULL) if args.full else dict(TINY) if args.tiny else {}
+  for f in dataclasses.fields(st.StudyConfig):
+    value = getattr(args, f.name, None)
+    if value is not None:
+      fields[f.name] = tuple(value) if isinstance(value, list) else value
+  return args, fields
+
+
+def main(argv=None) -> None:
+  args, fields = parse(argv)
+  import jax
+  if args.distributed:
+    jax.distributed.initialize()
+  from fljax import datasets
+  from inversion import study as st
+  try:
+    cfg = st.StudyConfig(**fields)
+    st.run(cfg, args.out, progress=not args.no_progress,
+           budget_minutes=args.budget_minutes or None)
+  except (ValueError, datasets.DatasetError, st.BudgetError) as e:
+    raise SystemExit(f"error: {e}") from None
+  except KeyboardInterrupt:
+    raise SystemExit(f"\ninterrupted: finished cells are kept in {args.out}/cells; rerun the "
+                     f"same command to resume") from None
+
+
+if __name__ == "__main__":
+  main()
