@@ -11,8 +11,11 @@ Cells are cached on disk by a hash of what determines their result (`cells/<kind
 so a rerun skips finished cells and a killed study resumes (an FL cell mid-training
 resumes from its checkpoint). Attack cells whose shapes agree are attacked in one compiled
 computation (`experiment.attack_batched` with one model per row): the victims of every
-partition, defense and seed at once. With several processes (`jax.distributed`), each
-takes the cells whose hash falls to it and the first one writes the report.
+partition, defense and seed at once, their rows spread over the local devices; an FL cell
+shards its clients over them. Several hosts (`Hosts`: independent processes sharing the
+output folder) each take the cells whose hash falls to them; host 0 writes the report.
+Programs that agree across cells compile once (JAX's persistent compilation cache in
+`xla_cache/`; clients padded to a power of two so seeds and partitions share shapes).
 
 The server's view of each defense (what the attack gets), next to what trains the model:
 
@@ -35,6 +38,7 @@ every cell's config, versions, seed, device and wall time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -93,6 +97,7 @@ class Defense:
   view: str  # clear | local_dp | forward | prune | aggregate
   paper: str
   dp: bool = True
+  fed: tuple[tuple[str, Any], ...] = ()  # FedConfig overrides
 
 
 DEFENSES: dict[str, Defense] = {
@@ -103,8 +108,11 @@ DEFENSES: dict[str, Defense] = {
                               "clear", "McMahan et al. 2018 (DP-FedAvg), user level"),
     "dp_fedavg_eps8": Defense(dict(mechanism="dp_fedavg", target_epsilon=8.0, clip_norm=0.5),
                               "clear", "McMahan et al. 2018 (DP-FedAvg), user level"),
+    # record level: client sampling is not credited, so a fixed q C clients a round (not
+    # Poisson over all C slots) is the same privacy at a tenth of the per-example work
     "dpsgd": Defense(dict(mechanism="dpsgd", noise_multiplier=1.0, clip_norm=1.0), "local_dp",
-                     "Abadi et al. 2016 (DP-SGD) in each client, record level"),
+                     "Abadi et al. 2016 (DP-SGD) in each client, record level",
+                     fed=(("sampling", "fixed"),)),
     "secagg": Defense(dict(mechanism="secagg", secagg_clip=10.0, secagg_neighbours=8),
                       "aggregate", "Bonawitz et al. 2017; Bell et al. 2020 (SecAgg+)", dp=False),
     "secagg_ddp": Defense(dict(mechanism="secagg", target_epsilon=8.0, clip_norm=0.5,
@@ -168,7 +176,7 @@ class StudyConfig:
   rounds: int = 10
   model: str = "cnn"
   victims: int = 2
-  budget: int = 50
+  budget: int = 30
   eval_every: int = 2
 
   def __post_init__(self):
@@ -191,7 +199,10 @@ class StudyConfig:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-  return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  """The cache key of a cell: its config without the attack's display name (the variant
+  says what runs)."""
+  content = {k: v for k, v in cfg.items() if k != "attack"}
+  return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- FL cells
@@ -213,8 +224,9 @@ def fl_cell(cfg: StudyConfig, partition: str, defense: str, seed: int) -> dict[s
     privacy["central_noise_multiplier"] = round(_central_z(cfg), 6)
   return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
       name=cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
-      num_clients=cfg.clients, **PARTITIONS[partition]), "model": cfg.model,
-      "fed": dict(clients_per_round=cfg.q, sampling="poisson"), "rounds": cfg.rounds,
+      num_clients=cfg.clients, pad_pow2=True, **PARTITIONS[partition]), "model": cfg.model,
+      "fed": dict(clients_per_round=cfg.q, sampling="poisson", **dict(DEFENSES[defense].fed)),
+      "rounds": cfg.rounds,
       "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
 
@@ -222,7 +234,7 @@ def fl_experiment(cell: dict[str, Any], devices: int = 1) -> ptrain.PrivateExper
   return ptrain.PrivateExperimentConfig(
       data=fl_train.DataConfig(**cell["data"]), model=fl_train.ModelConfig(name=cell["model"]),
       fed=fl_train.fed.FedConfig(**cell["fed"]), rounds=cell["rounds"], seed=cell["seed"],
-      eval_every=cell["eval_every"], checkpoint_every=max(1, cell["rounds"] // 2),
+      eval_every=cell["eval_every"], checkpoint_every=cell["rounds"],
       devices=devices, privacy=ptrain.PrivacyConfig(**cell["privacy"]))
 
 
@@ -242,14 +254,19 @@ def run_fl_cell(cell: dict[str, Any], folder: Path, *, progress: bool = False) -
   t0 = time.perf_counter()
   try:
     config = fl_experiment(cell, devices=0 if jax.local_device_count() > 1 else 1)
-    ptrain.train_and_evaluate(config, folder / "run", progress=progress)
+    if jax.process_count() > 1:
+      raise ValueError("study cells run in independent processes: share them between hosts "
+                       "with --hosts / --host (or SLURM), not jax.distributed")
+    (folder / "run").mkdir(exist_ok=True)
+    with open(folder / "run" / "train.log", "a") as log, contextlib.redirect_stdout(log):
+      ptrain.train_and_evaluate(config, folder / "run", progress=progress, figures=False)
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     if not np.isfinite(final.get("test_accuracy", np.nan)):
       raise FloatingPointError(f"test accuracy is {final.get('test_accuracy')}")
     result = {"status": "done", "config": cell, "records": records, "final": final,
               "wall_seconds": time.perf_counter() - t0, "environment": environment()}
-  except Exception as e:  # a failed cell is recorded with its reason; the study goes on
+  except (Exception, SystemExit) as e:  # recorded with its reason; the study goes on
     result = {"status": "failed", "config": cell, "reason": f"{type(e).__name__}: {e}",
               "traceback": traceback.format_exc(), "wall_seconds": time.perf_counter() - t0,
               "environment": environment()}
@@ -290,11 +307,17 @@ def attack_cell(cfg: StudyConfig, partition: str, defense: str, seed: int, attac
       view.update(clip_norm=privacy["clip_norm"], sigma=sigma)
   model = {"name": cfg.model, "state": state, "seed": seed,
            "fl": fl_hash if state == "trained" else None}
-  return {"kind": "attack", "attack": attack, "variant": ATTACKS[attack][0],
+  variant = ATTACKS[attack][0]
+  if attack == "adaptive" and (d.view == "clear" or view.get("sigma", None) is None and
+                               d.view == "aggregate"):
+    variant = ATTACKS["dps"][0]  # nothing to adapt to: exactly the dps attack (one cell)
+  return {"kind": "attack", "attack": attack, "variant": variant,
           "budget": cfg.budget, "view": view, "model": model,
           "data": {"name": cfg.dataset, "image_size": cfg.image_size, "channels": cfg.channels,
                    "num_clients": cfg.clients, **PARTITIONS[partition]},
-          "partition_seed": seed, "batch": batch, "local_steps": steps, "victims": cfg.victims,
+          "partition_seed": seed, "batch": batch, "local_steps": steps,
+          # an aggregate already holds n B images: one per cell keeps its cost near the others'
+          "victims": 1 if d.view == "aggregate" else cfg.victims,
           "local_lr": 0.1}
 
 
@@ -308,13 +331,17 @@ def _clients(data_json: str, seed: int):
 
 
 def _cell_key(cell: dict[str, Any]) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(cell["partition_seed"]),
-                            int(config_hash(cell)[:7], 16))
+  """The key of the victims, their clients' (defense) noise and the attack's restarts. It
+  depends on the data, partition seed, B and local steps only: every defense and attack of
+  a grid point sees the same victims (and common random numbers)."""
+  what = {k: cell[k] for k in ("data", "partition_seed", "batch", "local_steps")}
+  return jax.random.fold_in(jax.random.key(cell["partition_seed"]), int(config_hash(what)[:7], 16))
 
 
 def _victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.ndarray]:
-  """`count` clients of the partition holding >= B examples (drawn with the cell's key),
-  the first B of each: images `[count, B, H, W, C]`, labels `[count, B]`."""
+  """`count` clients of the partition holding >= B examples, the first B of each: images
+  `[count, B, H, W, C]`, labels `[count, B]`. The clients are a prefix of one permutation,
+  so victim 0 is the same client for every defense (an aggregate's first client too)."""
   ds, clients = _clients(json.dumps(cell["data"], sort_keys=True), cell["partition_seed"])
   b = cell["batch"]
   sizes = np.asarray(clients.mask.sum(axis=1))
@@ -322,8 +349,7 @@ def _victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.nd
   if len(eligible) < count:
     raise ValueError(f"only {len(eligible)} clients hold >= {b} examples; {count} are needed "
                      f"(lower the batch size or the victims)")
-  pick = np.asarray(jax.random.choice(jax.random.fold_in(_cell_key(cell), 1), eligible,
-                                      (count,), replace=False))
+  pick = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 1), eligible))[:count]
   x = np.asarray(clients.x)[pick, :b]
   y = np.asarray(clients.y)[pick, :b]
   return x, y
@@ -553,9 +579,36 @@ def plan_attacks(cfg: StudyConfig, fl: dict, cells_dir: Path) -> dict[tuple, tup
   return out
 
 
-def mine(h: str) -> bool:
-  """Whether this process runs the cell (several processes share the cells by hash)."""
-  return int(h, 16) % jax.process_count() == jax.process_index()
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+  """This host's share of the cells: several hosts (each an independent JAX process on its
+  own devices, sharing the output folder) split the cells by hash; host 0 writes the report."""
+
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if not 0 <= self.index < self.count:
+      raise ValueError(f"host index {self.index} must be in [0, {self.count})")
+
+  def mine(self, h: str) -> bool:
+    return int(h, 16) % self.count == self.index
+
+  @classmethod
+  def from_env(cls) -> Hosts:
+    """From SLURM (SLURM_PROCID / SLURM_NTASKS) or FLJAX_HOST / FLJAX_HOSTS; else one host."""
+    env = os.environ
+    index = env.get("FLJAX_HOST", env.get("SLURM_PROCID", "0"))
+    count = env.get("FLJAX_HOSTS", env.get("SLURM_NTASKS", "1"))
+    return cls(int(index), int(count))
+
+
+def compilation_cache(folder: Path) -> None:
+  """JAX's persistent compilation cache in `folder`: cells whose programs agree (the same
+  defense and shapes over seeds and partitions, a resumed study) compile once."""
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class BudgetError(RuntimeError):
@@ -563,18 +616,19 @@ class BudgetError(RuntimeError):
 
 
 def run(cfg: StudyConfig, out: str | os.PathLike, *, progress: bool = True,
-        budget_minutes: float | None = None, chunk: int = 25,
+        budget_minutes: float | None = None, chunk: int = 25, hosts: Hosts = Hosts(),
         say: Callable[[str], Any] = print) -> dict[str, Any]:
   """Runs (or resumes) the study and writes the report; returns the report's data."""
   from tqdm import tqdm
   out = Path(out)
   cells_dir = out / "cells"
+  compilation_cache(out / "xla_cache")
   cells_dir.mkdir(parents=True, exist_ok=True)
   (out / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
   t_start = time.perf_counter()
   fl = plan_fl(cfg)
   unique_fl = {h: c for h, c in fl.values()}
-  pending = [h for h in unique_fl if read_cell(cells_dir / "fl" / h) is None and mine(h)]
+  pending = [h for h in unique_fl if read_cell(cells_dir / "fl" / h) is None and hosts.mine(h)]
   say(f"study: {len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "
       f"{len(cfg.seeds)} seeds = {len(unique_fl)} FL cells ({len(pending)} to run); attacks "
       f"{', '.join(cfg.attacks)} on {cfg.victims} victims x batch {list(cfg.batch_sizes)} x "
@@ -599,11 +653,11 @@ def run(cfg: StudyConfig, out: str | os.PathLike, *, progress: bool = True,
             f"the budget of {budget_minutes:g} minutes: shrink it (fewer --seeds, --rounds, "
             f"--defenses or --partitions) or raise --budget_minutes (0: no limit)")
   bar.close()
-  _wait_for(cells_dir / "fl", list(unique_fl), say)
+  _wait_for(cells_dir / "fl", list(unique_fl), hosts, say)
 
   attack_plan = plan_attacks(cfg, fl, cells_dir)
   unique = {h: c for h, c in attack_plan.values()}
-  todo = [h for h in unique if read_cell(cells_dir / "attack" / h) is None and mine(h)]
+  todo = [h for h in unique if read_cell(cells_dir / "attack" / h) is None and hosts.mine(h)]
   groups: dict[str, list[Prepared]] = {}
   for h in todo:
     try:
@@ -646,8 +700,8 @@ def run(cfg: StudyConfig, out: str | os.PathLike, *, progress: bool = True,
                           f"over the budget of {budget_minutes:g}: lower --victims, --budget, "
                           f"--attacks or raise --budget_minutes (finished cells are kept)")
   cbar.close()
-  _wait_for(cells_dir / "attack", list(unique), say)
-  if jax.process_index() != 0:
+  _wait_for(cells_dir / "attack", list(unique), hosts, say)
+  if hosts.index != 0:
     return {}
   from inversion import study_report
   data = study_report.write(cfg, out, fl, attack_plan, wall_seconds=time.perf_counter() - t_start)
@@ -669,10 +723,10 @@ def _write_attack(cells_dir: Path, h: str, result: dict[str, Any],
       json.dumps(result, indent=1, default=float) + "\n")
 
 
-def _wait_for(folder: Path, hashes: list[str], say: Callable[[str], Any],
+def _wait_for(folder: Path, hashes: list[str], hosts: Hosts, say: Callable[[str], Any],
               timeout: float = 24 * 3600) -> None:
-  """With several processes, waits until every cell (theirs too) has a result."""
-  if jax.process_count() == 1:
+  """With several hosts, waits until every cell (theirs too) has a result."""
+  if hosts.count == 1:
     return
   t0 = time.perf_counter()
   while any(read_cell(folder / h) is None for h in hashes):

@@ -33,7 +33,7 @@ ACCOUNTANTS = {
     "dpsgd": "record level, add/remove, RDP, worst client",
     "forward": "user level, replace-one, PLD (model observer; server: closed-form GDP)",
     "hybrid": "user level, replace-one, PLD (local z = 0.3 and central noise)",
-}
+}  # by name, or by the longest name the defense starts with (dp_fedavg_eps8 -> dp_fedavg)
 
 
 def ci95(values: list[float]) -> float:
@@ -44,10 +44,8 @@ def ci95(values: list[float]) -> float:
 
 
 def _accountant(defense: str) -> str:
-  for prefix, text in ACCOUNTANTS.items():
-    if defense.startswith(prefix):
-      return text
-  return "-"
+  matches = [p for p in ACCOUNTANTS if defense.startswith(p)]
+  return ACCOUNTANTS[max(matches, key=len)] if matches else "-"
 
 
 def _epsilon(final: dict[str, Any], defense: str) -> float:
@@ -96,6 +94,7 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
                  "local_steps": steps, "state": state, "hash": h, "psnr": r["median_psnr"],
                  "ssim": r["mean_ssim"], "label_accuracy": r["mean_label_accuracy"],
                  "evals": r["double_backward_evals_per_victim"], "seconds": r["wall_seconds"],
+                 "first_psnr": r["psnr"][0] if r["psnr"] and 0 not in r["failed_victims"] else None,
                  "failed_victims": len(r["failed_victims"])}
         attack_rows.append(entry)
         best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
@@ -192,9 +191,10 @@ def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[
   for p in cfg.partitions:
     name = f"reconstructions_{p}.png"
     if _grid(plt, cfg, out, data, p, out / name):
-      made.append((name, f"{p}: the first image of victim 0 (attack seed {cfg.attack_seeds[0]}) "
-                         f"and each attack's reconstruction under each defense (PSNR under "
-                         f"each; the SecAgg rows' truth is the first image of the aggregate)."))
+      made.append((name, f"{p}: the same victim (the first image of victim 0, attack seed "
+                         f"{cfg.attack_seeds[0]}) and each attack's reconstruction of it under "
+                         f"each defense, with its PSNR (under SecAgg the attack reconstructs "
+                         f"the whole aggregate; the image matched to this one is shown)."))
   return made
 
 
@@ -232,7 +232,7 @@ def _grid(plt, cfg, out: Path, data: dict, partition: str, path: Path) -> bool:
       ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap="gray",
                 vmin=0, vmax=1)
       if j:
-        ax.set_xlabel(f"{e['psnr']:.1f} dB", fontsize=6, labelpad=1)
+        ax.set_xlabel(_fmt(e["first_psnr"], "{:.1f} dB"), fontsize=6, labelpad=1)
   fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
   fig.savefig(path, dpi=100)
   plt.close(fig)

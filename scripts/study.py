@@ -8,9 +8,9 @@ Trains FedAvg (100 clients, embedded MNIST) under every defense, partition and s
 attacks what the server sees with every attack on the same victims, and writes
 `report.md`, `report.html` (self-contained) and the figures into --out. Each cell is
 cached by a hash of its config: rerunning skips finished cells and resumes a killed
-study. Several hosts: start the same command on each with --distributed (and the usual
-JAX_COORDINATOR_ADDRESS / process settings of `jax.distributed.initialize`) and a shared
---out; each host runs its share of the cells and the first writes the report.
+study. Several hosts: start the same command on each with a shared --out and
+`--hosts N --host I` (or under SLURM, which sets both); each host runs its share of the
+cells on its own devices and host 0 writes the report once every cell is done.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, dict]:
   p.add_argument("--budget_minutes", type=float, default=30.0,
                  help="stop before starting when the estimate (from the first cell) exceeds "
                       "this (0: no limit; default 30)")
-  p.add_argument("--distributed", action="store_true",
-                 help="jax.distributed.initialize() first: several hosts share the cells")
+  p.add_argument("--hosts", type=int, default=None,
+                 help="hosts sharing the cells (default: $SLURM_NTASKS or 1)")
+  p.add_argument("--host", type=int, default=None,
+                 help="this host's index (default: $SLURM_PROCID or 0)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
   fields = dict(FULL) if args.full else dict(TINY) if args.tiny else {}
@@ -70,15 +72,15 @@ def parse(argv=None) -> tuple[argparse.Namespace, dict]:
 
 def main(argv=None) -> None:
   args, fields = parse(argv)
-  import jax
-  if args.distributed:
-    jax.distributed.initialize()
   from fljax import datasets
   from inversion import study as st
   try:
+    env = st.Hosts.from_env()
+    hosts = st.Hosts(env.index if args.host is None else args.host,
+                     env.count if args.hosts is None else args.hosts)
     cfg = st.StudyConfig(**fields)
     st.run(cfg, args.out, progress=not args.no_progress,
-           budget_minutes=args.budget_minutes or None)
+           budget_minutes=args.budget_minutes or None, hosts=hosts)
   except (ValueError, datasets.DatasetError, st.BudgetError) as e:
     raise SystemExit(f"error: {e}") from None
   except KeyboardInterrupt:

@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 def test_readme_opens_with_the_two_commands():
   block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
   assert len(block) == 2
-  assert block[0].endswith("python scripts/train_fl.py --workdir runs/fl")
+  assert block[0].endswith("python scripts/study.py")
   assert block[1].endswith("python -m pytest -q")
   ci = (ROOT / ".ci" / "run").read_text()
   assert "python -m pytest -q" in ci and "pip install -q -e '.[test]'" in ci

@@ -162,3 +162,21 @@ def test_defense_tradeoff_quick_trains_reports_and_records_failures(tmp_path):
   for name in ("accuracy_vs_epsilon.png", "psnr_vs_z.png", "frontier.png", "schedules.png",
                "tradeoff.md", "tradeoff.json"):
     assert (out / name).exists(), name
+
+
+def test_scaling_quick_writes_tables_and_figures(tmp_path):
+  stdout = run_script("scaling.py", "--quick", "--out", str(tmp_path), "--parts", "batch",
+                      "secagg", "clients")
+  assert stdout.strip().splitlines()[-1].startswith("RESULT scaling psnr_b1=")
+  text = (tmp_path / "scaling.md").read_text()
+  for name in ("attack quality vs batch", "attack quality vs secagg", "throughput vs clients"):
+    assert name in text
+  for fig in ("attack_vs_batch.png", "attack_vs_secagg.png", "throughput_vs_clients.png"):
+    assert (tmp_path / fig).stat().st_size > 1000
+
+
+@pytest.mark.slow  # every part, the device sweep in subprocesses (about a minute)
+def test_scaling_quick_every_part(tmp_path):
+  stdout = run_script("scaling.py", "--quick", "--out", str(tmp_path))
+  assert "device_speedup=" in stdout.strip().splitlines()[-1]
+  assert (tmp_path / "throughput_vs_devices.png").exists()

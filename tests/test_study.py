@@ -124,3 +124,21 @@ def test_bad_input_lists_valid_names_and_budget_stops_early(tmp_path):
                             attack_seeds=(0,))
   with pytest.raises(st.BudgetError, match="over the budget of 0.001 minutes"):
     st.run(cfg, tmp_path, progress=False, budget_minutes=0.001)
+
+
+def test_two_hosts_share_the_cells_and_host_zero_reports(tmp_path):
+  hashes = [st.config_hash({"i": i}) for i in range(40)]
+  hosts = [st.Hosts(i, 2) for i in range(2)]
+  shares = [{h for h in hashes if host.mine(h)} for host in hosts]
+  assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(hashes)
+  env = {**os.environ, "XLA_FLAGS": ""}
+  cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), "--tiny", "--out", str(tmp_path),
+         "--no-progress", "--hosts", "2", "--host"]
+  procs = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert "report:" in outs[0][0] and "report:" not in outs[1][0]
+  ran = [int(o[0].split(" to run)")[0].rsplit("(", 1)[1]) for o in outs]
+  assert sum(ran) == 4  # the 4 FL cells, each run by exactly one host
+  assert len(json.loads((tmp_path / "report.json").read_text())["attacks"]) == 4
