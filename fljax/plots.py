@@ -71,3 +71,26 @@ def save_image_grid(path: str | Path, images: np.ndarray, *, scale: int = 2, pad
       canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[r, k]
   pixels = (canvas * 255 + 0.5).astype(np.uint8)
   Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path)
+
+
+def panels(plt, names, draw, path, *, xlabel: str, ylabel: str, title: str = "{}",
+           legend: str = "best", xlog: bool = False, dpi: int = 110) -> None:
+  """One panel per name (e.g. per partition); `draw(ax, name)` plots into each; one legend
+  entry per label, whichever panel drew it."""
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    draw(ax, name)
+    if xlog:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title.format(name))
+  handles = {}
+  for ax in axes[0]:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  if handles:
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)

@@ -208,12 +208,13 @@ def config_hash(cfg: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- FL cells
 
 
-def _central_z(cfg: StudyConfig) -> float:
+@functools.lru_cache(maxsize=16)
+def _central_z(rounds: int, q: float) -> float:
   """The hybrid's central z_C: sqrt(z_L^2 + z_C^2) meets epsilon 8 (model observer,
   replace-one, Poisson q, PLD) over the rounds."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", fn.ScheduleWarning)
-    z_star = float(fn.calibrate(fn.constant(1.0, cfg.rounds), 8.0, 1e-5, q=cfg.q).z[0])
+    z_star = float(fn.calibrate(fn.constant(1.0, rounds), 8.0, 1e-5, q=q).z[0])
   return math.sqrt(max(z_star ** 2 - LOCAL_Z ** 2, 1e-6))
 
 
@@ -221,11 +222,11 @@ def fl_cell(cfg: StudyConfig, partition: str, defense: str, seed: int) -> dict[s
   """The JSON config of an FL cell (what its hash covers)."""
   privacy = dict(DEFENSES[defense].privacy)
   if privacy.get("central_noise_multiplier") == "eps8":
-    privacy["central_noise_multiplier"] = round(_central_z(cfg), 6)
+    privacy["central_noise_multiplier"] = round(_central_z(cfg.rounds, cfg.q), 6)
   return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
       name=cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
       num_clients=cfg.clients, pad_pow2=True, **PARTITIONS[partition]), "model": cfg.model,
-      "fed": dict(clients_per_round=cfg.q, sampling="poisson", **dict(DEFENSES[defense].fed)),
+      "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(DEFENSES[defense].fed)},
       "rounds": cfg.rounds,
       "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fljax.plots import panels
 from inversion import study as st
 
 # two-sided 97.5% Student t quantiles for n - 1 degrees of freedom
@@ -112,27 +113,6 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
 # ----------------------------------------------------------------------------- figures
 
 
-def _panels(plt, partitions, draw, path: Path, *, xlabel: str, ylabel: str,
-            xlog: bool = False, legend: str = "best") -> None:
-  fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
-  for ax, p in zip(axes[0], partitions):
-    draw(ax, p)
-    if xlog:
-      ax.set_xscale("log")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(p)
-  handles = {}
-  for ax in axes[0]:
-    for h, label in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(label, h)
-  if handles:
-    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
   from fljax.plots import _pyplot
   plt = _pyplot()
@@ -170,20 +150,20 @@ def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[
       point(ax, r, r["psnr"], r["accuracy"], r["accuracy_ci"])
 
   made = []
-  _panels(plt, cfg.partitions, per_round, out / "accuracy_per_round.png", xlabel="round",
+  panels(plt, cfg.partitions, per_round, out / "accuracy_per_round.png", xlabel="round",
           ylabel="test accuracy (mean over seeds)", legend="lower right")
   made.append(("accuracy_per_round.png", "Test accuracy per round, mean over seeds."))
-  _panels(plt, cfg.partitions, acc_eps, out / "accuracy_vs_epsilon.png", xlog=True,
+  panels(plt, cfg.partitions, acc_eps, out / "accuracy_vs_epsilon.png", xlog=True,
           xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
           ylabel="final test accuracy", legend="lower right")
   made.append(("accuracy_vs_epsilon.png", "Final accuracy (mean, 95% CI over seeds) vs "
                "epsilon; each defense's own relation and accountant (summary table)."))
-  _panels(plt, cfg.partitions, psnr_eps, out / "psnr_vs_epsilon.png", xlog=True,
+  panels(plt, cfg.partitions, psnr_eps, out / "psnr_vs_epsilon.png", xlog=True,
           xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
           ylabel="best attack median PSNR, dB")
   made.append(("psnr_vs_epsilon.png", "The best attack's median PSNR on what the server sees "
                "vs epsilon."))
-  _panels(plt, cfg.partitions, frontier, out / "frontier.png",
+  panels(plt, cfg.partitions, frontier, out / "frontier.png",
           xlabel="best attack median PSNR on the server's view, dB (lower: more private)",
           ylabel="final test accuracy", legend="lower left")
   made.append(("frontier.png", "The privacy/utility frontier: accuracy vs the best attack's "

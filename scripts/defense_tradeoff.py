@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fljax import train as fl_train  # noqa: E402
+from fljax.plots import panels as _panels  # noqa: E402
 from privacy import forward_noise as fn  # noqa: E402
 from privacy import train as ptrain  # noqa: E402
 
@@ -263,27 +264,6 @@ def _table(out: Path, rows: list[dict], curve: dict) -> None:
                  f"{c['rero']:.3g} | {c['success']:.2f} | {c['cosine']:.3f} |")
   (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
-
-
-def _panels(plt, partitions, draw, path: Path, *, xlabel: str, ylabel: str, title: str = "{}",
-            legend: str = "best", xlog: bool = False) -> None:
-  """One panel per partition; `draw(ax, partition)` plots into each."""
-  fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.6), squeeze=False)
-  for ax, p in zip(axes[0], partitions):
-    draw(ax, p)
-    if xlog:
-      ax.set_xscale("log")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title.format(p))
-  handles = {}
-  for ax in axes[0]:  # one legend entry per defense, whichever panel drew it
-    for h, label in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(label, h)
-  axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def _figures(plt, out, rows, curve, by_round, partitions) -> None:

@@ -142,3 +142,21 @@ def test_two_hosts_share_the_cells_and_host_zero_reports(tmp_path):
   ran = [int(o[0].split(" to run)")[0].rsplit("(", 1)[1]) for o in outs]
   assert sum(ran) == 4  # the 4 FL cells, each run by exactly one host
   assert len(json.loads((tmp_path / "report.json").read_text())["attacks"]) == 4
+
+
+def test_default_and_full_grids_plan_every_cell(tmp_path):
+  for cfg, attack_cells in ((st.StudyConfig(), 3 * 10 * 6), (st.StudyConfig(
+      seeds=(0, 1, 2, 3, 4), attack_seeds=(0, 1, 2), batch_sizes=(1, 4, 16), local_steps=(1, 5),
+      model_states=("untrained", "trained")), 3 * 10 * 3 * 6 * 3 * 2 * 2)):
+    fl = st.plan_fl(cfg)
+    assert len(fl) == len(cfg.partitions) * len(cfg.defenses) * len(cfg.seeds)
+    for h, cell in fl.values():  # every FL cell is a valid run config
+      st.fl_experiment(cell)
+    assert fl[("iid", "dpsgd", 0)][1]["fed"]["sampling"] == "fixed"
+    attacks = st.plan_attacks(cfg, fl, tmp_path)
+    assert len(attacks) == attack_cells
+  # on the untrained model DP-FedAvg's server sees the clear update: one cell for all epsilons
+  untrained = {k[1]: h for k, (h, _) in attacks.items()
+               if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained")}
+  assert untrained["none"] == untrained["dp_fedavg_eps1"] == untrained["dp_fedavg_eps8"]
+  assert untrained["forward"] == untrained["hybrid"] != untrained["none"]
