@@ -109,10 +109,12 @@ DEFENSES: dict[str, Defense] = {
     "dp_fedavg_eps8": Defense(dict(mechanism="dp_fedavg", target_epsilon=8.0, clip_norm=0.5),
                               "clear", "McMahan et al. 2018 (DP-FedAvg), user level"),
     # record level: client sampling is not credited, so a fixed q C clients a round (not
-    # Poisson over all C slots) is the same privacy at a tenth of the per-example work
+    # Poisson over all C slots) is the same privacy at a tenth of the per-example work; the
+    # exact Poisson DP-SGD step pads every batch to the client's size, so its cost grows as
+    # N^2 / B: local batches of 32 (DP-SGD's usual larger batches) keep it near the others'
     "dpsgd": Defense(dict(mechanism="dpsgd", noise_multiplier=1.0, clip_norm=1.0), "local_dp",
                      "Abadi et al. 2016 (DP-SGD) in each client, record level",
-                     fed=(("sampling", "fixed"),)),
+                     fed=(("sampling", "fixed"), ("local_batch_size", 32))),
     "secagg": Defense(dict(mechanism="secagg", secagg_clip=10.0, secagg_neighbours=8),
                       "aggregate", "Bonawitz et al. 2017; Bell et al. 2020 (SecAgg+)", dp=False),
     "secagg_ddp": Defense(dict(mechanism="secagg", target_epsilon=8.0, clip_norm=0.5,
@@ -309,9 +311,10 @@ def attack_cell(cfg: StudyConfig, partition: str, defense: str, seed: int, attac
   model = {"name": cfg.model, "state": state, "seed": seed,
            "fl": fl_hash if state == "trained" else None}
   variant = ATTACKS[attack][0]
-  if attack == "adaptive" and (d.view == "clear" or view.get("sigma", None) is None and
-                               d.view == "aggregate"):
-    variant = ATTACKS["dps"][0]  # nothing to adapt to: exactly the dps attack (one cell)
+  if attack == "adaptive" and d.view in ("clear", "aggregate"):
+    # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
+    # noised updates is not one clipped update): the dps attack itself, one shared cell
+    variant = ATTACKS["dps"][0]
   return {"kind": "attack", "attack": attack, "variant": variant,
           "budget": cfg.budget, "view": view, "model": model,
           "data": {"name": cfg.dataset, "image_size": cfg.image_size, "channels": cfg.channels,
