@@ -76,7 +76,7 @@ def save_image_grid(path: str | Path, images: np.ndarray, *, scale: int = 2, pad
 def panels(plt, names, draw, path, *, xlabel: str, ylabel: str, title: str = "{}",
            legend: str = "best", xlog: bool = False, dpi: int = 110) -> None:
   """One panel per name (e.g. per partition); `draw(ax, name)` plots into each; one legend
-  entry per label, whichever panel drew it."""
+  entry per label, whichever panel drew it (`legend`: a matplotlib location or 'outside')."""
   fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
   for ax, name in zip(axes[0], names):
     draw(ax, name)
@@ -89,8 +89,11 @@ def panels(plt, names, draw, path, *, xlabel: str, ylabel: str, title: str = "{}
   for ax in axes[0]:
     for h, label in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(label, h)
-  if handles:
+  if handles and legend == "outside":  # right of the last panel, clear of every point
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
+  elif handles:
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc=legend)
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
   plt.close(fig)

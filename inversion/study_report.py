@@ -151,21 +151,21 @@ def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[
 
   made = []
   panels(plt, cfg.partitions, per_round, out / "accuracy_per_round.png", xlabel="round",
-          ylabel="test accuracy (mean over seeds)", legend="lower right")
+          ylabel="test accuracy (mean over seeds)", legend="outside")
   made.append(("accuracy_per_round.png", "Test accuracy per round, mean over seeds."))
   panels(plt, cfg.partitions, acc_eps, out / "accuracy_vs_epsilon.png", xlog=True,
           xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
-          ylabel="final test accuracy", legend="lower right")
+          ylabel="final test accuracy", legend="outside")
   made.append(("accuracy_vs_epsilon.png", "Final accuracy (mean, 95% CI over seeds) vs "
                "epsilon; each defense's own relation and accountant (summary table)."))
   panels(plt, cfg.partitions, psnr_eps, out / "psnr_vs_epsilon.png", xlog=True,
           xlabel=f"epsilon at delta 1e-5 (not DP plotted at {eps_inf:g})",
-          ylabel="best attack median PSNR, dB")
+          ylabel="best attack median PSNR, dB", legend="outside")
   made.append(("psnr_vs_epsilon.png", "The best attack's median PSNR on what the server sees "
                "vs epsilon."))
   panels(plt, cfg.partitions, frontier, out / "frontier.png",
           xlabel="best attack median PSNR on the server's view, dB (lower: more private)",
-          ylabel="final test accuracy", legend="lower left")
+          ylabel="final test accuracy", legend="outside")
   made.append(("frontier.png", "The privacy/utility frontier: accuracy vs the best attack's "
                "PSNR, one panel per partition."))
   for p in cfg.partitions:
