@@ -164,7 +164,7 @@ def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[
   made.append(("psnr_vs_epsilon.png", "The best attack's median PSNR on what the server sees "
                "vs epsilon."))
   panels(plt, cfg.partitions, frontier, out / "frontier.png",
-          xlabel="best attack median PSNR on the server's view, dB (lower: more private)",
+          xlabel="best attack PSNR on the server's view, dB (lower: more private)",
           ylabel="final test accuracy", legend="outside")
   made.append(("frontier.png", "The privacy/utility frontier: accuracy vs the best attack's "
                "PSNR, one panel per partition."))

@@ -37,9 +37,14 @@ PARTS = ("batch", "local_steps", "secagg", "clients", "devices")
 
 def attack_sweep(args, axis: str, values: list[int]) -> list[dict]:
   """One attack cell per (value, attack), cached in --out/cells; all batched by shape."""
+  from fljax import datasets
   from inversion import study as st
+  clients = args.clients
+  if axis == "batch":  # iid clients must hold the largest batch
+    n_train = len(datasets.load(args.dataset, image_size=32, channels=1).y_train)
+    clients = max(1, min(clients, n_train // max(values)))
   cfg = st.StudyConfig(dataset=args.dataset, partitions=("iid",), defenses=("none",),
-                       attacks=tuple(args.attacks), seeds=(0,), clients=args.clients,
+                       attacks=tuple(args.attacks), seeds=(0,), clients=clients,
                        q=0.1, model=args.model, victims=args.victims, budget=args.budget)
   cells_dir = Path(args.out) / "cells"
   rows = []
@@ -239,6 +244,10 @@ def main(argv=None) -> None:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   data: dict = {"attack": []}
+  if (out / "scaling.json").exists():  # parts not run this time keep their earlier results
+    data = json.loads((out / "scaling.json").read_text())
+    data.pop("environment", None)
+    data["attack"] = [r for r in data.get("attack", []) if r["axis"] not in args.parts]
   for axis in ("batch", "local_steps", "secagg"):
     if axis in args.parts:
       data["attack"] += attack_sweep(args, axis, getattr(args, axis))
