@@ -235,6 +235,10 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
   """The report as blocks: ('h', level, text), ('p', text), ('table', header, rows),
   ('img', file, caption), ('pre', text)."""
   env = st.environment()
+  spent = {}
+  for kind, plan in (("fl", fl), ("attack", attack_plan)):
+    cells = {h: st.read_cell(out / "cells" / kind / h) or {} for h, _ in plan.values()}
+    spent[kind] = sum(r.get("wall_seconds", 0.0) for r in cells.values())
   b: list[tuple] = [("h", 1, "fljax study report")]
   b.append(("p", f"{len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "
                  f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.dataset} "
@@ -246,8 +250,9 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
                  f"victim). Machine: {env['cpus']} CPUs, {env['backend']} "
                  f"({env['device_kind']}) x {env['devices']}, {env['processes']} process(es); "
                  f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy "
-                 f"{env['numpy']}, Python {env['python']}. This session's wall time: "
-                 f"{wall_seconds:.0f} s."))
+                 f"{env['numpy']}, Python {env['python']}. Wall time of the cells: FL "
+                 f"{spent['fl']:.0f} s, attacks {spent['attack']:.0f} s (this session: "
+                 f"{wall_seconds:.0f} s)."))
   b.append(("h", 2, "Summary per defense"))
   b.append(("p", "Final test accuracy: mean +- 95% confidence interval over seeds (Student t). "
                  "Epsilon at delta 1e-5 after the last round, with its relation and "
