@@ -257,9 +257,6 @@ def run_fl_cell(cell: dict[str, Any], folder: Path, *, progress: bool = False) -
   t0 = time.perf_counter()
   try:
     config = fl_experiment(cell, devices=0 if jax.local_device_count() > 1 else 1)
-    if jax.process_count() > 1:
-      raise ValueError("study cells run in independent processes: share them between hosts "
-                       "with --hosts / --host (or SLURM), not jax.distributed")
     (folder / "run").mkdir(exist_ok=True)
     with open(folder / "run" / "train.log", "a") as log, contextlib.redirect_stdout(log):
       ptrain.train_and_evaluate(config, folder / "run", progress=progress, figures=False)
@@ -624,6 +621,9 @@ def run(cfg: StudyConfig, out: str | os.PathLike, *, progress: bool = True,
         say: Callable[[str], Any] = print) -> dict[str, Any]:
   """Runs (or resumes) the study and writes the report; returns the report's data."""
   from tqdm import tqdm
+  if jax.process_count() > 1:
+    raise ValueError("study cells run in independent processes: share them between hosts "
+                     "with --hosts / --host (or SLURM), not jax.distributed")
   out = Path(out)
   cells_dir = out / "cells"
   compilation_cache(out / "xla_cache")

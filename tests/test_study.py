@@ -160,3 +160,17 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
                if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained")}
   assert untrained["none"] == untrained["dp_fedavg_eps1"] == untrained["dp_fedavg_eps8"]
   assert untrained["forward"] == untrained["hybrid"] != untrained["none"]
+
+
+def test_trained_models_batches_and_local_steps(tmp_path):
+  cfg = st.StudyConfig(**{**TINY, "defenses": ("none",), "seeds": (0,), "attack_seeds": (0,),
+                          "model_states": ("untrained", "trained"), "batch_sizes": (1, 2),
+                          "local_steps": (1, 2)})
+  st.run(cfg, tmp_path, progress=False)
+  data = json.loads((tmp_path / "report.json").read_text())
+  assert not data["failed"] and len(data["attacks"]) == 8
+  cells = [json.loads(p.read_text())["config"] for p in (tmp_path / "cells" / "attack").glob("*/done.json")]
+  trained = [c for c in cells if c["model"]["state"] == "trained"]
+  assert len(trained) == 4 and all(c["model"]["fl"] for c in trained)  # the FL cell's final model
+  assert {(c["batch"], c["local_steps"]) for c in cells} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+  assert (tmp_path / "report.md").read_text().count("local step(s), trained model:") == 4
