@@ -200,6 +200,17 @@ class StudyConfig:
     return max(1, round(self.q * self.clients))
 
 
+# StudyConfig overrides of `scripts/study.py --full` and `--tiny`
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(seeds=(0, 1, 2, 3, 4), attack_seeds=(0, 1, 2), rounds=50, victims=8, budget=200,
+                 batch_sizes=(1, 4, 16), local_steps=(1, 5), model_states=("untrained", "trained"),
+                 eval_every=5),
+    "tiny": dict(dataset="digits", partitions=("iid",), defenses=("none", "forward"),
+                 attacks=("ig",), seeds=(0, 1), attack_seeds=(0, 1), clients=8, q=0.5, rounds=2,
+                 model="mlp", victims=1, budget=4, eval_every=1),
+}
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
   """The cache key of a cell: its config without the attack's display name (the variant
   says what runs)."""
@@ -292,7 +303,7 @@ def attack_cell(cfg: StudyConfig, partition: str, defense: str, seed: int, attac
   (the view, the model, the victims, the attack), so cells that coincide (e.g. DP-FedAvg
   at every epsilon on the untrained model: the server sees the same clear update) run once."""
   d = DEFENSES[defense]
-  privacy = DEFENSES[defense].privacy
+  privacy = d.privacy
   view: dict[str, Any] = {"kind": d.view}
   if d.view == "local_dp":
     view.update(clip_norm=privacy["clip_norm"], noise_multiplier=privacy["noise_multiplier"] / batch)

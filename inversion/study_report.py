@@ -235,10 +235,21 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
   """The report as blocks: ('h', level, text), ('p', text), ('table', header, rows),
   ('img', file, caption), ('pre', text)."""
   env = st.environment()
-  spent = {}
+  spent, cell_rows = {}, []  # each distinct cell read once: its table row and its wall time
   for kind, plan in (("fl", fl), ("attack", attack_plan)):
-    cells = {h: st.read_cell(out / "cells" / kind / h) or {} for h, _ in plan.values()}
-    spent[kind] = sum(r.get("wall_seconds", 0.0) for r in cells.values())
+    spent[kind] = 0.0
+    seen = set()
+    for key, (h, cell) in plan.items():
+      if h in seen:
+        continue
+      seen.add(h)
+      r = st.read_cell(out / "cells" / kind / h) or {}
+      e = r.get("environment", {})
+      spent[kind] += r.get("wall_seconds", 0.0)
+      cell_rows.append([kind, h, " / ".join(map(str, key)), r.get("status", "not run"),
+                        _fmt(r.get("wall_seconds"), "{:.1f}"),
+                        f"{e.get('backend', '-')} x{e.get('devices', '-')}",
+                        "`" + json.dumps(cell, sort_keys=True) + "`"])
   b: list[tuple] = [("h", 1, "fljax study report")]
   b.append(("p", f"{len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "
                  f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.dataset} "
@@ -312,20 +323,8 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
   b.append(("p", "Every cell's exact config (the JSON its hash covers), status, device and wall "
                  "time; its folder `cells/<kind>/<hash>/` holds done.json (or failed.json) "
                  "with the full records."))
-  rows = []
-  for kind, plan in (("fl", fl), ("attack", attack_plan)):
-    seen = set()
-    for key, (h, cell) in plan.items():
-      if h in seen:
-        continue
-      seen.add(h)
-      r = st.read_cell(out / "cells" / kind / h) or {}
-      e = r.get("environment", {})
-      rows.append([kind, h, " / ".join(map(str, key)), r.get("status", "not run"),
-                   _fmt(r.get("wall_seconds"), "{:.1f}"),
-                   f"{e.get('backend', '-')} x{e.get('devices', '-')}",
-                   "`" + json.dumps(cell, sort_keys=True) + "`"])
-  b.append(("table", ["kind", "hash", "grid point", "status", "wall s", "device", "config"], rows))
+  b.append(("table", ["kind", "hash", "grid point", "status", "wall s", "device", "config"],
+            cell_rows))
   return b
 
 

@@ -23,14 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(seeds=(0, 1, 2, 3, 4), attack_seeds=(0, 1, 2), rounds=50, victims=8, budget=200,
-            batch_sizes=(1, 4, 16), local_steps=(1, 5), model_states=("untrained", "trained"),
-            eval_every=5)
-TINY = dict(dataset="digits", partitions=("iid",), defenses=("none", "forward"),
-            attacks=("ig",), seeds=(0, 1), attack_seeds=(0, 1), clients=8, q=0.5, rounds=2,
-            model="mlp", victims=1, budget=4, eval_every=1)
-
-
 def parse(argv=None) -> tuple[argparse.Namespace, dict]:
   from inversion import study as st
   defaults = st.StudyConfig()
@@ -62,7 +54,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, dict]:
                  help="this host's index (default: $SLURM_PROCID or 0)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
-  fields = dict(FULL) if args.full else dict(TINY) if args.tiny else {}
+  fields = dict(st.PRESETS["full"] if args.full else st.PRESETS["tiny"] if args.tiny else {})
   for f in dataclasses.fields(st.StudyConfig):
     value = getattr(args, f.name, None)
     if value is not None:

@@ -16,9 +16,7 @@ import pytest
 from inversion import study as st
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(dataset="digits", partitions=("iid",), defenses=("none", "forward"),
-            attacks=("ig",), seeds=(0, 1), attack_seeds=(0, 1), clients=8, q=0.5, rounds=2,
-            model="mlp", victims=1, budget=4, eval_every=1)
+TINY = st.PRESETS["tiny"]  # scripts/study.py --tiny
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +143,10 @@ def test_two_hosts_share_the_cells_and_host_zero_reports(tmp_path):
 
 
 def test_default_and_full_grids_plan_every_cell(tmp_path):
-  for cfg, attack_cells in ((st.StudyConfig(), 3 * 10 * 6), (st.StudyConfig(
-      seeds=(0, 1, 2, 3, 4), attack_seeds=(0, 1, 2), batch_sizes=(1, 4, 16), local_steps=(1, 5),
-      model_states=("untrained", "trained")), 3 * 10 * 3 * 6 * 3 * 2 * 2)):
+  full = st.StudyConfig(**st.PRESETS["full"])
+  assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
+      (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
+  for cfg, attack_cells in ((st.StudyConfig(), 3 * 10 * 6), (full, 3 * 10 * 3 * 6 * 3 * 2 * 2)):
     fl = st.plan_fl(cfg)
     assert len(fl) == len(cfg.partitions) * len(cfg.defenses) * len(cfg.seeds)
     for h, cell in fl.values():  # every FL cell is a valid run config
