@@ -12,7 +12,23 @@ module turns events into (epsilon, delta):
   - `calibrate`/`calibrate_sigma`/`calibrate_noise`: the smallest noise multiplier that meets a target
     epsilon, by bisection on a monotone epsilon(sigma);
   - `Accountant`: a running accountant that a training loop updates every round and
-    that can be rebuilt from its JSON history when a run resumes.
+    that can be rebuilt from its JSON history when a run resumes;
+  - `ParticipationVisibleDpEvent`: an event that happens with probability q *and whose
+    happening is released too* (a client that adds noise to its own upload: whether it took
+    part shows in the aggregate's variance and in the server's roster). Sampling then
+    amplifies nothing but delta: the release is the mixture, with the index visible, of
+    "nothing" and the event, whose privacy-loss distribution is the q-mixture of the
+    event's and the identity's (PLD, exact up to discretisation) and whose Renyi divergence
+    at order a is exactly (1/(a-1)) log(1 - q + q exp((a-1) rdp(a))) (RDP). Under
+    replace-one with local Gaussian noise z the composition over T rounds has
+    delta(eps) = sum_k Bin(T, q)(k) delta_GDP(eps; 2 sqrt(k) / z) (see
+    `privacy.forward_noise.visible_gdp_delta`, the closed form the tests hold PLD to).
+
+Neighbouring relations. dp_accounting's RDP accountant ignores the relation for Gaussian
+events (it reports the add/remove figure under REPLACE_ONE); here a Gaussian under
+replace-one is accounted as `GaussianDpEvent(sigma / 2)` (sensitivity 2C), which is exact,
+and events whose replace-one RDP this module does not know (Poisson sampling, Laplace,
+zCDP) are refused with a pointer to PLD.
 
 Which RDP-to-(epsilon, delta) conversion: dp_accounting's `RdpAccountant` uses the improved
 bound of Canonne, Kamath & Steinke 2020 (Prop. 12; also Asoodeh et al. 2021, Eq. 20),
@@ -34,10 +50,13 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import attr
 import dp_accounting
 import numpy as np
 from absl import logging as absl_logging
 from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant as pld_lib
+from dp_accounting.pld import privacy_loss_distribution as pld_dist
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 NeighborRel = dp_accounting.NeighboringRelation
@@ -87,6 +106,92 @@ def _quiet() -> Iterator[None]:
     absl_logging.set_verbosity(level)
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ParticipationVisibleDpEvent(dp_event.DpEvent):
+  """`event` with probability `sampling_probability`, and whether it ran is public.
+
+  The release of a client that noises its own upload and is Poisson-sampled: the
+  aggregate's noise (and the server's roster) reveal whether it took part, so this is not
+  `PoissonSampledDpEvent` (whose amplification needs the participation hidden). Accounted
+  exactly as the visible mixture (see the module docstring) by this module's accountants.
+  """
+
+  sampling_probability: float
+  event: dp_event.DpEvent
+
+
+def participation_visible_rdp(rdp: np.ndarray, q: float) -> np.ndarray:
+  """The RDP over `RDP_ORDERS` of a release with RDP `rdp` that happens with probability q,
+  its happening visible: (1/(a-1)) log(1 - q + q exp((a-1) rdp(a))), exact for a visible
+  mixture (log-sum-exp, so large rdp(a) do not overflow)."""
+  check_sampling_rate(q)
+  orders = np.asarray(RDP_ORDERS, np.float64)
+  rdp = np.asarray(rdp, np.float64)
+  with np.errstate(divide="ignore"):
+    terms = np.stack([np.full_like(rdp, math.log1p(-q) if q < 1 else -np.inf),
+                      math.log(q) + (orders - 1) * rdp])
+  return np.logaddexp(terms[0], terms[1]) / (orders - 1)
+
+
+class _RdpAccountant(rdp_lib.RdpAccountant):
+  """dp_accounting's RDP accountant, exact under replace-one for Gaussians, and with
+  `ParticipationVisibleDpEvent`."""
+
+  def _maybe_compose(self, event, count, do_compose):
+    replace_one = self._neighboring_relation is NeighborRel.REPLACE_ONE
+    if isinstance(event, ParticipationVisibleDpEvent):
+      inner = _RdpAccountant(list(RDP_ORDERS), self._neighboring_relation)
+      error = inner._maybe_compose(event.event, 1, do_compose)
+      if error is None and do_compose:
+        self._rdp += count * participation_visible_rdp(inner._rdp, event.sampling_probability)
+      return error
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+      return self._maybe_compose(event.event, event.count * count, do_compose)
+    if isinstance(event, dp_event.ComposedDpEvent):
+      for e in event.events:
+        error = self._maybe_compose(e, count, do_compose)
+        if error is not None:
+          return error
+      return None
+    if replace_one and isinstance(event, dp_event.GaussianDpEvent):
+      # one replaced term moves a sum of terms clipped to C by 2C: sigma / 2 per unit
+      return super()._maybe_compose(dp_event.GaussianDpEvent(event.noise_multiplier / 2.0),
+                                    count, do_compose)
+    if replace_one and isinstance(event, (dp_event.LaplaceDpEvent, dp_event.ZCDpEvent,
+                                          dp_event.PoissonSampledDpEvent)):
+      return self.CompositionErrorDetails(
+          invalid_event=event, error_message=f"no replace-one RDP for {type(event).__name__} "
+                                             f"here; use the 'pld' accountant")
+    return super()._maybe_compose(event, count, do_compose)
+
+
+class _PldAccountant(pld_lib.PLDAccountant):
+  """dp_accounting's PLD accountant with `ParticipationVisibleDpEvent` (the q-mixture of
+  the event's privacy-loss distribution and the identity's)."""
+
+  def _maybe_compose(self, event, count, do_compose):
+    if isinstance(event, ParticipationVisibleDpEvent):
+      inner = _PldAccountant(self._neighboring_relation, self._value_discretization_interval)
+      error = inner._maybe_compose(event.event, 1, do_compose)
+      if error is None and do_compose and count:
+        if inner._contains_non_dp_event:
+          self._contains_non_dp_event = True
+        else:
+          nothing = pld_dist.identity(self._value_discretization_interval)
+          mixed = inner._pld.compute_mixture(nothing, event.sampling_probability)
+          self._pld = self._pld.compose(mixed.self_compose(count))
+      return error
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+      return self._maybe_compose(event.event, event.count * count, do_compose)
+    if isinstance(event, dp_event.ComposedDpEvent):
+      for e in event.events:
+        error = self._maybe_compose(e, count, do_compose)
+        if error is not None:
+          return error
+      return None
+    return super()._maybe_compose(event, count, do_compose)
+
+
 def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove", *,
                     discretization: float = 1e-4) -> dp_accounting.PrivacyAccountant:
   """A fresh dp_accounting accountant: 'rdp' or 'pld', for 'add_remove' or 'replace_one'.
@@ -98,9 +203,9 @@ def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove", *
          f"neighbouring must be one of {sorted(NEIGHBOURING)}, got {neighbouring!r}")
   rel = NEIGHBOURING[neighbouring]
   if accountant == "rdp":
-    return dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS), rel)
+    return _RdpAccountant(list(RDP_ORDERS), rel)
   if accountant == "pld":
-    return dp_accounting.pld.PLDAccountant(rel, discretization)
+    return _PldAccountant(rel, discretization)
   raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
 
 
@@ -300,6 +405,9 @@ def event_to_json(event: dp_event.DpEvent) -> Any:
     return {"truncated_poisson": {"n": event.dataset_size, "q": event.sampling_probability,
                                   "m": event.truncated_batch_size,
                                   "noise_multiplier": event.noise_multiplier}}
+  if isinstance(event, ParticipationVisibleDpEvent):
+    return {"participation_visible": {"q": event.sampling_probability,
+                                      "event": event_to_json(event.event)}}
   if isinstance(event, dp_event.SelfComposedDpEvent):
     return {"self_composed": {"event": event_to_json(event.event), "count": event.count}}
   if isinstance(event, dp_event.ComposedDpEvent):
@@ -320,6 +428,8 @@ def event_from_json(data: Any) -> dp_event.DpEvent:
       "truncated_poisson": lambda: dp_event.TruncatedSubsampledGaussianDpEvent(
           dataset_size=v["n"], sampling_probability=v["q"], truncated_batch_size=v["m"],
           noise_multiplier=v["noise_multiplier"]),
+      "participation_visible": lambda: ParticipationVisibleDpEvent(
+          v["q"], event_from_json(v["event"])),
       "self_composed": lambda: dp_event.SelfComposedDpEvent(event_from_json(v["event"]),
                                                             v["count"]),
       "composed": lambda: dp_event.ComposedDpEvent([event_from_json(e) for e in v]),

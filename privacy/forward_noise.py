@@ -26,13 +26,27 @@ module does not.)
 Threat models, each with its `dp_accounting` event (`ForwardNoise.dp_event` /
 `upload_event`):
 
-  model observer   sees the model (or the aggregate) but not who took part: per round
-                   `PoissonSampledDpEvent(q, GaussianDpEvent(z_r))`, REPLACE_ONE;
+  model observer   sees the model (or the aggregate) but not the roster: per round
+                   `ParticipationVisibleDpEvent(q, GaussianDpEvent(z_r))`, REPLACE_ONE. No
+                   amplification by sampling: a client that is not sampled sends neither its
+                   update nor its noise, so the aggregate's variance changes by (m + 1) / m
+                   over d coordinates with its participation, which is therefore visible.
+                   Exactly, delta(eps) = E_S[delta_GDP(eps; 2 sqrt(sum_{r in S} z_r^-2))]
+                   over the random set S of rounds the client took part in (`visible_gdp_delta`;
+                   for constant z, sum_k Bin(T, q)(k) delta_GDP(eps; 2 sqrt(k) / z));
   server           sees each upload: `GaussianDpEvent(z_r)` per round the client took part
                    in, REPLACE_ONE, no amplification;
-  record level     one example of a client: bounded by the server's per-upload epsilon (a
-                   changed record is a changed dataset), or DP-SGD's record-level epsilon
-                   when clients also run DP-SGD (`ScheduleAccountant`).
+  record level     one example of a client, add/remove: any change of a client's data moves
+                   its clipped update by at most 2C, so the server's per-upload bound is a
+                   record-level add/remove bound too; with DP-SGD inside the clients, the
+                   smaller of it and DP-SGD's add/remove record-level epsilon
+                   (`ScheduleAccountant`).
+  model observer,  the trusted server tops each round's aggregate noise up to a total z_T C
+  participation    that does not depend on who took part (`topup_aggregator`): the released
+  hidden           sum is DP-FedAvg's Gaussian sum, so Poisson amplification holds:
+                   `PoissonSampledDpEvent(q, GaussianDpEvent(z_T))`, add/remove one client
+                   (`topup_event`); it needs z_T^2 >= m_max z_r^2 for the most clients m_max
+                   a round can hold.
 
 Server post-processing (rescaling by 1/sqrt(abar), averaging, momentum, Wiener shrinkage, a
 denoiser trained on public data) never changes the event.
@@ -225,10 +239,10 @@ def _check_rounds(rounds: int) -> None:
 
 
 def round_event(z: float, q: float = 1.0) -> dp_event.DpEvent:
-  """One round for the model observer: the Gaussian at z, Poisson-sampled at rate q."""
+  """One round for the model observer: the Gaussian at z, its participation (rate q) visible."""
   accounting.check_sampling_rate(q)
   g = dp_event.GaussianDpEvent(float(z))
-  return g if q == 1.0 else dp_event.PoissonSampledDpEvent(q, g)
+  return g if q == 1.0 else accounting.ParticipationVisibleDpEvent(q, g)
 
 
 def schedule_event(z: Sequence[float], q: float = 1.0) -> dp_event.DpEvent:
@@ -240,16 +254,108 @@ def schedule_event(z: Sequence[float], q: float = 1.0) -> dp_event.DpEvent:
 def schedule_epsilon(z: Sequence[float], delta: float, *, q: float = 1.0,
                      neighbouring: str = "replace_one", accountant: str = "pld",
                      discretization: float = 1e-4) -> float:
-  """Epsilon of the rounds `z` (model observer with sampling q; the server's view is q = 1).
+  """Epsilon of the rounds `z` against the model observer (participation rate q, visible;
+  the server's view is q = 1), replace-one user level.
 
   PLD's grid is coarsened for weak schedules (privacy losses grow as z^-2, and so would the
-  grid and its memory): pessimistic, so still an upper bound.
+  grid and its memory): pessimistic, so still an upper bound. `neighbouring` must be
+  'replace_one': local noise has no add/remove guarantee (see the module docstring).
   """
+  _check(neighbouring == "replace_one",
+         f"neighbouring={neighbouring!r}: noise a client adds to its own upload has no "
+         f"add/remove guarantee (removing the client removes its noise); use 'replace_one'")
   if len(z) == 0:
     return 0.0
   return accounting.epsilon(schedule_event(z, q), delta, accountant=accountant,
                             neighbouring=neighbouring,
                             discretization=pld_grid(np.min(z), discretization))
+
+
+MAX_MIXTURE_TERMS = 200_000  # closed form over participation patterns up to this many terms
+
+
+def _participation_mixture(z: Sequence[float], q: float) -> tuple[np.ndarray, np.ndarray] | None:
+  """(probabilities, mu's) of the visible mixture: one entry per count vector (k_v) of
+  participations among the rounds with z = v, k_v ~ Bin(n_v, q) independently, with
+  mu = 2 sqrt(sum_v k_v v^-2) (replace-one). None when there are too many terms."""
+  counts = collections.Counter(float(v) for v in np.asarray(z))
+  if math.prod(n + 1 for n in counts.values()) > MAX_MIXTURE_TERMS:
+    return None
+  probs, mu2 = np.ones(1), np.zeros(1)
+  for v, n in counts.items():
+    k = np.arange(n + 1)
+    probs = np.outer(probs, scipy_stats.binom.pmf(k, n, q)).ravel()
+    mu2 = np.add.outer(mu2, 4.0 * k / v ** 2).ravel()
+  return probs, np.sqrt(mu2)
+
+
+def visible_gdp_delta(epsilon: float, z: Sequence[float], q: float) -> float:
+  """delta(epsilon) of the rounds `z` with participation rate q, visible, replace-one: the
+  mixture E[delta_GDP(epsilon; mu_S)] in closed form (exact; see the module docstring)."""
+  mixture = _participation_mixture(z, q)
+  _check(mixture is not None, f"the closed form needs at most {MAX_MIXTURE_TERMS} participation "
+                              f"patterns; use schedule_epsilon (PLD)")
+  probs, mus = mixture
+  keep = (mus > 0) & (probs > 0)
+  return float(np.sum(probs[keep] * gdp_delta(epsilon, mus[keep])))
+
+
+def visible_gdp_epsilon(z: Sequence[float], q: float, delta: float) -> float:
+  """The epsilon at which `visible_gdp_delta` is `delta` (bisection; delta falls in epsilon)."""
+  accounting.check_delta(delta)
+  accounting.check_sampling_rate(q)
+  if visible_gdp_delta(0.0, z, q) <= delta:
+    return 0.0
+  hi = 1.0
+  while visible_gdp_delta(hi, z, q) > delta:
+    hi *= 2
+  lo = 0.0
+  while hi - lo > 1e-6 * hi:
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if visible_gdp_delta(mid, z, q) > delta else (lo, mid)
+  return hi
+
+
+def topup_event(z_total: float, q: float = 1.0) -> dp_event.DpEvent:
+  """One round of the participation-hiding top-up for the model observer: the aggregate
+  carries N(0, (z_T C)^2) whoever took part, so it is DP-FedAvg's Poisson-sampled Gaussian
+  sum (add/remove one client, sensitivity C)."""
+  accounting.check_sampling_rate(q)
+  accounting.check_noise_multiplier(z_total)
+  g = dp_event.GaussianDpEvent(float(z_total))
+  return g if q == 1.0 else dp_event.PoissonSampledDpEvent(q, g)
+
+
+def check_topup(z_total: float, z_local: Sequence[float], max_clients: int) -> None:
+  """The top-up needs z_T^2 >= m_max z_r^2 in every round: the server can add noise, never
+  remove it."""
+  need = math.sqrt(max_clients) * float(np.max(z_local))
+  _check(z_total >= need * (1 - 1e-9),
+         f"topup noise multiplier z_T = {z_total:.4g} is below sqrt(m_max) * max z = {need:.4g} "
+         f"(m_max = {max_clients} clients a round): raise it, cap the clients per round "
+         f"(--fed.poisson_cap) or lower the local z")
+
+
+def topup_aggregator(z_local: Sequence[float], z_total: float, clip_norm: float,
+                     expected_clients: float):
+  """The trusted server's aggregate for the top-up: the sum of the m real uploads (each
+  clip_C(u) + N(0, (z_r C)^2)) plus N(0, (z_T^2 - m z_r^2) C^2), over the public
+  `expected_clients`. The released sum's noise is N(0, (z_T C)^2) for every m
+  (`check_topup` guarantees z_T^2 >= m z_r^2)."""
+  from fljax.federated import Aggregator
+  zs = jnp.asarray(np.asarray(z_local, np.float64), jnp.float32)
+  last = len(z_local) - 1
+
+  def update(updates, weights, state, key):
+    real = (weights > 0).astype(jnp.float32)
+    total = jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1), updates)
+    z = zs[jnp.clip(state, 0, last)]
+    top = jnp.sqrt(jnp.maximum(z_total ** 2 - real.sum() * z * z, 0.0)) * clip_norm
+    noise = tree_gaussian(total, top, key=key)
+    return (jax.tree.map(lambda s, e: (s + e) / expected_clients, total, noise), state + 1,
+            {"topup_noise_std": top})
+
+  return Aggregator(lambda params: jnp.zeros((), jnp.int32), update)
 
 
 def pld_grid(z_min: float, base: float) -> float:
@@ -263,12 +369,15 @@ def gdp_mu(z: Sequence[float], neighbouring: str = "add_remove") -> float:
   return 2.0 * mu if neighbouring == "replace_one" else mu
 
 
-def gdp_delta(epsilon: float, mu: float) -> float:
+def gdp_delta(epsilon: float, mu: Any) -> Any:
   """delta(epsilon) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong et al.),
-  the second term in log space (e^eps overflows for the epsilons of weak schedules)."""
+  the second term in log space (e^eps overflows for the epsilons of weak schedules).
+  Vectorised over `mu` (an array gives an array)."""
   norm = scipy_stats.norm
+  mu = np.asarray(mu, np.float64)
   first = norm.cdf(-epsilon / mu + mu / 2)
-  return float(first - math.exp(min(epsilon + norm.logcdf(-epsilon / mu - mu / 2), 0.0)))
+  out = first - np.exp(np.minimum(epsilon + norm.logcdf(-epsilon / mu - mu / 2), 0.0))
+  return float(out) if out.ndim == 0 else out
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -494,20 +603,25 @@ class DataForwardNoise:
 
 
 class ScheduleAccountant:
-  """Epsilon after round r for the three threat models of a forward-noise schedule.
+  """Epsilon after round r for the threat models of a forward-noise schedule.
 
-  - `epsilon` (model observer, user level, replace-one): rounds 0..r-1 Poisson-sampled at q.
-  - `epsilon_server` (per upload, the worst client): REPLACE_ONE composition of the uploads
-    of the client that took part most often, k_max(r) times, bounded above by taking the
-    k_max smallest z's among rounds 0..r-1 (exact for constant schedules).
-  - `epsilon_record` (one example): min(server epsilon, `record_epsilon(r)` when clients
-    run DP-SGD inside: a record-level guarantee that holds against the server too).
+  - `epsilon` (model observer, replace-one user level, participation visible): rounds
+    0..r-1 as `ParticipationVisibleDpEvent(q, GaussianDpEvent(z))`; in closed form
+    (`visible_gdp_epsilon`, exact) while the participation patterns number at most
+    `MAX_MIXTURE_TERMS`, else PLD (`schedule_epsilon`) on a 10x coarser grid every round and
+    on the `discretization` grid every `pld_every` rounds and at the last; `pld_grid` logs
+    the grid (0: closed form).
+  - `epsilon_server` (per upload, the worst client, replace-one user level): the uploads of
+    the client that took part most often, k_max(r) times, bounded above by taking the k_max
+    smallest z's among rounds 0..r-1 (exact for constant schedules); mu-GDP, closed form.
+  - `epsilon_record` (one example, add/remove): the server's bound read at record level (a
+    changed example changes one client's data, which moves its clipped update by at most 2C
+    while its participation and noise stay: the same Gaussian at sensitivity 2C), or, when
+    clients run DP-SGD inside (`record_epsilon(r)`, add/remove one example), the smaller of
+    the two. Both terms are add/remove-one-example bounds; no user-level add/remove figure
+    enters.
 
-  At q = 1 (the server's view, or no amplification) the composition is exactly mu-GDP,
-  mu = 2 sqrt(sum z^-2), and epsilon comes in closed form. With sampling, PLD
-  (dp_accounting's RDP has no Poisson replace-one): on a 10x coarser grid every round (pessimistic, cheap), on the `discretization` grid every `pld_every` rounds and at
-  the last round; the grid used is logged as `pld_grid`. Values depend on r only, so a
-  resumed run logs the same numbers.
+  Values depend on r only, so a resumed run logs the same numbers.
   """
 
   def __init__(self, event_z: np.ndarray, *, q: float, delta: float,
@@ -526,24 +640,25 @@ class ScheduleAccountant:
   def _pld(self, r: int) -> bool:
     return r == self.rounds or (self.pld_every > 0 and r % self.pld_every == 0)
 
+  def _model_observer(self, r: int) -> tuple[float, float]:
+    z = self.z[:r]
+    if self.q == 1.0:
+      return gdp_epsilon(gdp_mu(z, "replace_one"), self.delta), 0.0
+    if _participation_mixture(z, self.q) is not None:
+      return visible_gdp_epsilon(z, self.q, self.delta), 0.0
+    grid = self.discretization if self._pld(r) else 10 * self.discretization
+    return schedule_epsilon(z, self.delta, q=self.q, discretization=grid), grid
+
   def epsilons(self, r: int) -> dict[str, float]:
     if not self.private:
       return {"epsilon": math.inf, "epsilon_server": math.inf, "epsilon_record": math.inf}
     if r == 0:
-      return {"epsilon": 0.0, "epsilon_server": 0.0, "epsilon_record": 0.0}
-    grid = self.discretization if self._pld(r) else 10 * self.discretization
-
-    def eps(z, q):
-      if q == 1.0:  # a composition of Gaussians is exactly mu-GDP: closed form, any z
-        return gdp_epsilon(gdp_mu(z, "replace_one"), self.delta) if len(z) else 0.0
-      return schedule_epsilon(z, self.delta, q=q, discretization=grid)
-
-    out = {"epsilon": eps(self.z[:r], self.q)}
+      return {"epsilon": 0.0, "epsilon_server": 0.0, "epsilon_record": 0.0, "pld_grid": 0.0}
+    model, grid = self._model_observer(r)
     k = int(self.k_max[r])
-    out["epsilon_server"] = eps(np.sort(self.z[:r])[:k], 1.0)
-    record = out["epsilon_server"]
+    server = gdp_epsilon(gdp_mu(np.sort(self.z[:r])[:k], "replace_one"), self.delta) if k else 0.0
+    record = server
     if self.record_epsilon is not None:
       record = min(record, float(self.record_epsilon(r)))
-    out["epsilon_record"] = record
-    out["pld_grid"] = grid
-    return out
+    return {"epsilon": model, "epsilon_server": server, "epsilon_record": record,
+            "pld_grid": grid}

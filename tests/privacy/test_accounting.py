@@ -3,6 +3,8 @@ heterogeneous composition, the running accountant, bad input."""
 
 import math
 
+import numpy as np
+
 import pytest
 from dp_accounting import dp_event
 
@@ -122,3 +124,40 @@ def test_events_round_trip_through_json():
 def test_bad_input_names_the_parameter(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_rdp_replace_one_gaussian_is_sensitivity_two_and_never_below_pld():
+  # dp_accounting's RDP accountant ignores the relation for Gaussians (8.08 here); the
+  # replace-one figure is the Gaussian at sigma / 2 under add/remove
+  e = acc.compose([(dp_event.GaussianDpEvent(2.0), 10)])
+  rdp = acc.epsilon(e, 1e-5, accountant="rdp", neighbouring="replace_one")
+  pld = acc.epsilon(e, 1e-5, accountant="pld", neighbouring="replace_one")
+  assert pld == pytest.approx(17.86, abs=0.01)
+  assert rdp >= pld
+  half = acc.compose([(dp_event.GaussianDpEvent(1.0), 10)])
+  assert rdp == pytest.approx(acc.epsilon(half, 1e-5, accountant="rdp"), rel=1e-12)
+
+
+def test_rdp_refuses_replace_one_events_it_cannot_account():
+  e = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
+  with pytest.raises(ValueError, match="cannot account"):
+    acc.epsilon(e, 1e-5, accountant="rdp", neighbouring="replace_one")
+
+
+def test_participation_visible_rdp_is_the_visible_mixture():
+  curve = acc.rdp_curve(dp_event.GaussianDpEvent(1.0))
+  assert acc.participation_visible_rdp(curve, 1.0) == pytest.approx(curve, rel=1e-12)
+  mixed = acc.participation_visible_rdp(curve, 0.1)
+  orders = np.asarray(acc.RDP_ORDERS)
+  with np.errstate(over="ignore"):
+    by_hand = np.log(0.9 + 0.1 * np.exp((orders - 1) * curve)) / (orders - 1)
+  finite = np.isfinite(by_hand)  # e^((a-1) rdp) overflows at high orders; the module's does not
+  assert finite.sum() > 20 and np.all(np.isfinite(mixed))
+  np.testing.assert_allclose(mixed[finite], by_hand[finite], rtol=1e-9)
+  assert np.all(mixed < curve)
+  # the running accountants take the event and agree (RDP is the looser bound)
+  visible = acc.compose([(acc.ParticipationVisibleDpEvent(0.2, dp_event.GaussianDpEvent(1.0)), 20)])
+  rdp = acc.epsilon(visible, 1e-5, accountant="rdp", neighbouring="replace_one")
+  pld = acc.epsilon(visible, 1e-5, accountant="pld", neighbouring="replace_one")
+  assert pld <= rdp < 1.3 * pld
+  assert acc.event_from_json(acc.event_to_json(visible)) == visible

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dp_accounting import dp_event
 from scipy import stats
 
 from privacy import accounting, federated as pfed, forward_noise as fn
@@ -127,24 +128,81 @@ def test_grouped_and_per_round_accounting_agree_and_order_does_not_matter():
 
 def test_pld_at_q1_matches_the_gaussian_dp_closed_form():
   sched = fn.staircase([1.0, 2.0, 4.0], 9)
-  for rel in ("add_remove", "replace_one"):
-    closed = fn.gdp_epsilon(fn.gdp_mu(sched.z, rel), 1e-5)
-    assert fn.schedule_epsilon(sched.z, 1e-5, neighbouring=rel) == pytest.approx(closed, rel=1e-4)
+  closed = fn.gdp_epsilon(fn.gdp_mu(sched.z, "replace_one"), 1e-5)
+  assert fn.schedule_epsilon(sched.z, 1e-5) == pytest.approx(closed, rel=1e-4)
+  # the same Gaussians under add/remove (a central mechanism's relation): mu halves
+  add_remove = accounting.epsilon(fn.schedule_event(sched.z), 1e-5, neighbouring="add_remove")
+  assert add_remove == pytest.approx(fn.gdp_epsilon(fn.gdp_mu(sched.z), 1e-5), rel=1e-4)
+
+
+def test_local_noise_is_refused_under_add_remove():
+  with pytest.raises(ValueError, match="no add/remove guarantee"):
+    fn.schedule_epsilon([1.0] * 3, 1e-5, q=0.1, neighbouring="add_remove")
 
 
 def test_replace_one_at_z_equals_add_remove_at_half_z():
-  a = fn.schedule_epsilon([1.5] * 10, 1e-5, neighbouring="replace_one")
-  b = fn.schedule_epsilon([0.75] * 10, 1e-5, neighbouring="add_remove")
+  a = fn.schedule_epsilon([1.5] * 10, 1e-5)
+  b = accounting.epsilon(fn.schedule_event([0.75] * 10), 1e-5, neighbouring="add_remove")
   assert a == pytest.approx(b, rel=1e-6)
 
 
-def test_research_note_values_reproduce():
-  # Table 1's constant z = 1, R = 100 rows: add/remove q = 0.1 and the server's column.
-  assert fn.schedule_epsilon([1.0] * 100, 1e-5, q=0.1, neighbouring="add_remove") == \
-      pytest.approx(7.05, abs=1e-2)
-  assert fn.schedule_epsilon([1.0] * 100, 1e-5) == pytest.approx(284, abs=0.5)
-  assert fn.z_of_t("linear", 260) == pytest.approx(1.0, abs=0.01)
-  assert fn.z_of_t("cosine", 497) == pytest.approx(1.0, abs=0.01)
+def _binomial_mixture_delta(eps, z, rounds, q):
+  """sum_k Bin(T, q)(k) delta_GDP(eps; 2 sqrt(k) / z), written out term by term with
+  math.comb and the GDP formula (an independent computation of the visible mixture)."""
+  total = 0.0
+  for k in range(1, rounds + 1):
+    mu = 2 * math.sqrt(k) / z
+    d = (stats.norm.cdf(-eps / mu + mu / 2)
+         - math.exp(eps + stats.norm.logcdf(-eps / mu - mu / 2)))
+    total += math.comb(rounds, k) * q ** k * (1 - q) ** (rounds - k) * d
+  return total
+
+
+@pytest.mark.parametrize("z,rounds,q", [(0.3, 10, 0.1), (1.0, 20, 0.2), (2.0, 50, 0.05)])
+def test_visible_participation_pld_matches_the_binomial_gdp_mixture(z, rounds, q):
+  pld = fn.schedule_epsilon([z] * rounds, 1e-5, q=q, discretization=1e-3)
+  closed = fn.visible_gdp_epsilon([z] * rounds, q, 1e-5)
+  assert pld == pytest.approx(closed, rel=0.01)
+  # and the closed form is the independent sum at its epsilon
+  assert _binomial_mixture_delta(closed, z, rounds, q) == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_the_issues_forward_cell_value_and_no_amplification_of_epsilon():
+  # the study's forward cell (z = 0.3, q = 0.1, 10 rounds): about 160, not the 36.6 that
+  # crediting Poisson amplification gave
+  eps = fn.schedule_epsilon([0.3] * 10, 1e-5, q=0.1)
+  assert eps == pytest.approx(160.4, abs=0.5)
+  poisson = accounting.epsilon(accounting.compose(
+      [(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(0.3)), 10)]), 1e-5,
+      neighbouring="replace_one", discretization=0.05)
+  assert poisson < 40 < eps
+  # sampling lowers delta at a given epsilon, never below the single participation's
+  assert fn.schedule_epsilon([1.0] * 10, 1e-5, q=0.5) < fn.schedule_epsilon([1.0] * 10, 1e-5)
+  assert fn.schedule_epsilon([1.0] * 10, 1e-5, q=0.5) > fn.schedule_epsilon([1.0], 1e-5)
+
+
+def test_heterogeneous_schedules_agree_between_pld_and_the_closed_form():
+  z = fn.staircase([0.8, 1.6, 3.2], 12).z
+  pld = fn.schedule_epsilon(z, 1e-5, q=0.3, discretization=1e-3)
+  assert pld == pytest.approx(fn.visible_gdp_epsilon(z, 0.3, 1e-5), rel=0.01)
+
+
+def test_topup_event_is_the_poisson_subsampled_gaussian_and_hides_participation():
+  e = fn.topup_event(1.5, 0.1)
+  assert e == dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.5))
+  assert accounting.epsilon(accounting.compose([(e, 10)]), 1e-5) == pytest.approx(
+      accounting.dpsgd_epsilon(0.1, 1.5, 10, 1e-5, accountant="pld"), rel=1e-9)
+  fn.check_topup(1.5, [0.5], 9)
+  with pytest.raises(ValueError, match="below sqrt"):
+    fn.check_topup(1.4, [0.5], 9)
+  # the released noise has variance z_T^2 C^2 whatever the number of clients that took part
+  agg = fn.topup_aggregator([0.5], 1.5, 2.0, 4.0)
+  for m in (1, 5, 9):
+    updates = {"w": jnp.zeros((9, 20_000))}
+    weights = (jnp.arange(9) < m).astype(jnp.float32)
+    own = 0.5 * 2.0 * jax.random.normal(jax.random.key(m), (9, 20_000)) * weights[:, None]
+    out, _, _ = agg.update({"w": updates["w"] + own}, weights, agg.init(None), jax.random.key(9 + m))
+    assert float(jnp.std(out["w"] * 4.0)) == pytest.approx(1.5 * 2.0, rel=0.02)
 
 
 def test_diffusion_alpha_bars_match_the_diffusion_library():
@@ -168,15 +226,18 @@ def test_schedule_accountant_reports_three_threat_models():
   acc = fn.ScheduleAccountant(z, q=0.5, delta=1e-5, participations=np.minimum(np.arange(11), 6),
                               record_epsilon=lambda r: 0.1 * r, pld_every=5)
   out = acc.epsilons(10)
-  assert out["epsilon"] == pytest.approx(fn.schedule_epsilon(z, 1e-5, q=0.5,
-                                                             discretization=1e-3), rel=1e-9)
+  assert out["epsilon"] == pytest.approx(fn.visible_gdp_epsilon(z, 0.5, 1e-5), rel=1e-9)
+  assert out["epsilon"] == pytest.approx(fn.schedule_epsilon(z, 1e-5, q=0.5), rel=1e-4)
   # the server's view (q = 1) is exactly mu-GDP: closed form, which PLD approaches
   assert out["epsilon_server"] == pytest.approx(fn.gdp_epsilon(fn.gdp_mu(z[:6], "replace_one"),
                                                                1e-5), rel=1e-9)
   assert out["epsilon_server"] == pytest.approx(fn.schedule_epsilon(z[:6], 1e-5), rel=1e-4)
   assert out["epsilon_record"] == pytest.approx(1.0)
   assert acc.epsilons(0)["epsilon"] == 0.0
-  assert acc.epsilons(3)["pld_grid"] == 1e-2 and acc.epsilons(5)["pld_grid"] == 1e-3
+  assert out["pld_grid"] == 0.0  # closed form
+  # 2^20 participation patterns: PLD, coarse between the pld_every rounds
+  many = fn.ScheduleAccountant(np.linspace(2.0, 3.0, 20), q=0.5, delta=1e-5, pld_every=5)
+  assert many.epsilons(18)["pld_grid"] == 1e-2 and many.epsilons(20)["pld_grid"] == 1e-3
 
 
 def test_data_level_noising_accounting():
