@@ -323,9 +323,12 @@ def poisson_slots(n: int, q: float, m: int, *, key: jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerState:
-  """Everything a run needs to continue: params, server optimizer state, round, key.
+  """Everything a run needs to continue: params, server optimizer state, round, keys.
 
-  `key` is the run's base key and never changes; round r uses `fold_in(key, r)`.
+  `key` is the run's base key and never changes; round r samples its clients from
+  `fold_in(key, r)`. `noise_key` keys everything else a round draws (local training, the
+  defense, the aggregation: all DP noise); it is `key` unless a layer above passes another
+  one (e.g. from OS entropy, so that knowing the run's seed does not give the noise).
   `aggregate_state` is the state of a stateful `Aggregator` (() for plain functions).
   """
 
@@ -333,29 +336,36 @@ class ServerState:
   opt_state: optax.OptState
   round: jax.Array
   key: jax.Array
+  noise_key: jax.Array
   aggregate_state: Any = ()
 
 
 def init_server_state(params: Params, cfg: FedConfig, *, key: jax.Array,
-                      aggregate: AggregateFn | Aggregator = weighted_mean) -> ServerState:
+                      aggregate: AggregateFn | Aggregator = weighted_mean,
+                      noise_key: jax.Array | None = None) -> ServerState:
   opt = SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)
   return ServerState(params=params, opt_state=opt.init(params),
                      round=jnp.zeros((), jnp.int32), key=key,
+                     noise_key=jax.random.clone(key if noise_key is None else noise_key),
                      aggregate_state=as_aggregator(aggregate).init(params))
 
 
-def round_keys(state_key: jax.Array, round_: jax.Array) -> dict[str, jax.Array]:
-  """The named keys of one round: sampling, clients, defense, aggregate."""
+def round_keys(state_key: jax.Array, round_: jax.Array, noise_key: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+  """The named keys of one round: sampling (from `state_key`), clients, defense, aggregate
+  (from `noise_key`, `state_key` when None)."""
   k_sample, k_clients, k_defense, k_aggregate = jax.random.split(
       jax.random.fold_in(state_key, round_), 4)
+  if noise_key is not None:
+    k_clients, k_defense, k_aggregate = jax.random.split(jax.random.fold_in(noise_key, round_), 4)[1:]
   return {"sample": k_sample, "clients": k_clients, "defense": k_defense,
           "aggregate": k_aggregate}
 
 
 def client_key(state_key: jax.Array, round_: int | jax.Array, client_id: int | jax.Array,
-               purpose: str = "clients") -> jax.Array:
+               purpose: str = "clients", noise_key: jax.Array | None = None) -> jax.Array:
   """The key client `client_id` used in round `round_` for `purpose` ('clients'/'defense')."""
-  return jax.random.fold_in(round_keys(state_key, round_)[purpose], client_id)
+  return jax.random.fold_in(round_keys(state_key, round_, noise_key)[purpose], client_id)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -435,7 +445,7 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
         out_specs=(P(CLIENT_AXIS), P(CLIENT_AXIS)))
 
   def round_step(state: ServerState, clients: Batch) -> tuple[ServerState, Metrics]:
-    keys = round_keys(state.key, state.round)
+    keys = round_keys(state.key, state.round, state.noise_key)
     idx, real, dropped = sample_clients(num_clients, cfg, key=keys["sample"])
     if m_pad > m:
       idx = jnp.concatenate([idx, jnp.zeros((m_pad - m,), idx.dtype)])
@@ -463,7 +473,8 @@ def make_round_step(client_update: ClientUpdateFn, cfg: FedConfig, num_clients: 
         **ametrics,
     }
     new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
-                            key=state.key, aggregate_state=aggregate_state)
+                            key=state.key, noise_key=state.noise_key,
+                            aggregate_state=aggregate_state)
     return new_state, metrics
 
   return round_step

@@ -153,6 +153,10 @@ class Plugins:
       training (data-level defenses: what leaves the device is the transformed data).
     defense: the per-update `defense` hook.
     aggregate: the server's `aggregate` hook (a function or a stateful `Aggregator`).
+    noise_key: the key of everything a round draws but its client sampling (local
+      training, defense, aggregation): None derives it from the run's seed (reproducible);
+      a privacy layer passes one from OS entropy for deployments (see `ServerState`). It is
+      saved in the checkpoints, so a resumed run continues the same noise.
     round_metrics: host-side `round_metrics(r) -> dict` after round r (e.g. epsilon so
       far), called for every round run in this session; it must depend on r only (not on
       the order of calls), so that a resumed run logs the same values.
@@ -163,6 +167,7 @@ class Plugins:
   clients: Any = None
   defense: fed.DefenseFn | None = None
   aggregate: Any = None
+  noise_key: jax.Array | None = None
   round_metrics: Any = None
   description: str = ""
 
@@ -374,7 +379,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
       aggregate=aggregate, mesh=mesh), donate_argnums=0)
   evaluate = jax.jit(fed.make_evaluate(model.apply))
 
-  state = fed.init_server_state(model.init(k_init), config.fed, key=k_run, aggregate=aggregate)
+  state = fed.init_server_state(model.init(k_init), config.fed, key=k_run, aggregate=aggregate,
+                                noise_key=extra.noise_key)
   ckpt = Checkpointer(workdir / "checkpoints")
   start = ckpt.latest_round() or 0
   if start:

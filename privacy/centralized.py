@@ -111,7 +111,7 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
 
   params = model.init(k_init)
   state = fed.ServerState(params=params, opt_state=opt.init(params), round=jnp.zeros((), jnp.int32),
-                          key=k_steps)
+                          key=k_steps, noise_key=k_steps)
   ckpt = Checkpointer(workdir / "checkpoints")
   start = ckpt.latest_round() or 0
   if start:
@@ -134,7 +134,7 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
         for k, v in jax.device_get(metrics).items():
           sums[k] = sums.get(k, 0.0) + float(v)
       state = fed.ServerState(params=params, opt_state=opt_state, round=jnp.asarray(epoch + 1),
-                              key=key)
+                              key=key, noise_key=key)
       ev = jax.device_get(evaluate(params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)))
       steps_done = (epoch + 1) * steps_per_epoch
       record = {"epoch": epoch + 1, "round": epoch + 1, "steps": steps_done,

@@ -43,8 +43,10 @@ recomputed from the run's key, since client sampling does not depend on the data
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -53,6 +55,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dp_accounting import dp_event
 
 from fljax import federated as fed
 from fljax import train as fl_train
@@ -66,6 +69,7 @@ MECHANISM_NAMES = ("none", "dp_fedavg", "dpsgd", "local_dp", "prune", "quantize"
                    "forward_noise", "pfdm")
 DP_MECHANISMS = ("dp_fedavg", "dpsgd", "local_dp")
 SCHEDULES = ("constant", "staircase", "anneal", "linear", "cosine")
+NOISE_SEEDS = ("run", "os")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,8 +113,17 @@ class PrivacyConfig:
     scaling: forward_noise: flat, per_layer, coordinate (public scale from the initial
       parameters) or norm (relative to the update's norm: not DP).
     rescale: forward_noise: the server divides each upload by sqrt(abar) (post-processing).
-    central_noise_multiplier: forward_noise hybrid: central Gaussian noise z_C C on the sum.
+    central_noise_multiplier: forward_noise hybrid: central Gaussian noise z_C C on the sum
+      (the aggregate's variance still grows with the clients that took part: participation
+      stays visible and no amplification is credited).
+    topup_noise_multiplier: forward_noise hybrid: the trusted server tops each round's
+      aggregate noise up to z_T C whoever took part (participation hidden: Poisson
+      amplification holds, add/remove one client); needs z_T >= sqrt(client slots) * max z.
     record_noise_multiplier: forward_noise hybrid: DP-SGD with this sigma inside clients.
+    noise_seed: 'run' derives every noise key from --seed (reproducible research runs);
+      'os' draws them from OS entropy, so that nobody who knows the seed can regenerate and
+      subtract the noise (a deployment must). Client sampling stays seeded (accounting
+      recomputes participation from it; it does not depend on the data).
   """
 
   mechanism: str = "none"
@@ -140,7 +153,9 @@ class PrivacyConfig:
   scaling: str = "flat"
   rescale: bool = True
   central_noise_multiplier: float = 0.0
+  topup_noise_multiplier: float = 0.0
   record_noise_multiplier: float = 0.0
+  noise_seed: str = "run"
 
   def __post_init__(self):
     if self.mechanism not in MECHANISM_NAMES:
@@ -166,12 +181,19 @@ class PrivacyConfig:
         raise ValueError(f"privacy.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
       if self.schedule in ("staircase", "anneal") and self.z_end is None:
         raise ValueError(f"privacy.schedule={self.schedule} needs --privacy.z_end")
-      if min(self.central_noise_multiplier, self.record_noise_multiplier) < 0:
-        raise ValueError("privacy.central_noise_multiplier and record_noise_multiplier must be >= 0")
+      if min(self.central_noise_multiplier, self.record_noise_multiplier,
+             self.topup_noise_multiplier) < 0:
+        raise ValueError("privacy.central_noise_multiplier, topup_noise_multiplier and "
+                         "record_noise_multiplier must be >= 0")
+      if self.central_noise_multiplier and self.topup_noise_multiplier:
+        raise ValueError("privacy.central_noise_multiplier and privacy.topup_noise_multiplier are "
+                         "two hybrids: pass at most one")
       if self.scaling not in fn.SCALINGS:
         raise ValueError(f"privacy.scaling must be one of {fn.SCALINGS}, got {self.scaling!r}")
     if self.mechanism in ("forward_noise", "pfdm"):
       fn.z_of_t(self.diffusion, [self.t_start, self.t_end])
+    if self.noise_seed not in NOISE_SEEDS:
+      raise ValueError(f"privacy.noise_seed must be one of {NOISE_SEEDS}, got {self.noise_seed!r}")
     if self.accountant not in ("pld", "rdp"):
       raise ValueError(f"privacy.accountant must be 'pld' or 'rdp', got {self.accountant!r}")
 
@@ -244,6 +266,7 @@ class _UserLevel:
   sigma: float
   round_metrics: Callable[[int], dict]
   text: str
+  guarantees: dict[str, Any]
 
 
 def _user_level(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> _UserLevel:
@@ -272,11 +295,16 @@ def _user_level(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> _UserLevel:
       out["epsilon_replace_one"] = replace_one.epsilon(r)
     return out
 
+  threat = "model observer (trusted server, participation hidden)"
+  guarantees = {"epsilon": _guarantee(threat, neighbouring, event_of(sigma), name)}
+  if replace_one is not None:
+    guarantees["epsilon_replace_one"] = _guarantee(threat, "replace_one", event_of(sigma), "pld")
   return _UserLevel(
       sigma=sigma,
       round_metrics=round_metrics,
       text=f"user level, {neighbouring}, C={cfg.clip_norm}, sigma={sigma:.4g}, {name} accountant, "
-           f"delta={cfg.delta:g}")
+           f"delta={cfg.delta:g}",
+      guarantees=guarantees)
 
 
 def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
@@ -289,6 +317,9 @@ def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins
         count_noise_multiplier=cfg.count_noise_multiplier or expected / 20)
   aggregate = pfed.dp_fedavg(clip_norm=cfg.clip_norm, noise_multiplier=user.sigma,
                              expected_clients=expected, adaptive=adaptive)
+  _write_privacy_json(ctx, {"mechanism": "dp_fedavg", "noise_multiplier": user.sigma,
+                            "delta": cfg.delta, "noise_seed": cfg.noise_seed,
+                            "guarantees": user.guarantees})
   return fl_train.Plugins(
       aggregate=aggregate, round_metrics=user.round_metrics,
       description=f"DP-FedAvg{' (adaptive clipping)' if adaptive else ''}, {user.text}")
@@ -349,6 +380,13 @@ def _record_level(cfg: PrivacyConfig, ctx: fl_train.RunContext, sigma: float | N
 
 def _dpsgd(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
   sigma, client_update, record_epsilon = _record_level(cfg, ctx, cfg.noise_multiplier)
+  _write_privacy_json(ctx, {"mechanism": "dpsgd", "noise_multiplier": sigma, "delta": cfg.delta,
+                            "noise_seed": cfg.noise_seed, "guarantees": {"epsilon": {
+                                "threat_model": "everyone (server included), record level, the "
+                                                "worst client over the rounds it took part in",
+                                "relation": "add_remove (record)",
+                                "event": "per round taken part in: dpsgd_client_event(size)",
+                                "accountant": "rdp"}}})
   return fl_train.Plugins(
       client_update=client_update,
       round_metrics=lambda r: {"epsilon": record_epsilon(r), "noise_multiplier": sigma},
@@ -365,8 +403,15 @@ def _local_dp(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
     return accounting.epsilon(accounting.compose([(pfed.local_dp_event(sigma), uploads)]),
                               cfg.delta, accountant="pld")
 
-  sigma = _event_sigma(cfg, lambda s: accounting.compose(
-      [(pfed.local_dp_event(s), max(1, int(counts[-1].max())))]), "pld", "add_remove")
+  uploads = max(1, int(counts[-1].max()))
+  sigma = _event_sigma(cfg, lambda s: accounting.compose([(pfed.local_dp_event(s), uploads)]),
+                       "pld", "add_remove")
+  _write_privacy_json(ctx, {"mechanism": "local_dp", "noise_multiplier": sigma, "delta": cfg.delta,
+                            "noise_seed": cfg.noise_seed, "guarantees": {"epsilon": _guarantee(
+                                "everyone (server included), per upload, the worst client",
+                                "any two datasets of one client (sensitivity 2C)",
+                                accounting.compose([(pfed.local_dp_event(sigma), uploads)]),
+                                "pld")}})
   return fl_train.Plugins(
       defense=pfed.local_dp(clip_norm=cfg.clip_norm, noise_multiplier=sigma),
       round_metrics=lambda r: {"epsilon": eps(sigma, int(counts[r].max())), "noise_multiplier": sigma},
@@ -390,18 +435,31 @@ def noise_schedule(cfg: PrivacyConfig, rounds: int, q: float) -> fn.NoiseSchedul
   return fn.calibrate(shape, cfg.target_epsilon, cfg.delta, q=q)
 
 
-def _sampling_rate(fed_cfg, what: str) -> tuple[float, str]:
-  """q for the model observer's amplification, and how it was credited."""
-  if fed_cfg.sampling == "poisson" and fed_cfg.poisson_cap == 0:
-    return fed_cfg.clients_per_round, f"Poisson client sampling q={fed_cfg.clients_per_round:g}"
-  return 1.0, (f"no amplification credited ({fed_cfg.sampling} client sampling; "
-               f"--fed.sampling poisson --fed.poisson_cap 0 credits q for {what})")
+def participation_rate(fed_cfg: fed.FedConfig, num_clients: int) -> float:
+  """The probability that a given client takes part in a round, independently over rounds:
+  q for Poisson sampling (at most q with a cap), m / C for fixed-size sampling. Local noise's
+  visible-participation accounting is monotone in it, so an upper bound is exact enough."""
+  if fed_cfg.sampling == "poisson":
+    return fed_cfg.clients_per_round
+  return fed.num_sampled(fed_cfg, num_clients) / num_clients
+
+
+def _write_privacy_json(ctx: fl_train.RunContext, record: dict[str, Any]) -> None:
+  """privacy.json: the mechanism and, for every epsilon it logs, the threat model, the
+  neighbouring relation, the dp_accounting event (JSON) and the accountant."""
+  if ctx.workdir is not None and jax.process_index() == 0:
+    (ctx.workdir / "privacy.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _guarantee(threat_model: str, relation: str, event, accountant: str) -> dict[str, Any]:
+  return {"threat_model": threat_model, "relation": relation,
+          "event": accounting.event_to_json(event), "accountant": accountant}
 
 
 def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
   """Forward-diffusion noise on every upload (and its hybrids); see `privacy.forward_noise`."""
-  fed_cfg, rounds = ctx.config.fed, ctx.config.rounds
-  q, sampling = _sampling_rate(fed_cfg, "forward noise")
+  fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
+  q = participation_rate(fed_cfg, n)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", fn.ScheduleWarning)
     schedule = noise_schedule(cfg, rounds, q)
@@ -422,17 +480,31 @@ def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plu
   plugins: dict[str, Any] = {"defense": mech.defense()}
   text = [f"forward noise, {schedule.describe()}, {cfg.scaling} scaling, C={cfg.clip_norm}",
           "not DP (epsilon = inf, empirical only)" if not mech.private else
-          f"replace-one user level, {sampling}"]
+          f"replace-one user level, participation visible (rate {q:g}, no amplification)"]
+  expected = pfed.expected_clients(fed_cfg, n)
   if cfg.central_noise_multiplier:
-    plugins["aggregate"] = central_gaussian(cfg.central_noise_multiplier * cfg.clip_norm,
-                                            pfed.expected_clients(fed_cfg, ctx.clients.num_clients))
+    plugins["aggregate"] = central_gaussian(cfg.central_noise_multiplier * cfg.clip_norm, expected)
     text.append(f"+ central noise z_C={cfg.central_noise_multiplier:g} (server sums the "
-                f"uploads unclipped; model observer z = sqrt(z^2 + z_C^2))")
+                f"uploads unclipped; model observer z = sqrt(z^2 + z_C^2), participation visible)")
+  topup = None
+  if cfg.topup_noise_multiplier:
+    if cfg.scaling != "flat" or not mech.private:
+      raise ValueError("privacy.topup_noise_multiplier needs --privacy.scaling flat (the "
+                       "server tops up a per-coordinate noise of z C)")
+    fn.check_topup(cfg.topup_noise_multiplier, schedule.z, fed.num_sampled(fed_cfg, n))
+    plugins["aggregate"] = fn.topup_aggregator(schedule.z, cfg.topup_noise_multiplier,
+                                               cfg.clip_norm, expected)
+    event, relation = pfed.dp_fedavg_event(fed_cfg, n, cfg.topup_noise_multiplier)
+    name = "rdp" if relation == "replace_one" else "pld"
+    topup = _RoundAccountant(name, relation, cfg.delta, event)
+    text.append(f"+ top-up to z_T={cfg.topup_noise_multiplier:.4g} by the trusted server "
+                f"(participation hidden: model observer {relation}, "
+                f"{type(event).__name__}, {name})")
   record_epsilon = None
   if cfg.record_noise_multiplier:
     sigma, plugins["client_update"], record_epsilon = _record_level(
         cfg, ctx, cfg.record_noise_multiplier)
-    text.append(f"+ DP-SGD in clients sigma={sigma:g} (record level, rdp)")
+    text.append(f"+ DP-SGD in clients sigma={sigma:g} (record level, add/remove, rdp)")
   counts = _participation_counts(ctx).max(axis=1)
   acc = fn.ScheduleAccountant(z_model, q=q, delta=cfg.delta, participations=counts,
                               record_epsilon=record_epsilon, private=mech.private)
@@ -443,17 +515,38 @@ def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plu
   def round_metrics(r):
     model = acc.epsilons(r)
     # the server sees each upload before the central noise: its view is from z_L alone
-    uploads = server.epsilons(r) if cfg.central_noise_multiplier else model
-    return {"epsilon": model["epsilon"], "epsilon_server": uploads["epsilon_server"],
-            "epsilon_record": uploads["epsilon_record"], "pld_grid": model.get("pld_grid", 0.0),
-            "noise_multiplier": float(zs[min(r, rounds) - 1]) if r else float(zs[0])}
+    uploads = server.epsilons(r) if cfg.central_noise_multiplier or topup else model
+    out = {"epsilon": model["epsilon"], "epsilon_server": uploads["epsilon_server"],
+           "epsilon_record": uploads["epsilon_record"], "pld_grid": model.get("pld_grid", 0.0),
+           "noise_multiplier": float(zs[min(r, rounds) - 1]) if r else float(zs[0])}
+    if topup is not None:  # the model observer's view is the topped-up aggregate
+      out["epsilon_visible"] = out["epsilon"]
+      out["epsilon"] = topup.epsilon(r)
+    return out
 
-  if ctx.workdir is not None and jax.process_index() == 0:
-    (ctx.workdir / "privacy.json").write_text(json.dumps({
-        "mechanism": "forward_noise", "schedule": schedule.to_json(), "event_z": list(event_z),
-        "model_observer_z": list(z_model), "q": q, "delta": cfg.delta,
-        "relation": "replace_one (user)", "private": mech.private,
-        "description": "; ".join(text)}) + "\n")
+  uploads = [(float(v), k) for v, k in sorted(collections.Counter(event_z.tolist()).items())]
+  observer = ("model observer (participation visible)", "replace_one",
+              fn.schedule_event(z_model, q), "closed form (visible GDP mixture) or pld")
+  guarantees = {
+      "epsilon_server": _guarantee("server, per upload (worst client)", "replace_one",
+                                   accounting.compose([(dp_event.GaussianDpEvent(v), k)
+                                                       for v, k in uploads]), "gdp closed form"),
+      "epsilon_record": _guarantee("record level (one example)", "add_remove (record)",
+                                   accounting.compose([(dp_event.GaussianDpEvent(v / 2), k)
+                                                       for v, k in uploads]),
+                                   "gdp closed form, min with DP-SGD's rdp when clients run it"),
+  }
+  if topup is not None:
+    guarantees["epsilon"] = _guarantee("model observer (trusted server hides participation)",
+                                       topup.args[1], topup.event, topup.args[0])
+    guarantees["epsilon_visible"] = _guarantee(*observer)
+  else:
+    guarantees["epsilon"] = _guarantee(*observer)
+  _write_privacy_json(ctx, {
+      "mechanism": "forward_noise", "schedule": schedule.to_json(), "event_z": list(event_z),
+      "model_observer_z": list(z_model), "q": q, "delta": cfg.delta, "private": mech.private,
+      "topup_noise_multiplier": cfg.topup_noise_multiplier, "noise_seed": cfg.noise_seed,
+      "guarantees": guarantees if mech.private else {}, "description": "; ".join(text)})
   return fl_train.Plugins(round_metrics=round_metrics, description="; ".join(text), **plugins)
 
 
@@ -502,14 +595,26 @@ MECHANISMS: dict[str, Callable[[PrivacyConfig, fl_train.RunContext], fl_train.Pl
 assert tuple(MECHANISMS) == MECHANISM_NAMES
 
 
+def os_noise_key() -> jax.Array:
+  """A threefry key from 64 bits of OS entropy (`--privacy.noise_seed os`)."""
+  return jax.random.wrap_key_data(np.frombuffer(os.urandom(8), np.uint32), impl="threefry2x32")
+
+
 def train_and_evaluate(config: PrivateExperimentConfig, workdir, **kwargs) -> dict[str, Any]:
   """`fljax.train.train_and_evaluate` with `config.privacy`'s mechanism plugged in."""
   make = MECHANISMS[config.privacy.mechanism]
   if config.privacy.target_epsilon is not None:
     # sigma is calibrated for `rounds`: extending the run would overspend, so refuse it.
     fl_train.check_workdir(Path(workdir), config, kwargs.get("overwrite", False), extendable=())
-  return fl_train.train_and_evaluate(config, workdir, plugins=lambda ctx: make(config.privacy, ctx),
-                                     **kwargs)
+
+  def plugins(ctx):
+    made = make(config.privacy, ctx)
+    if config.privacy.noise_seed == "os":
+      made = dataclasses.replace(made, noise_key=os_noise_key(),
+                                 description=made.description + "; noise keys from OS entropy")
+    return made
+
+  return fl_train.train_and_evaluate(config, workdir, plugins=plugins, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,9 +166,44 @@ def test_forward_noise_logs_three_threat_models_and_post_processing_changes_none
   for name in runs:
     assert [[r[k] for k in keys] for r in logs[name]] == first
   last = logs["plain"][-1]
-  assert 0 < last["epsilon"] < last["epsilon_server"] < float("inf")  # q = 0.5 amplifies
+  assert 0 < last["epsilon"] < float("inf") and 0 < last["epsilon_server"] < float("inf")
+  # participation is visible: the model observer's epsilon is the binomial mixture
+  from privacy import forward_noise as fn
+  assert last["epsilon"] == pytest.approx(fn.visible_gdp_epsilon([2.0] * 3, 0.5, 1e-5), rel=1e-9)
   saved = json.loads((tmp_path / "plain" / "privacy.json").read_text())
-  assert saved["schedule"]["z"] == [2.0] * 3 and saved["relation"].startswith("replace_one")
+  assert saved["schedule"]["z"] == [2.0] * 3
+  for name in keys:
+    assert set(saved["guarantees"][name]) == {"threat_model", "relation", "event", "accountant"}
+  assert saved["guarantees"]["epsilon"]["relation"] == "replace_one"
+  assert "participation_visible" in json.dumps(saved["guarantees"]["epsilon"]["event"])
+
+
+def test_topup_hides_participation_and_is_accounted_as_dp_fedavg(tmp_path):
+  from privacy import federated as pfed
+  cfg = _config(mechanism="forward_noise", noise_multiplier=0.5, clip_norm=0.01,
+                topup_noise_multiplier=1.5)
+  record = train.train_and_evaluate(cfg, tmp_path, progress=False)
+  event, relation = pfed.dp_fedavg_event(cfg.fed, 8, 1.5)
+  from privacy import accounting
+  assert relation == "add_remove"
+  assert record["epsilon"] == pytest.approx(accounting.Accountant("pld", relation, 1e-5).compose(
+      event, 3).epsilon(), rel=1e-9)
+  assert record["epsilon"] < record["epsilon_visible"]
+  with pytest.raises(ValueError, match="below sqrt"):  # 8 slots: z_T >= sqrt(8) * 0.6
+    train.train_and_evaluate(dataclasses.replace(cfg, privacy=dataclasses.replace(
+        cfg.privacy, noise_multiplier=0.6)), tmp_path / "low", progress=False)
+
+
+def test_noise_seed_os_draws_noise_nobody_can_regenerate_from_the_seed(tmp_path):
+  base = dict(mechanism="dp_fedavg", noise_multiplier=1.0)
+  runs = {}
+  for name, seed in (("run_a", "run"), ("run_b", "run"), ("os_a", "os"), ("os_b", "os")):
+    train.train_and_evaluate(_config(rounds=1, **base, noise_seed=seed), tmp_path / name,
+                             progress=False)
+    runs[name] = _records(tmp_path / name)[-1]["update_norm"]
+    assert json.loads((tmp_path / name / "privacy.json").read_text())["noise_seed"] == seed
+  assert runs["run_a"] == runs["run_b"]
+  assert len({runs["run_a"], runs["os_a"], runs["os_b"]}) == 3
 
 
 @pytest.mark.parametrize("privacy", [
@@ -201,6 +236,9 @@ def test_forward_noise_variants_run(tmp_path, privacy):
     (dict(mechanism="forward_noise", noise_multiplier=1.0, clip_norm=0.0), "clip norm"),
     (dict(mechanism="forward_noise", noise_multiplier=1.0, delta=1.0), "delta"),
     (dict(mechanism="pfdm", t_start=1001), "integer in"),
+    (dict(mechanism="forward_noise", noise_multiplier=1.0, central_noise_multiplier=1.0,
+          topup_noise_multiplier=3.0), "at most one"),
+    (dict(mechanism="none", noise_seed="urandom"), "noise_seed"),
 ])
 def test_forward_noise_bad_settings_are_rejected(privacy, message):
   with pytest.raises(ValueError, match=message):
