@@ -1,35 +1,66 @@
 """Secure aggregation (Bonawitz et al., CCS 2017) and SecAgg+ (Bell et al., CCS 2020).
 
-Semi-honest setting: the server learns only the sum, mod R = 2^bits, of the inputs of the
-clients that survive to the masked-input round, as long as at least t clients stay
-until the end and t > n/2. Clients and the server are separate objects that exchange
-byte strings; `run` plays the network, which can drop any client before any round.
+Threat model: semi-honest (honest-but-curious). The server and a fraction `corruption` of
+the clients, colluding, follow the protocol but pool everything they see; the other
+clients may drop out at random (rate `dropout`) before any round. Guarantee: the
+coalition learns nothing about the honest clients' inputs beyond the sum, mod R = 2^bits,
+of the honest inputs that reach the masked-input round (U3), and the protocol outputs
+that sum whenever it does not abort. Full SecAgg gives it as long as t > n/2 and fewer
+than t clients are corrupted; SecAgg+ gives it except with probability 2^-sigma over the
+public random graph, for the (k, t) that `secagg_plus_parameters` selects or
+`SecAggConfig` accepts, and aborts on honest random dropouts with probability at most
+2^-eta. Clients and the server are separate objects that exchange byte strings; `run`
+plays the network, which can drop any client before any round. Every message is checked
+field by field, and anything malformed raises `SecAggError` naming the sender and field.
 
 Rounds (Bonawitz et al., Fig. 4; round 3, the consistency check against active
 adversaries, is omitted in this semi-honest version):
   0 AdvertiseKeys  every client u sends two X25519 public keys: c_pk (encryption) and
                    s_pk (masks). The server broadcasts the roster U1 and a fresh session id.
-  1 ShareKeys      u draws a self-mask seed b_u, t-of-n Shamir-shares b_u and its mask
-                   secret key s_sk over its neighbours, and sends each neighbour v its two
-                   shares encrypted with AES-GCM under HKDF(X25519(c_sk_u, c_pk_v)), bound
-                   (as associated data) to the session, sender and recipient. U2 = senders.
-  2 MaskedInput    u sends y_u = x_u + PRG(b_u) + sum_{v in U2, v != u} +/- PRG(s_uv)
-                   mod R, with s_uv = HKDF(X25519(s_sk_u, s_pk_v)) and + iff u < v.
-                   U3 = senders.
+  1 ShareKeys      u draws a self-mask seed b_u, t-of-(k+1) Shamir-shares b_u and its mask
+                   secret key s_sk over its neighbours in U1 and itself, and sends each
+                   neighbour v its two shares encrypted with AES-GCM under
+                   HKDF(X25519(c_sk_u, c_pk_v)), bound (as associated data) to the session,
+                   sender and recipient. The server refuses a message that lacks a
+                   ciphertext for a neighbour in U1. U2 = senders; the server forwards to
+                   each client its ciphertexts and the list U2.
+  2 MaskedInput    u sends y_u = x_u + PRG(b_u) + sum_{v in N(u) & U2} +/- PRG(s_uv) mod R,
+                   with s_uv = HKDF(X25519(s_sk_u, s_pk_v)) and + iff u < v. u aborts unless
+                   it holds shares from exactly its neighbours in U2 (masks with any other
+                   set would not cancel). U3 = senders.
   4 Unmask         every survivor reveals, for each neighbour v, the share of b_v if v is in
                    U3 and the share of s_sk_v if v dropped, never both for one client (a
                    client refuses a request that would reveal both). With >= t answers the
                    server removes the pairwise masks of the dropped and the self-masks of
                    the survivors.
 
-SecAgg+ (`neighbours=k`): clients mask and share only with their k neighbours in a random
-k-regular graph (a Harary graph relabelled by a public random permutation), and the
-threshold applies per neighbourhood, so client and server costs grow as n k = n log n
-instead of n^2.
+Refusal rule (SecAgg+): every pair of neighbours in U2 shares a mask, so what the server can
+unmask is the sum over any union of connected components of the graph induced on U3
+(removing the masks of dropped clients is exactly what Unmask lets it do). Before
+revealing any share, each client checks that this induced graph is connected and refuses
+(`SecAggAbort`) otherwise: a disconnected U3 would let the server isolate a partial sum.
+The analysis below makes that refusal (and a disconnection by corrupted clients, whose
+inputs the coalition knows) happen with probability below 2^-eta (2^-sigma).
+
+SecAgg+ (`neighbours=k`): clients mask and share only with their k neighbours in a
+k-regular graph, the Harary graph C_n(1..k/2) (i ~ i +/- 1..k/2 mod n) relabelled by a
+public random permutation, and the threshold applies per neighbourhood, so client and
+server costs grow as n k = n log n instead of n^2. Bell et al. draw an Erdos-Renyi graph
+and require it to be "good": (a) no honest client has t corrupted neighbours (else the
+coalition holds t shares of both its secrets), (b) the graph minus the dropped and
+corrupted clients stays connected (else a partial sum is isolated), (c) every client keeps
+t surviving neighbours (else the round aborts). `secagg_plus_parameters` bounds (a)-(c) for
+our Harary graph (the bounds are ours, see its docstring) and picks the smallest k.
+
+Federated hook: `aggregator` runs the protocol each round on the host, around an
+`Encoding` that maps float updates to integers mod 2^bits and the sum back:
+`PlainEncoding` (fixed point, not DP) or a distributed-DP encoding (privacy/ddgauss.py).
+This module adds no noise of its own.
 
 Primitives come from `cryptography`: X25519, HKDF-SHA256, AES-GCM, and ChaCha20 as the PRG
 (its keystream read straight into uint32/uint64 arrays, so mask expansion is vectorised).
-Randomness comes from the OS CSPRNG; numpy.random is not used anywhere here.
+Protocol randomness comes from the OS CSPRNG, an encoding's from the PRG keyed by a seed
+(`aggregator`'s `noise_seed`); numpy.random is not used anywhere here.
 """
 
 from __future__ import annotations
@@ -42,8 +73,9 @@ import math
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -55,13 +87,152 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privacy import shamir
 
+SIGMA = 40  # statistical security: privacy fails with probability <= 2^-SIGMA
+ETA = 30  # correctness: honest random dropouts abort a round with probability <= 2^-ETA
+AUTO = -1  # `SecureAggregation.neighbours`: choose k with `secagg_plus_parameters`
+
 
 class SecAggError(ValueError):
-  """A protocol violation: a bad, tampered, replayed or unexpected message."""
+  """A protocol violation: a bad, tampered, replayed, malformed or unexpected message."""
 
 
 class SecAggAbort(RuntimeError):
-  """Too few clients remain for the protocol to continue (fewer than the threshold t)."""
+  """The round cannot finish safely: fewer than t clients remain somewhere, or the
+  survivors' graph is disconnected (unmasking would expose a partial sum)."""
+
+
+# ----------------------------------------------------------------------------- SecAgg+ parameters
+
+
+def _lg(x: float) -> float:
+  return math.log2(x) if x > 0 else -math.inf
+
+
+def _lg_tail(k: int, p: float, j: int) -> float:
+  """log2 P[Binomial(k, p) >= j]."""
+  if j <= 0 or p >= 1:
+    return 0.0
+  if j > k or p <= 0:
+    return -math.inf
+  terms = [math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1)
+           + i * math.log(p) + (k - i) * math.log1p(-p) for i in range(j, k + 1)]
+  top = max(terms)
+  return (top + math.log(sum(math.exp(x - top) for x in terms))) / math.log(2)
+
+
+def _lg_sum(*lgs: float) -> float:
+  return _lg(sum(2.0 ** x for x in lgs))
+
+
+def _private_enough(n: int, k: int, t: int, corruption: float, sigma: float) -> bool:
+  """Condition (a): n C(k, t) q^t <= 2^-(sigma + 1), q = corruption n / (n - 1)."""
+  q = min(1.0, corruption * n / (n - 1))
+  return _lg(n) + _lg(math.comb(k, t)) + t * _lg(q) <= -(sigma + 1)
+
+
+def _plus_failure(n: int, k: int, t: int, dropout: float, corruption: float, sigma: float,
+                  eta: float) -> str | None:
+  """Which bound of `secagg_plus_parameters` (k, t) misses, as a phrase, or None."""
+  if not _private_enough(n, k, t, corruption, sigma):
+    return (f"threshold t={t} is too low: a neighbourhood of {k} may hold t clients of the "
+            f"corrupted fraction {corruption} (bound (a) above 2^-{sigma + 1})")
+  pairs = _lg(n * (n - 1) / 2)
+  if pairs + k * _lg(min(1.0, dropout + corruption)) > -(sigma + 1):
+    return (f"neighbours k={k} is too small: dropped or corrupted runs of k/2 clients could "
+            f"cut the survivors' graph and isolate a partial sum (bound (b) above "
+            f"2^-{sigma + 1})")
+  if _lg_sum(_lg(n) + _lg_tail(k, dropout, k - t + 1), pairs + k * _lg(dropout)) > -eta:
+    return (f"neighbours k={k} with threshold t={t} would abort on honest dropouts at rate "
+            f"{dropout} (bound (c) above 2^-{eta})")
+  return None
+
+
+def _plus_threshold(n: int, k: int, corruption: float, sigma: float, threshold: float) -> int:
+  """The smallest t with t > k/2, t >= threshold (k + 1) and bound (a); k + 1 if none."""
+  low = max(k // 2 + 1, math.ceil(threshold * (k + 1)))
+  return next((t for t in range(low, k + 1) if _private_enough(n, k, t, corruption, sigma)),
+              k + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def secagg_plus_parameters(n: int, dropout_rate: float, corruption_rate: float, *,
+                           sigma: float = SIGMA, eta: float = ETA,
+                           threshold: float = 0.5) -> tuple[int, int]:
+  """SecAgg+'s neighbourhood size k and threshold t for n clients (Bell et al., CCS 2020).
+
+  Bell et al. ("Secure Single-Server Aggregation with (Poly)Logarithmic Overhead") show
+  that SecAgg run over a sparse random graph is secure and correct whenever the graph is
+  "good" for the corrupted set C and the dropped set D: (a) every honest client has fewer
+  than t neighbours in C (its two secrets are t-of-(k + 1) shared, and the coalition
+  holds its corrupted neighbours' shares of both), (b) the graph minus C u D is connected
+  (else the coalition unmasks the sum of a component, a partial sum), (c) every client
+  keeps >= t neighbours outside D (else its secret cannot be rebuilt and the round
+  aborts). They draw an Erdos-Renyi graph and pick k, t so that (a)-(b) fail with
+  probability <= 2^-sigma (statistical security parameter) and (c) with probability
+  <= 2^-eta (correctness parameter). That framework is theirs; the bounds below are ours,
+  for our graph, the Harary graph C_n(1..k/2) relabelled by a public uniform permutation.
+
+  Model: the coalition corrupts at most corruption_rate n clients, chosen before the
+  graph is drawn; each client drops independently with probability dropout_rate. For a
+  fixed set S of ring positions, P[S inside C] <= corruption^|S| (sampling without
+  replacement) and P[S inside C u D] <= p^|S| with p = corruption + dropout.
+
+  (a) Honest client i's k neighbours are a uniform k-subset of the other n - 1 clients, so
+      P[>= t of them in C] <= C(k, t) q^t, q = corruption n / (n - 1); a union bound over
+      i gives n C(k, t) q^t <= 2^-(sigma + 1).
+  (b) Removing vertices R from C_n(1..h), h = k/2, leaves the rest connected unless the
+      cyclic order holds two maximal runs of >= h consecutive removed vertices: survivors
+      that are consecutive in the cyclic order are adjacent iff fewer than h removed lie
+      between them, and a single long run only cuts the cycle into a path. Each long run
+      contains a window of h positions starting at its start, the two windows are disjoint,
+      so a union bound over pairs of windows gives n (n - 1) / 2 p^k <= 2^-(sigma + 1).
+      (a) + (b) bound the privacy failure by 2^-sigma.
+  (c) Client u's secret must be rebuilt from its surviving neighbours alone when u is
+      absent (dropped, or silent in Unmask); their number is Binomial(k, 1 - dropout), so
+      fewer than t remain with probability P[Binomial(k, dropout) >= k - t + 1]. The
+      clients' refusal of a disconnected U3 adds (b)'s bound with p = dropout. Union over
+      u: n P[...] + n (n - 1) / 2 dropout^k <= 2^-eta.
+
+  Besides (a), t > k/2 (as full SecAgg's t > n/2: no two disjoint groups of a neighbourhood
+  can both reach t) and t >= threshold (k + 1). The selection returns the smallest even
+  k < n for which the smallest such t meets (a) and the pair meets (b) and (c); if no k < n
+  does (small n, high rates), it falls back to full SecAgg, k = 0 with
+  t = max(n // 2 + 1, ceil(threshold n)), and warns. Full SecAgg has no graph to cut; its
+  own conditions (t > corrupted clients, t survivors) are the caller's.
+
+  Args:
+    n: clients in the round (>= 2).
+    dropout_rate: probability that a client drops before its masked input, in [0, 1).
+    corruption_rate: fraction of clients colluding with the server, in [0, 1/2).
+    sigma: statistical security parameter (privacy fails with probability <= 2^-sigma).
+    eta: correctness parameter (honest dropouts abort with probability <= 2^-eta).
+    threshold: a floor on t as a fraction of the k + 1 holders, in [1/2, 1].
+
+  Returns:
+    (k, t): k even in [2, n - 1] with t in (k/2, k + 1], or (0, t) for full SecAgg.
+  """
+  _check_rates(n, dropout_rate, corruption_rate, sigma, eta)
+  if not 0.5 <= threshold <= 1:
+    raise ValueError(f"threshold must be a fraction in [1/2, 1], got {threshold}")
+  for k in range(2, n, 2):
+    t = _plus_threshold(n, k, corruption_rate, sigma, threshold)
+    if _plus_failure(n, k, t, dropout_rate, corruption_rate, sigma, eta) is None:
+      return k, t
+  warnings.warn(f"no SecAgg+ neighbourhood k < n={n} meets Bell et al.'s conditions at "
+                f"dropout {dropout_rate} and corruption {corruption_rate}; falling back to "
+                f"full SecAgg (k = 0)", stacklevel=2)
+  return 0, min(n, max(n // 2 + 1, math.ceil(threshold * n)))
+
+
+def _check_rates(n: int, dropout: float, corruption: float, sigma: float, eta: float) -> None:
+  if not isinstance(n, int) or n < 2:
+    raise ValueError(f"secure aggregation needs at least 2 clients, got n={n}")
+  if not 0 <= dropout < 1:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  if not 0 <= corruption < 0.5:
+    raise ValueError(f"corruption must be in [0, 1/2), got {corruption}")
+  if sigma <= 0 or eta <= 0:
+    raise ValueError(f"sigma and eta must be > 0, got sigma={sigma}, eta={eta}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,12 +241,19 @@ class SecAggConfig:
 
   Attributes:
     num_clients: n, the clients invited (ids 1..n).
-    threshold: t, shares needed to reconstruct a secret (full SecAgg: t > n/2; SecAgg+:
-      t > k/2 within each neighbourhood of k + 1 clients).
+    threshold: t, shares needed to reconstruct a secret (full SecAgg: n/2 < t <= n;
+      SecAgg+: k/2 < t <= k + 1 within each neighbourhood of k + 1 clients, and within
+      the analysis of `secagg_plus_parameters`).
     dimension: d, the length of each input vector.
     bits: R = 2^bits (1..64); inputs are integers mod R.
     neighbours: k > 0 for SecAgg+ (k-regular graph, k even, k < n); 0 for full SecAgg.
     graph_seed: public seed of SecAgg+'s graph (the server draws it).
+    dropout: the dropout rate SecAgg+'s (k, t) must tolerate (see `secagg_plus_parameters`).
+    corruption: the fraction of clients colluding with the server that SecAgg+ must
+      tolerate. With dropout = corruption = 0 any k >= 2 is accepted, and the clients'
+      refusal of a disconnected survivors' graph is what keeps partial sums hidden.
+    sigma: statistical security parameter of the SecAgg+ analysis.
+    eta: correctness parameter of the SecAgg+ analysis.
   """
 
   num_clients: int
@@ -84,23 +262,37 @@ class SecAggConfig:
   bits: int = 32
   neighbours: int = 0
   graph_seed: bytes = b"\x00" * 32
+  dropout: float = 0.0
+  corruption: float = 0.0
+  sigma: float = SIGMA
+  eta: float = ETA
 
   def __post_init__(self):
     n, t, k = self.num_clients, self.threshold, self.neighbours
-    if n < 2:
-      raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
+    _check_rates(n, self.dropout, self.corruption, self.sigma, self.eta)
     if not 1 <= self.bits <= 64:
       raise ValueError(f"bits must be in [1, 64], got {self.bits}")
     if self.dimension < 1:
       raise ValueError(f"dimension must be >= 1, got {self.dimension}")
-    if k:
-      if k % 2 or not 2 <= k < n:
-        raise ValueError(f"SecAgg+ needs an even number of neighbours k in [2, {n - 1}], got {k}")
-      if not k / 2 < t <= k + 1:
-        raise ValueError(f"SecAgg+ needs k/2 < t <= k + 1 (k={k}), got t={t}")
-    elif not n / 2 < t <= n:
-      raise ValueError(f"threshold t must satisfy n/2 < t <= n (n={n}), got t={t}: with t <= n/2 "
-                       f"two disjoint groups could each unmask")
+    if not k:
+      if not n / 2 < t <= n:
+        raise ValueError(f"threshold t must satisfy n/2 < t <= n (n={n}), got t={t}: with "
+                         f"t <= n/2 two disjoint groups could each unmask")
+      return
+    if k % 2 or not 2 <= k < n:
+      raise ValueError(f"SecAgg+ needs an even number of neighbours k in [2, {n - 1}], got {k}")
+    if not k / 2 < t <= k + 1:
+      raise ValueError(f"SecAgg+ needs k/2 < t <= k + 1 (k={k}), got threshold t={t}")
+    why = _plus_failure(n, k, t, self.dropout, self.corruption, self.sigma, self.eta)
+    if why:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the message says k = 0 means full SecAgg
+        best = secagg_plus_parameters(n, self.dropout, self.corruption, sigma=self.sigma,
+                                      eta=self.eta)
+      raise ValueError(f"neighbours={k}, threshold={t} is outside the SecAgg+ analysis for "
+                       f"n={n} at dropout {self.dropout} and corruption {self.corruption}: "
+                       f"{why}; secagg_plus_parameters selects (k, t) = {best} "
+                       f"(k = 0: full SecAgg)")
 
   @property
   def dtype(self) -> type:
@@ -131,6 +323,24 @@ def harary_neighbours(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
   return out
 
 
+def components(cfg: SecAggConfig, members: Iterable[int]) -> list[list[int]]:
+  """The connected components (sorted, largest first) of the public graph induced on
+  `members`: the partial sums a server holding every member's unmasking could isolate."""
+  left, out = set(members), []
+  if not cfg.neighbours:  # the complete graph
+    return [sorted(left)] if left else []
+  while left:
+    frontier = [left.pop()]
+    comp = set(frontier)
+    while frontier:
+      nxt = [v for u in frontier for v in cfg.neighbourhood(u) if v in left]
+      left.difference_update(nxt)
+      comp.update(nxt)
+      frontier = nxt
+    out.append(sorted(comp))
+  return sorted(out, key=lambda c: (-len(c), c))
+
+
 # ----------------------------------------------------------------------------- primitives
 
 
@@ -154,7 +364,7 @@ def _agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
   try:
     peer = X25519PublicKey.from_public_bytes(public)
     return _hkdf(private.exchange(peer), info)
-  except ValueError as e:  # malformed or low-order public key
+  except ValueError as e:  # low-order public key (the length is checked on receipt)
     raise SecAggError(f"bad public key: {e}") from None
 
 
@@ -187,7 +397,48 @@ def _pack(**fields) -> bytes:
   return json.dumps({k: enc(v) for k, v in fields.items()}).encode()
 
 
-def _unpack(data: bytes, *required: str) -> dict:
+def _is_id(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 32
+
+
+def _nbytes(size: int) -> Callable[[Any], bool]:
+  return lambda x: isinstance(x, bytes) and len(x) == size
+
+
+def _map(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+  return lambda x: isinstance(x, dict) and all(_is_id(k) and value_ok(v) for k, v in x.items())
+
+
+def _ids(x) -> bool:
+  return isinstance(x, list) and all(_is_id(v) for v in x)
+
+
+_SHARE = _nbytes(shamir.SHARE_BYTES)
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # every field of every message
+    "id": (_is_id, "an integer client id"),
+    "u": (_is_id, "an integer client id"),
+    "v": (_is_id, "an integer client id"),
+    "session": (_nbytes(16), "a 16-byte session id"),
+    "c_pk": (_nbytes(32), "a 32-byte X25519 public key"),
+    "s_pk": (_nbytes(32), "a 32-byte X25519 public key"),
+    "keys": (_map(lambda p: isinstance(p, list) and len(p) == 2 and all(map(_nbytes(32), p))),
+             "a map from client ids to two 32-byte public keys"),
+    "ciphertexts": (_map(lambda c: isinstance(c, bytes) and len(c) >= 28),
+                    "a map from client ids to AES-GCM ciphertexts (nonce + tag >= 28 bytes)"),
+    "u2": (_ids, "a list of client ids"),
+    "survivors": (_ids, "a list of client ids"),
+    "dropped": (_ids, "a list of client ids"),
+    "y": (lambda y: isinstance(y, bytes) and len(y) % 8 == 0, "bytes of 8-byte words"),
+    "s": (_SHARE, f"a {shamir.SHARE_BYTES}-byte Shamir share"),
+    "b": (_SHARE, f"a {shamir.SHARE_BYTES}-byte Shamir share"),
+    "s_shares": (_map(_SHARE), f"a map from client ids to {shamir.SHARE_BYTES}-byte shares"),
+    "b_shares": (_map(_SHARE), f"a map from client ids to {shamir.SHARE_BYTES}-byte shares"),
+}
+
+
+def _unpack(data: bytes, where: str, *fields: str) -> dict:
+  """The message's `fields`, each decoded and checked against `_FIELDS`. `where` names the
+  receiver and stage; a valid 'id' field names the sender in every later error."""
   def dec(x):
     if isinstance(x, dict):
       if "b" in x:
@@ -198,12 +449,25 @@ def _unpack(data: bytes, *required: str) -> dict:
         return [dec(v) for v in x["l"]]
     return x
   try:
-    msg = {k: dec(v) for k, v in json.loads(data).items()}
-  except (ValueError, TypeError, AttributeError) as e:
-    raise SecAggError(f"malformed message: {e}") from None
-  missing = [k for k in required if k not in msg]
+    raw = json.loads(data)
+  except (ValueError, TypeError) as e:
+    raise SecAggError(f"{where}: malformed message: {e}") from None
+  if not isinstance(raw, dict):
+    raise SecAggError(f"{where}: malformed message: not a JSON object")
+  if "id" in fields and _is_id(raw.get("id")):
+    where = f"{where}: client {raw['id']}'s message"
+  missing = [k for k in fields if k not in raw]
   if missing:
-    raise SecAggError(f"message lacks {missing}")
+    raise SecAggError(f"{where} lacks {missing}")
+  msg = {}
+  for k in fields:
+    ok, what = _FIELDS[k]
+    try:
+      msg[k] = dec(raw[k])
+    except (ValueError, TypeError, AttributeError):  # bad base64, non-integer map keys
+      msg[k] = raw[k]
+    if not ok(msg[k]):
+      raise SecAggError(f"{where}: field {k!r} must be {what}")
   return msg
 
 
@@ -232,7 +496,7 @@ class Client:
 
   # round 1
   def share_keys(self, roster: bytes) -> bytes:
-    msg = _unpack(roster, "session", "keys")
+    msg = _unpack(roster, f"client {self.id}: ShareKeys roster", "session", "keys")
     self._session, keys = msg["session"], msg["keys"]
     if self.id not in keys:
       raise SecAggError(f"client {self.id} is not in the roster")
@@ -261,33 +525,47 @@ class Client:
 
   # round 2
   def masked_input(self, inbox: bytes) -> bytes:
-    msg = _unpack(inbox, "ciphertexts")
-    self._inbox = msg["ciphertexts"]
-    peers = [v for v in self.cfg.neighbourhood(self.id) if v in self._inbox]
-    for v in self._inbox:
-      if v not in self._keys or v not in self.cfg.neighbourhood(self.id):
-        raise SecAggError(f"client {self.id} received shares from unknown client {v}")
+    msg = _unpack(inbox, f"client {self.id}: MaskedInput inbox", "u2", "ciphertexts")
+    u2, self._inbox = set(msg["u2"]), msg["ciphertexts"]
+    if self.id not in u2 or not u2 <= set(self._keys):
+      raise SecAggError(f"client {self.id}: the declared U2 must contain it and lie within "
+                        f"the roster U1")
+    peers = set(self.cfg.neighbourhood(self.id)) & u2 - {self.id}
+    unknown, missing = set(self._inbox) - peers, peers - set(self._inbox)
+    if unknown:
+      raise SecAggError(f"client {self.id} received shares from clients {sorted(unknown)}, "
+                        f"not its neighbours in U2")
+    if missing:
+      raise SecAggError(f"client {self.id} lacks the shares of its U2 neighbours "
+                        f"{sorted(missing)}: its masks would not cancel")
     self._check_enough(len(peers) + 1, "MaskedInput")
     y = self.x + prg(self._b, self.cfg.dimension, self.cfg.bits)
-    for v in peers:
+    for v in sorted(peers):
       mask = prg(_agree(self._s_sk, self._keys[v][1], _pair_info(b"mask", self._session, self.id, v)),
                  self.cfg.dimension, self.cfg.bits)
       y = y + mask if self.id < v else y - mask
-    self._u2 = set(peers) | {self.id}
+    self._u2, self._mine = u2, peers | {self.id}
     return _pack(id=self.id, y=self.cfg.reduce(y).astype("<u8").tobytes())
 
   # round 4
   def unmask(self, request: bytes) -> bytes:
-    msg = _unpack(request, "survivors", "dropped")
+    msg = _unpack(request, f"client {self.id}: Unmask request", "survivors", "dropped")
     survivors, dropped = set(msg["survivors"]), set(msg["dropped"])
     if survivors & dropped:
       raise SecAggError(f"clients {sorted(survivors & dropped)} cannot be both survivors and dropped")
     if self.id not in survivors:
       raise SecAggError(f"client {self.id} is asked to unmask but is not listed as a survivor")
-    mine = self._u2
-    self._check_enough(len(survivors & mine), "Unmask")
+    if survivors | dropped != self._u2:
+      raise SecAggError(f"client {self.id}: survivors and dropped must partition the declared "
+                        f"U2 {sorted(self._u2)}")
+    self._check_enough(len(survivors & self._mine), "Unmask")
+    parts = components(self.cfg, survivors)
+    if len(parts) > 1:
+      raise SecAggAbort(f"client {self.id} refuses to unmask: the survivors' graph is "
+                        f"disconnected, the server could isolate the partial sum of clients "
+                        f"{parts[-1]}")
     b_out, s_out = {}, {}
-    for v in sorted((survivors | dropped) & mine):
+    for v in sorted((survivors | dropped) & self._mine):
       kind = "b" if v in survivors else "s"
       if self._revealed.get(v, kind) != kind:
         raise SecAggError(f"client {self.id} already revealed the other secret of client {v}: "
@@ -301,8 +579,6 @@ class Client:
     return _pack(id=self.id, b_shares=b_out, s_shares=s_out)
 
   def _decrypt(self, v: int) -> dict[str, int]:
-    if v not in self._inbox:
-      raise SecAggError(f"client {self.id} holds no shares of client {v}")
     data = self._inbox[v]
     key = _agree(self._c_sk, self._keys[v][0], _pair_info(b"enc", self._session, v, self.id))
     try:
@@ -310,7 +586,7 @@ class Client:
     except (InvalidTag, ValueError):
       raise SecAggError(f"ciphertext from client {v} to client {self.id} failed authentication "
                         f"(tampered, replayed or misdirected)") from None
-    msg = _unpack(plain, "u", "v", "s", "b")
+    msg = _unpack(plain, f"client {self.id}: shares from client {v}", "u", "v", "s", "b")
     if (msg["u"], msg["v"]) != (v, self.id):
       raise SecAggError(f"ciphertext from client {v} names the wrong sender or recipient")
     return {"s": shamir.from_bytes(msg["s"]), "b": shamir.from_bytes(msg["b"])}
@@ -340,11 +616,11 @@ class Server:
     self.session = os.urandom(16)
     self.view = ServerView(rosters={}, masked={})
 
-  def _senders(self, messages: Iterable[bytes], stage: str, allowed: set[int], *required: str
+  def _senders(self, messages: Iterable[bytes], stage: str, allowed: set[int], *fields: str
                ) -> dict[int, dict]:
     out = {}
     for data in messages:
-      msg = _unpack(data, "id", *required)
+      msg = _unpack(data, stage, "id", *fields)
       u = msg["id"]
       if u not in allowed:
         raise SecAggError(f"{stage}: message from unknown or excluded client {u}")
@@ -364,23 +640,28 @@ class Server:
 
   def share_keys(self, messages: Iterable[bytes]) -> dict[int, bytes]:
     msgs = self._senders(messages, "U2", set(self._keys), "ciphertexts")
-    inbox: dict[int, dict[int, bytes]] = {u: {} for u in msgs}
+    u2 = sorted(msgs)
     for u, m in msgs.items():
-      for v, ct in m["ciphertexts"].items():
-        if v not in self.cfg.neighbourhood(u):
-          raise SecAggError(f"U2: client {u} sent shares to client {v}, not its neighbour")
-        if v in inbox:
-          inbox[v][u] = ct
-    self._u2 = set(msgs)
-    return {u: _pack(ciphertexts=box) for u, box in inbox.items()}
+      due = set(self.cfg.neighbourhood(u)) & set(self._keys)
+      stray, missing = set(m["ciphertexts"]) - due, due - set(m["ciphertexts"])
+      if stray:
+        raise SecAggError(f"U2: client {u} sent shares to clients {sorted(stray)}, not its "
+                          f"neighbours in U1")
+      if missing:
+        raise SecAggError(f"U2: client {u}'s ShareKeys message lacks ciphertexts for its "
+                          f"neighbours {sorted(missing)}")
+    self._u2 = set(u2)
+    return {v: _pack(u2=u2, ciphertexts={u: msgs[u]["ciphertexts"][v] for u in u2
+                                         if v in msgs[u]["ciphertexts"]})
+            for v in u2}
 
   def masked_input(self, messages: Iterable[bytes]) -> bytes:
     msgs = self._senders(messages, "U3", self._u2, "y")
     for u, m in msgs.items():
-      y = np.frombuffer(m["y"], dtype="<u8")
-      if y.shape != (self.cfg.dimension,):
-        raise SecAggError(f"U3: client {u} sent a vector of length {y.size}, not {self.cfg.dimension}")
-      self.view.masked[u] = y.astype(self.cfg.dtype)
+      if len(m["y"]) != 8 * self.cfg.dimension:
+        raise SecAggError(f"U3: client {u}'s message: field 'y' holds {len(m['y']) // 8} "
+                          f"words, not the dimension {self.cfg.dimension}")
+      self.view.masked[u] = np.frombuffer(m["y"], dtype="<u8").astype(self.cfg.dtype)
     self._u3 = set(msgs)
     self._dropped = self._u2 - self._u3
     return _pack(survivors=sorted(self._u3), dropped=sorted(self._dropped))
@@ -417,9 +698,12 @@ class Server:
       raise SecAggAbort(f"Unmask: {len(got)} shares of client {v}'s {what}, fewer than the "
                         f"threshold t={self.cfg.threshold}")
     try:
-      return shamir.reconstruct(got, self.cfg.threshold)
+      secret = shamir.reconstruct(got, self.cfg.threshold)
     except shamir.ShamirError as e:
       raise SecAggError(f"Unmask: client {v}'s {what}: {e}") from None
+    if len(secret) != 32:
+      raise SecAggError(f"Unmask: client {v}'s {what} has {len(secret)} bytes, not 32")
+    return secret
 
 
 # ----------------------------------------------------------------------------- network
@@ -445,7 +729,8 @@ def run(inputs: Mapping[int, np.ndarray], cfg: SecAggConfig, *,
     The sum mod R of the inputs of the clients that sent their masked input (U3).
 
   Raises:
-    SecAggAbort: fewer than t clients remain at some round.
+    SecAggAbort: fewer than t clients remain at some round, or the survivors' graph is
+      disconnected (the clients refuse to unmask).
   """
   drop_before = {k: set(v) for k, v in (drop_before or {}).items()}
   unknown = set(drop_before) - set(ROUNDS)
@@ -491,6 +776,96 @@ def encoding_scale(num_clients: int, clip: float, bits: int) -> float:
   return ((2 ** (bits - 1) - 1) / num_clients - 1) / clip
 
 
+class Encoding(Protocol):
+  """How a round's float updates become integers mod 2^bits, and the decoded sum back
+  (host side, NumPy).
+
+  Attributes:
+    bits: the protocol's modulus 2^bits (<= 32 inside the round).
+    metric_names: the names of `encode`'s metrics (fixed, so the round's shapes are static).
+  """
+
+  bits: int
+  metric_names: tuple[str, ...]
+
+  def encoded_dimension(self, d: int) -> int:
+    """d', the length of an encoded update of d floats."""
+
+  def encode(self, x: np.ndarray, *, seed: bytes) -> tuple[np.ndarray, dict[str, float]]:
+    """x: [m, d] float32, one row per real client of the round -> ([m, d'] unsigned ints in
+    [0, 2^bits), host metrics keyed by `metric_names`). `seed`: 32 bytes keying a CSPRNG
+    for every random choice of the encoding."""
+
+  def decode(self, total: np.ndarray, survivors: int, *, seed: bytes) -> np.ndarray:
+    """The protocol's sum mod 2^bits [d'] -> the float32 estimate of the *sum* [d]; `seed`
+    is the round's `encode` seed (for public choices such as a shared rotation)."""
+
+  def denominator(self, survivors: int, clients: int) -> float:
+    """What the decoded sum is divided by (the round's update is the quotient)."""
+
+  def min_survivors(self, clients: int) -> int:
+    """Rounds with fewer survivors abort (the model is left unchanged)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainEncoding:
+  """Fixed-point encoding without noise (not DP: the server learns the exact sum).
+
+  Each coordinate is clipped to [-clip, clip] (clipped or non-finite coordinates are
+  counted in `secagg_clipped`), scaled by `encoding_scale(num_clients, clip, bits)`,
+  rounded stochastically and without bias (up to 2^-53) with uniforms from `prg`, and
+  taken mod 2^bits in two's complement; the sum of up to `num_clients` such rows cannot
+  wrap, so `decode` sign-extends and unscales it exactly.
+  """
+
+  clip: float
+  bits: int
+  num_clients: int
+  metric_names: ClassVar[tuple[str, ...]] = ("secagg_clipped",)
+
+  def __post_init__(self):
+    if not self.clip > 0:
+      raise ValueError(f"clip must be > 0, got {self.clip}")
+    if not 2 <= self.bits <= 32:
+      raise ValueError(f"bits must be in [2, 32], got {self.bits}")
+    if not 1 <= self.num_clients or self.scale <= 0:
+      raise ValueError(f"num_clients must be in [1, 2^(bits - 1) - 2] so that sums cannot "
+                       f"wrap mod 2^{self.bits}, got {self.num_clients}")
+
+  @property
+  def scale(self) -> float:
+    return encoding_scale(self.num_clients, self.clip, self.bits)
+
+  def encoded_dimension(self, d: int) -> int:
+    return d
+
+  def encode(self, x: np.ndarray, *, seed: bytes) -> tuple[np.ndarray, dict[str, float]]:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or not 1 <= x.shape[0] <= self.num_clients:
+      raise ValueError(f"encode takes [m, d] updates with m <= num_clients="
+                       f"{self.num_clients}, got shape {x.shape}")
+    bad = ~(np.abs(x) <= self.clip)  # clipped, or NaN
+    z = np.clip(np.nan_to_num(x), -self.clip, self.clip) * self.scale
+    low = np.floor(z)
+    uniform = (prg(seed, z.size, 64, info=b"rounding") >> np.uint64(11)) * 2.0 ** -53
+    ints = (low + (uniform.reshape(z.shape) < z - low)).astype(np.int64)
+    return (ints & ((1 << self.bits) - 1)).astype(np.uint32), {"secagg_clipped": float(bad.sum())}
+
+  def decode(self, total: np.ndarray, survivors: int, *, seed: bytes) -> np.ndarray:
+    del survivors, seed
+    v = np.asarray(total).astype(np.int64)
+    v = np.where(v >= 1 << (self.bits - 1), v - (1 << self.bits), v)
+    return (v / self.scale).astype(np.float32)
+
+  def denominator(self, survivors: int, clients: int) -> float:
+    del clients
+    return float(survivors)
+
+  def min_survivors(self, clients: int) -> int:
+    del clients
+    return 0
+
+
 # ----------------------------------------------------------------------------- federated hook
 
 
@@ -502,16 +877,22 @@ class SecureAggregation:
   """Secure aggregation as the federated round's `aggregate` hook (see `aggregator`).
 
   Attributes:
-    clip: c, each coordinate of an update is clipped to [-c, c] before encoding (clipped
-      coordinates are counted in `secagg_clipped`).
-    bits: R = 2^bits (at most 32 inside jit).
-    threshold: t as a fraction of the clients in the round (> 1/2; SecAgg+: of k + 1).
-    neighbours: k for SecAgg+ (0: full SecAgg); rounded to an even number < m.
-    dropout: probability that a sampled client drops out before sending its masked input.
-    noise_multiplier: distributed DP: each client adds N(0, (z C)^2 / t_noise) to its
-      update clipped to L2 norm `l2_clip` = C before encoding, so that the sum of any
-      >= t_noise survivors carries N(0, (z C)^2) (see `aggregator`). 0: no noise.
-    l2_clip: C for distributed DP.
+    clip: c, the default `PlainEncoding` clips each coordinate to [-c, c].
+    bits: R = 2^bits of the default `PlainEncoding` (at most 32 inside jit); a given
+      `Encoding` brings its own.
+    threshold: a floor on t as a fraction of the clients in the round (> 1/2; SecAgg+: of
+      the k + 1 holders of a neighbourhood); SecAgg+ may raise it to meet bound (a) of
+      `secagg_plus_parameters`.
+    neighbours: 0: full SecAgg; AUTO (-1): SecAgg+ with the smallest k that
+      `secagg_plus_parameters` accepts for the round's m clients, `dropout` and `corruption`
+      (full SecAgg when none does); an even k >= 2: SecAgg+ with that k (full SecAgg when
+      k >= m - 1, where the graph is complete), refused with a ValueError when k is outside
+      the analysis for m.
+    dropout: probability that a sampled client drops out before sending its masked input
+      (simulated, and the rate SecAgg+ is sized for).
+    corruption: fraction of clients assumed to collude with the server (SecAgg+ sizing).
+    sigma: statistical security parameter of the SecAgg+ analysis.
+    eta: correctness parameter of the SecAgg+ analysis.
   """
 
   clip: float = 1.0
@@ -519,68 +900,69 @@ class SecureAggregation:
   threshold: float = 0.6
   neighbours: int = 0
   dropout: float = 0.0
-  noise_multiplier: float = 0.0
-  l2_clip: float = 1.0
+  corruption: float = 0.0
+  sigma: float = SIGMA
+  eta: float = ETA
 
   def __post_init__(self):
-    if self.clip <= 0 or self.l2_clip <= 0:
-      raise ValueError("clip and l2_clip must be > 0")
-    if not 2 <= self.bits <= 32:
-      raise ValueError(f"bits must be in [2, 32] inside the federated round, got {self.bits}")
     if not 0.5 < self.threshold <= 1:
       raise ValueError(f"threshold must be a fraction in (1/2, 1], got {self.threshold}")
-    if not 0 <= self.dropout < 1:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-    if self.noise_multiplier < 0:
-      raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+    if not (self.neighbours in (0, AUTO) or (self.neighbours >= 2 and self.neighbours % 2 == 0)):
+      raise ValueError(f"neighbours must be 0 (full SecAgg), {AUTO} (auto) or an even k >= 2, "
+                       f"got {self.neighbours}")
+    _check_rates(2, self.dropout, self.corruption, self.sigma, self.eta)
+    PlainEncoding(self.clip, self.bits, 1)  # checks clip and bits
 
-  def protocol(self, m: int, dimension: int) -> SecAggConfig:
-    """The protocol parameters for a round of m clients."""
-    k = 0
-    if self.neighbours and m > 3:
-      k = max(2, min(self.neighbours, m - 1))
-      k -= k % 2
-    group = k + 1 if k else m
-    t = min(group, max(math.ceil(self.threshold * group), group // 2 + 1))
-    return SecAggConfig(num_clients=m, threshold=t, dimension=dimension, bits=self.bits,
-                        neighbours=k, graph_seed=os.urandom(32))
+  def protocol(self, m: int, dimension: int, bits: int | None = None) -> SecAggConfig:
+    """The protocol parameters for a round of m clients (raises ValueError when a fixed
+    `neighbours` is outside the SecAgg+ analysis for m)."""
+    k = self.neighbours
+    if k == AUTO:
+      k, t = secagg_plus_parameters(m, self.dropout, self.corruption, sigma=self.sigma,
+                                    eta=self.eta, threshold=self.threshold)
+    elif k >= m - 1:
+      k = 0
+    else:
+      t = _plus_threshold(m, k, self.corruption, self.sigma, self.threshold)
+    if not k:
+      t = min(m, max(m // 2 + 1, math.ceil(self.threshold * m)))
+    return SecAggConfig(num_clients=m, threshold=t, dimension=dimension,
+                        bits=self.bits if bits is None else bits, neighbours=k,
+                        graph_seed=os.urandom(32), dropout=self.dropout,
+                        corruption=self.corruption, sigma=self.sigma, eta=self.eta)
 
 
-def effective_noise_multiplier(z: float, survivors: Any, t_noise: Any) -> Any:
-  """The noise multiplier of the decoded sum when `survivors` clients each added their share
-  N(0, (z C)^2 / t_noise): z sqrt(survivors / t_noise). It is z when exactly t_noise survive
-  (what the guarantee assumes) and falls with every further dropout, which is why a round
-  with fewer survivors aborts."""
-  return z * (survivors / t_noise) ** 0.5
-
-
-def aggregator(settings: SecureAggregation):
+def aggregator(settings: SecureAggregation, encoding: Encoding | None = None, *,
+               noise_seed: str = "run"):
   """A stateless `fljax.federated.Aggregator` that runs the real protocol each round.
 
-  Inside the jitted round, each client's update (a pytree, flattened to d numbers) is
-  clipped per coordinate to [-c, c] (and, with distributed DP, first L2-clipped to C and
-  noised), scaled by `encoding_scale`, stochastically rounded to integers and taken mod
-  R; a `jax.pure_callback` then runs the protocol on the host among the round's real
-  clients (weight > 0), each dropping with probability `dropout` before its masked input.
-  The server decodes the sum and divides by the number of survivors: every surviving
-  client counts once (size weights would have to be sent in the clear).
+  Inside the jitted round, the updates are only flattened (d numbers each); a
+  `jax.pure_callback` then, on the host, encodes the rows of the round's real clients
+  (weight > 0) with `encoding` (default: `PlainEncoding(clip, bits, m)` for the round's m
+  slots), runs the protocol among them (each dropping with probability `dropout` before its
+  masked input, drawn on device from the round's key), decodes the sum and divides it by
+  `encoding.denominator(survivors, clients)`: every surviving client counts once (size
+  weights would have to be sent in the clear).
 
-  A round that aborts (fewer survivors than the threshold; with distributed DP, fewer
-  than the t_noise = max(ceil(threshold r), r // 2 + 1) of its r clients that the noise
-  level assumed) leaves
-  the model unchanged and is counted in `secagg_aborted`. Metrics: `secagg_survivors`,
-  `secagg_clipped` (coordinates clipped to [-c, c]), `secagg_aborted`, `secagg_z_eff`
-  (the noise multiplier the survivors' shares add up to, `effective_noise_multiplier`).
+  A round with fewer than 2 real clients, or that aborts (`SecAggAbort`, fewer survivors
+  than `encoding.min_survivors`, or a fixed `neighbours` outside the analysis for this
+  round's client count), leaves the model unchanged and is counted in `secagg_aborted`.
+  Metrics: `secagg_survivors`, `secagg_aborted` and the encoding's `metric_names`.
 
   Threat model: the server learns the sum only (`SERVER_OBSERVES`), so an attack on a
-  secure-aggregation round must be given the aggregate, never a client's update.
+  secure-aggregation round must be given the aggregate, never a client's update. This
+  hook adds no noise of its own: any DP guarantee is the encoding's.
 
-  Distributed DP (`noise_multiplier` z > 0), each client adding N(0, (z C)^2 / t_noise):
-  what is clipped: each client's update, to L2
-  norm C (then per coordinate to c, which must be wide enough not to bind: the guarantee
-  below assumes `secagg_clipped` stays 0). Sensitivity of the sum: C (add/remove one
-  client). Event per round: as DP-FedAvg's (`privacy.federated.dp_fedavg_event` with z),
-  since the survivors' noise adds up to at least N(0, (z C)^2).
+  Args:
+    settings: the protocol settings.
+    encoding: float updates <-> integers mod 2^bits (e.g. a distributed discrete Gaussian).
+    noise_seed: where the encoding's 32-byte seed comes from: 'run' derives it with HKDF
+      from the round's key (reproducible from the run's seed: research); 'os' draws it
+      from os.urandom (deployment: nobody who knows the run's seed can regenerate the
+      encoding's noise).
+
+  Returns:
+    An `Aggregator` whose update is the decoded mean (zero when the round aborts).
   """
   import jax
   import jax.numpy as jnp
@@ -588,63 +970,57 @@ def aggregator(settings: SecureAggregation):
 
   from fljax.federated import Aggregator
 
+  if noise_seed not in ("run", "os"):
+    raise ValueError(f"noise_seed must be 'run' or 'os', got {noise_seed!r}")
+  if encoding is not None and not 1 <= encoding.bits <= 32:
+    raise ValueError(f"encoding.bits must be in [1, 32] inside the round, got {encoding.bits}")
+
   def update(updates, weights, state, key):
     m = weights.shape[0]
-    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(updates)
+    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(updates).astype(jnp.float32)
     unravel = ravel_pytree(jax.tree.map(lambda u: u[0], updates))[1]
     d = flat.shape[1]
-    real = weights > 0
-    # The noise is calibrated for the fewest survivors a completed round can have:
-    # t_noise = max(ceil(threshold * r), r // 2 + 1) of the r clients in the round.
-    r = real.sum()
-    t_noise = jnp.maximum(jnp.ceil(settings.threshold * r), r // 2 + 1)
-    scale = encoding_scale(m, settings.clip, settings.bits)
-    k_noise, k_round, k_drop = jax.random.split(key, 3)
-    if settings.noise_multiplier:
-      norms = jnp.linalg.norm(flat, axis=1, keepdims=True)
-      flat = flat * jnp.minimum(1.0, settings.l2_clip / jnp.maximum(norms, 1e-30))
-      std = settings.noise_multiplier * settings.l2_clip / jnp.sqrt(jnp.maximum(t_noise, 1.0))
-      flat = flat + std * jax.random.normal(k_noise, flat.shape)
-    clipped = ((jnp.abs(flat) > settings.clip) & real[:, None]).sum()
-    z = jnp.clip(flat, -settings.clip, settings.clip) * scale
-    low = jnp.floor(z)
-    ints = (low + (jax.random.uniform(k_round, z.shape) < z - low)).astype(jnp.int32)
-    encoded = jax.lax.bitcast_convert_type(ints, jnp.uint32)
+    enc = encoding if encoding is not None else PlainEncoding(settings.clip, settings.bits, m)
+    d_enc = enc.encoded_dimension(d)
+    if m >= 2:
+      settings.protocol(m, d_enc, enc.bits)  # refuses a fixed `neighbours` outside the analysis
+    k_encode, k_drop = jax.random.split(key)
     drops = jax.random.uniform(k_drop, (m,)) < settings.dropout
+    names = tuple(enc.metric_names)
 
-    def host(encoded, real, drops):
-      encoded, real, drops = np.asarray(encoded), np.asarray(real), np.asarray(drops)
-      ids = [i for i in range(m) if real[i]]
-      aborted = (np.zeros(d, np.uint32), np.int32(0), np.int32(1))
+    def host(flat, real, drops, key_data):
+      ids = np.flatnonzero(np.asarray(real))
+      metrics = np.zeros(len(names), np.float32)
+      aborted = lambda: (np.zeros(d, np.float32), np.int32(0), np.int32(1), metrics)  # noqa: E731
       if len(ids) < 2:  # fewer than two clients: nothing can be hidden, nothing is sent
-        return aborted
-      cfg = settings.protocol(len(ids), d)
-      inputs = {j + 1: encoded[i].astype(cfg.dtype) for j, i in enumerate(ids)}
+        return aborted()
+      seed = (_hkdf(np.asarray(key_data).tobytes(), b"fljax-secagg encoding seed")
+              if noise_seed == "run" else os.urandom(32))
+      encoded, values = enc.encode(np.asarray(flat)[ids], seed=seed)
+      metrics = np.array([values[k] for k in names], np.float32)
+      try:
+        cfg = settings.protocol(len(ids), d_enc, enc.bits)
+      except ValueError:  # a fixed k, accepted for m slots, is outside the analysis for r
+        return aborted()
+      inputs = {j + 1: np.asarray(row).astype(cfg.dtype) for j, row in enumerate(encoded)}
       dropped = {j + 1 for j, i in enumerate(ids) if drops[i]}
       try:
         total, view = run(inputs, cfg, drop_before={"masked_input": dropped})
       except SecAggAbort:
-        return aborted
+        return aborted()
       survivors = len(view.rosters["U3"])
-      t_noise = max(math.ceil(settings.threshold * len(ids)), len(ids) // 2 + 1)
-      if settings.noise_multiplier and survivors < t_noise:
-        return aborted
-      return total.astype(np.uint32), np.int32(survivors), np.int32(0)
+      if survivors < enc.min_survivors(len(ids)):
+        return aborted()
+      mean = enc.decode(total, survivors, seed=seed) / enc.denominator(survivors, len(ids))
+      return mean.astype(np.float32), np.int32(survivors), np.int32(0), metrics
 
-    total, survivors, aborted = jax.pure_callback(
-        host, (jax.ShapeDtypeStruct((d,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32),
-               jax.ShapeDtypeStruct((), jnp.int32)), encoded, real, drops)
-    signed = jax.lax.bitcast_convert_type(total, jnp.int32)
-    if settings.bits < 32:  # sign-extend from `bits`
-      shift = 32 - settings.bits
-      signed = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, shift), shift)
-    mean = signed.astype(jnp.float32) / scale / jnp.maximum(survivors, 1).astype(jnp.float32)
-    metrics = {"secagg_survivors": survivors.astype(jnp.float32),
-               # the noise multiplier the survivors' shares actually add up to
-               "secagg_z_eff": effective_noise_multiplier(
-                   settings.noise_multiplier, survivors.astype(jnp.float32), t_noise),
-               "secagg_clipped": clipped.astype(jnp.float32),
-               "secagg_aborted": aborted.astype(jnp.float32)}
-    return unravel(mean), state, metrics
+    shapes = (jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+              jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((len(names),), jnp.float32))
+    mean, survivors, aborted, metrics = jax.pure_callback(
+        host, shapes, flat, weights > 0, drops, jax.random.key_data(k_encode))
+    out = {"secagg_survivors": survivors.astype(jnp.float32),
+           "secagg_aborted": aborted.astype(jnp.float32)}
+    out.update({name: metrics[i] for i, name in enumerate(names)})
+    return unravel(mean), state, out
 
   return Aggregator(init=lambda params: (), update=update)

@@ -1,4 +1,5 @@
-"""Tests of privacy/shamir.py: reconstruction from any t shares, nothing from t - 1."""
+"""Tests of privacy/shamir.py: reconstruction from any t shares, nothing from t - 1, and
+tampered shares caught by the check value."""
 
 import itertools
 import os
@@ -17,34 +18,30 @@ def test_any_t_shares_reconstruct():
     shamir.reconstruct(dict(list(shares.items())[:2]), 3)
 
 
+def _lagrange_at(points, x):
+  """The value at x of the polynomial of degree < len(points) through `points` {x: y}."""
+  p, total = shamir.PRIME, 0
+  for xj, yj in points.items():
+    num = den = 1
+    for xm in points:
+      if xm != xj:
+        num = num * (x - xm) % p
+        den = den * (xj - xm) % p
+    total = (total + yj * num * pow(den, -1, p)) % p
+  return total
+
+
 def test_fewer_than_t_shares_are_consistent_with_every_secret():
-  # t - 1 shares plus ANY candidate secret lie on one polynomial of degree t - 1: the
-  # shares rule out no secret, so they reveal nothing about it.
-  shares = shamir.share(os.urandom(32), 3, range(1, 6))
-  two = dict(list(shares.items())[:2])
-  for candidate in (b"", os.urandom(32), b"\xff" * 32):
-    with_candidate = {**two, PRIME_ZERO: int.from_bytes(shamir._frame(candidate), "big")}
-    fake = _interpolate(with_candidate)
-    assert all(fake(x) == y for x, y in with_candidate.items())
-
-
-PRIME_ZERO = 0
-
-
-def _interpolate(points):
-  p = shamir.PRIME
-
-  def f(x):
-    total = 0
-    for xj, yj in points.items():
-      num = den = 1
-      for xm in points:
-        if xm != xj:
-          num = num * (x - xm) % p
-          den = den * (xj - xm) % p
-      total = (total + yj * num * pow(den, -1, p)) % p
-    return total
-  return f
+  # t - 1 = 2 shares plus ANY candidate secret lie on a polynomial of degree t - 1: its
+  # value at a third id is a share that, with the two real ones, reconstructs the
+  # candidate. So the two shares rule out no secret, they reveal nothing about it.
+  secret = os.urandom(32)
+  shares = shamir.share(secret, 3, range(1, 6))
+  two = {1: shares[1], 2: shares[2]}
+  for candidate in (b"", os.urandom(32), b"\xff" * 32, secret):
+    fake = _lagrange_at({**two, 0: int.from_bytes(shamir._frame(candidate), "big")}, 3)
+    assert shamir.reconstruct({**two, 3: fake}, 3) == candidate
+    assert (fake == shares[3]) == (candidate == secret)  # another polynomial, same two shares
 
 
 def test_single_share_is_uniform_whatever_the_secret():
@@ -55,6 +52,22 @@ def test_single_share_is_uniform_whatever_the_secret():
     low = [shamir.share(secret, 2, [1, 2])[1] % 16 for _ in range(3200)]
     counts = [low.count(i) for i in range(16)]
     assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_a_changed_share_is_detected_by_the_check_value():
+  # Shift share 1 so that the interpolated constant term moves by exactly one unit of the
+  # secret's last byte: the framing (0x01 prefix, length) stays valid, only the digest
+  # framed with the secret can tell.
+  secret = b"\x10" * 32
+  shares = shamir.share(secret, 2, [1, 2])
+  lam1 = 2 * pow(2 - 1, -1, shamir.PRIME) % shamir.PRIME  # Lagrange weight of id 1 at 0, {1, 2}
+  delta = 1 << (8 * shamir.CHECK_BYTES)
+  forged = {1: (shares[1] + delta * pow(lam1, -1, shamir.PRIME)) % shamir.PRIME, 2: shares[2]}
+  raw = _lagrange_at(forged, 0).to_bytes(shamir.SHARE_BYTES, "big").lstrip(b"\x00")
+  assert raw[0] == 1 and raw[1:-shamir.CHECK_BYTES] == b"\x10" * 31 + b"\x11"  # a framed secret
+  with pytest.raises(shamir.ShamirError, match="inconsistent"):
+    shamir.reconstruct(forged, 2)
+  assert shamir.reconstruct(shares, 2) == secret
 
 
 def test_inconsistent_shares_and_bad_parameters():
