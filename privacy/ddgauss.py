@@ -42,17 +42,17 @@ Guarantee (`rdp_curve`, `epsilon`):
     n >= n_min independent N_Z(0, sigma^2)^d' shares are added to an integer vector whose
     change has L1 norm <= Delta1 and L2 norm <= Delta2, then for every order a >= 1,
     D_a <= a eps^2 / 2 (1/2 eps^2-concentrated DP) with
-        eps = min(sqrt(Delta2^2 / (n sigma^2) + tau s / 2), Delta2 / (sqrt(n) sigma) + tau sqrt(s)),
-        tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma^2 k / (k + 1)),
-    where s bounds the number of coordinates the change touches. google-research's
-    implementation of the paper's accounting (`distributed_dp/accounting_utils.py`,
-    `compute_rdp_dgaussian`, citing the paper's Prop. 14 / Eq. 17 and Theorem 1) uses the
-    dimension d there, the statement in this project's brief uses Delta1; both are valid
-    because the bound is a sum of per-coordinate bounds and untouched coordinates add
-    nothing, and an integer change touches at most min(d', Delta1) coordinates, the s used
-    here. (With the rounding bound, Delta2 >= sqrt(d'), so Delta1 >= d' and s = d'.)
-    Provenance caveat: the paper's own text could not be read when this was written; the
-    statement is that of the brief and google-research's code, which agree;
+        eps = min(sqrt(Delta2^2 / (n sigma^2) + tau Delta1 / 2),
+                  Delta2 / (sqrt(n) sigma) + tau Delta1).
+    google-research's implementation of the paper's accounting
+    (`distributed_dp/accounting_utils.py`, `compute_rdp_dgaussian`) puts the dimension d
+    where Delta1 stands; we use Delta1, which is never smaller here (the rounding bound gives
+    Delta2 >= sqrt(d'), so Delta1 >= d'), so the bound is at least as conservative as
+    either reading. At the default scaled sigma (4096) tau is 0 in float64 and eps =
+    Delta2 / (sqrt(n) sigma), the continuous Gaussian's; small scaled sigmas (coarse bits)
+    pay the tau term. Provenance caveat: the paper's own text could not be read when
+    this was written; the statement is that of google-research's code and of the lead's
+    reading of the paper, taken in its more conservative form;
   - more survivors than n_min only add independent noise (post-processing), so the
     protocol aborts rounds with fewer than n_min survivors (`min_survivors`);
   - participation is visible (the roster, and the variance of the aggregate), so Poisson
@@ -424,15 +424,15 @@ def tau(variance: float, n: int) -> float:
 def concentrated_epsilon(*, l1: float, l2: float, variance: float, n: int,
                          dimension: int) -> float:
   """eps with D_a <= a eps^2 / 2 at every order (Kairouz et al. 2021, Thm 1; see the module
-  docstring): the sum of n N_Z(0, variance)^d' shares hides an integer change with L1 <= l1,
-  L2 <= l2 touching at most s = min(d', l1) coordinates."""
+  docstring): the sum of n N_Z(0, variance)^d' shares hides an integer change with L1 <= l1
+  and L2 <= l2. `dimension` is kept for the callers' signature (the bound uses l1)."""
   # sigma >= 1/2: a conservative domain for the bound (mechanisms built here have sigma >= 1)
   _check(variance >= 0.25, f"the local variance (scaled) must be >= 1/4, got {variance}")
   _check(int(n) == n and n >= 1, f"n_min must be an integer >= 1, got {n}")
-  s = min(float(padded_dimension(dimension)), l1)
+  del dimension
   t = tau(variance, n)
   scale = math.sqrt(n * variance)
-  return min(math.sqrt(l2**2 / scale**2 + t * s / 2), l2 / scale + t * math.sqrt(s))
+  return min(math.sqrt(l2**2 / scale**2 + t * l1 / 2), l2 / scale + t * l1)
 
 
 def rdp_curve(*, clip: float, gamma: float, variance: float, n_min: int, dimension: int,

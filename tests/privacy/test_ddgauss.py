@@ -168,18 +168,18 @@ def test_encoding_interface():
 def test_epsilon_by_hand():
   # c = 1, gamma = 1, d = d' = 1, beta = e^-2 (sqrt(2 log(1/beta)) = 2), n = 8, sigma^2 = 2.
   # r = min(1 + 1, sqrt(1 + 1/4 + 2 (1 + 1/2))) = min(2, sqrt(4.25)) = 2
-  # Delta2 = 2 r = 4, Delta1 = min(sqrt(1) 4, 4^2) = 4, s = min(d', Delta1) = 1
+  # Delta2 = 2 r = 4, Delta1 = min(sqrt(1) 4, 4^2) = 4
   # tau = 10 sum_{k=1}^{7} exp(-2 pi^2 2 k/(k+1))
-  # eps = min(sqrt(16/(8*2) + tau/2), 4/sqrt(16) + tau) = sqrt(1 + tau/2)
+  # eps = min(sqrt(16/(8*2) + 4 tau/2), 4/sqrt(16) + 4 tau) = sqrt(1 + 2 tau)
   tau = 10 * sum(math.exp(-4 * math.pi**2 * k / (k + 1)) for k in range(1, 8))
   assert dg.tau(2.0, 8) == pytest.approx(tau, rel=1e-12)
   assert dg.sensitivities(1.0, 1, math.exp(-2)) == pytest.approx((4.0, 4.0))
-  eps = math.sqrt(1 + tau / 2)
+  eps = math.sqrt(1 + 2 * tau)
   kw = dict(clip=1.0, gamma=1.0, variance=2.0, n_min=8, dimension=1, beta=math.exp(-2))
   curve = dg.rdp_curve(**kw)
   orders = np.asarray(accounting.RDP_ORDERS)
   i = list(orders).index(2.0)
-  assert curve[i] == pytest.approx(2 * eps**2 / 2, rel=1e-12)  # RDP(2) = 1 + tau/2
+  assert curve[i] == pytest.approx(2 * eps**2 / 2, rel=1e-12)  # RDP(2) = 1 + 2 tau
   # 5 rounds at q = 0.2, participation visible: per round (1/(a-1)) log(0.8 + 0.2 e^{(a-1) rdp})
   # (log-sum-exp form of log(0.8 + 0.2 e^y), y = (a-1) a eps^2/2, which overflows exp)
   per_round = np.logaddexp(math.log(0.8), math.log(0.2) + (orders - 1) * orders * eps**2 / 2
