@@ -26,8 +26,9 @@ The server's view of each defense (what the attack gets), next to what trains th
                      (exact for B = 1; for B > 1 the update is clipped as a whole)
   forward noise,     the upload sqrt(abar) clip_C(u) + sqrt(1 - abar) C xi at the upload's z
   its DP hybrid      (the hybrid's central noise comes after the server has seen it)
-  SecAgg (+ DDP)     only the mean of the n = q C sampled clients' updates (with DDP each is
-                     clipped to C and the mean carries the distributed noise sigma C / n):
+  SecAgg (+ DDGauss) only the mean of the n = q C sampled clients' updates (with the
+                     distributed discrete Gaussian each is clipped to C and the mean carries
+                     the summed noise, modelled as sigma C / n):
                      with FedSGD, the gradient of the union of their batches
 
 The report (`report.md` and the self-contained `report.html`) holds a summary table per
@@ -62,6 +63,8 @@ from fljax import train as fl_train
 from inversion import adaptive, attacks, metrics
 from inversion import experiment as ex
 from inversion import observation as ob
+from privacy import accounting
+from privacy import federated as pfed
 from privacy import forward_noise as fn
 from privacy import train as ptrain
 
@@ -118,13 +121,22 @@ DEFENSES: dict[str, Defense] = {
     "secagg": Defense(dict(mechanism="secagg", secagg_clip=10.0, secagg_neighbours=8),
                       "aggregate", "Bonawitz et al. 2017; Bell et al. 2020 (SecAgg+)", dp=False),
     "secagg_ddp": Defense(dict(mechanism="secagg", target_epsilon=8.0, clip_norm=0.5,
-                               secagg_clip=10.0, secagg_neighbours=8), "aggregate",
-                          "SecAgg+ with distributed DP (Kairouz et al. 2021)"),
+                               secagg_bits=20, secagg_neighbours=8), "aggregate",
+                          "SecAgg+ with the distributed discrete Gaussian (Kairouz et al. "
+                          "2021), epsilon 8 replace-one, participation visible"),
     "forward": Defense(dict(mechanism="forward_noise", noise_multiplier=LOCAL_Z, clip_norm=0.5),
                        "forward", "forward-diffusion noise on updates (issue 8), z = 0.3"),
     "hybrid": Defense(dict(mechanism="forward_noise", noise_multiplier=LOCAL_Z, clip_norm=0.5,
                            central_noise_multiplier="eps8"), "forward",
-                      "forward noise z = 0.3 + central noise to epsilon 8"),
+                      "forward noise z = 0.3 + central noise to epsilon 8 (replace-one, "
+                      "participation visible)"),
+    # the trusted server hides participation: a cap of 2 q C slots keeps the top-up total
+    # z_T >= sqrt(slots) z_L affordable
+    "topup": Defense(dict(mechanism="forward_noise", noise_multiplier=LOCAL_Z, clip_norm=0.5,
+                          topup_noise_multiplier="eps8"), "forward",
+                     "forward noise z = 0.3 topped up by the trusted server to a "
+                     "participation-independent total (epsilon <= 8, add/remove, amplified)",
+                     fed=(("poisson_cap", 20),)),
     "prune": Defense(dict(mechanism="prune", prune_fraction=0.9), "prune",
                      "Zhu et al. 2019 (gradient pruning)", dp=False),
 }
@@ -224,11 +236,25 @@ def config_hash(cfg: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=16)
 def _central_z(rounds: int, q: float) -> float:
   """The hybrid's central z_C: sqrt(z_L^2 + z_C^2) meets epsilon 8 (model observer,
-  replace-one, Poisson q, PLD) over the rounds."""
+  replace-one, participation visible at rate q) over the rounds."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", fn.ScheduleWarning)
     z_star = float(fn.calibrate(fn.constant(1.0, rounds), 8.0, 1e-5, q=q).z[0])
   return math.sqrt(max(z_star ** 2 - LOCAL_Z ** 2, 1e-6))
+
+
+@functools.lru_cache(maxsize=16)
+def _topup_z(rounds: int, q: float, clients: int, slots: int) -> float:
+  """The top-up's total z_T: sqrt(slots) z_L (the least the server can top up to), or
+  DP-FedAvg's noise for epsilon 8 (add/remove, Poisson q truncated to `slots`, PLD) when
+  that floor does not reach epsilon 8."""
+  fed_cfg = fl_train.fed.FedConfig(clients_per_round=q, sampling="poisson", poisson_cap=slots)
+  run = lambda s: accounting.compose([(pfed.dp_fedavg_event(fed_cfg, clients, s)[0], rounds)])  # noqa: E731
+  floor = math.sqrt(slots) * LOCAL_Z
+  if accounting.epsilon(run(floor), 1e-5, neighbouring="add_remove") <= 8.0:
+    return floor
+  return accounting.calibrate(run, 8.0, 1e-5, accountant="pld", neighbouring="add_remove",
+                              sigma_min=floor)
 
 
 def fl_cell(cfg: StudyConfig, partition: str, defense: str, seed: int) -> dict[str, Any]:
@@ -236,10 +262,14 @@ def fl_cell(cfg: StudyConfig, partition: str, defense: str, seed: int) -> dict[s
   privacy = dict(DEFENSES[defense].privacy)
   if privacy.get("central_noise_multiplier") == "eps8":
     privacy["central_noise_multiplier"] = round(_central_z(cfg.rounds, cfg.q), 6)
+  fed_overrides = dict(DEFENSES[defense].fed)
+  if privacy.get("topup_noise_multiplier") == "eps8":
+    privacy["topup_noise_multiplier"] = round(_topup_z(cfg.rounds, cfg.q, cfg.clients,
+                                                       fed_overrides["poisson_cap"]), 6)
   return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
       name=cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
       num_clients=cfg.clients, pad_pow2=True, **PARTITIONS[partition]), "model": cfg.model,
-      "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(DEFENSES[defense].fed)},
+      "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **fed_overrides},
       "rounds": cfg.rounds,
       "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
@@ -275,7 +305,9 @@ def run_fl_cell(cell: dict[str, Any], folder: Path, *, progress: bool = False) -
     final = records[-1]
     if not np.isfinite(final.get("test_accuracy", np.nan)):
       raise FloatingPointError(f"test accuracy is {final.get('test_accuracy')}")
+    declared = folder / "run" / "privacy.json"  # each epsilon's threat model, relation, event
     result = {"status": "done", "config": cell, "records": records, "final": final,
+              "privacy": json.loads(declared.read_text()) if declared.exists() else None,
               "wall_seconds": time.perf_counter() - t0, "environment": environment()}
   except (Exception, SystemExit) as e:  # recorded with its reason; the study goes on
     result = {"status": "failed", "config": cell, "reason": f"{type(e).__name__}: {e}",
@@ -406,7 +438,10 @@ def defense_spec(view: dict[str, Any]) -> ex.DefenseSpec:
   if kind == "prune":
     return ex.DefenseSpec(name="prune", fraction=view["fraction"])
   if kind == "aggregate" and view.get("sigma") is not None:
-    # each of the n clients clips and adds its share: the mean carries sigma C / n
+    # each of the n clients clips and adds its share: the mean carries sigma C / n (the
+    # distributed discrete Gaussian's shares are sized for n_min <= n survivors, so the real
+    # mean carries at least this much noise, discrete and rounded: the attacker's model is
+    # the continuous Gaussian of the accounted std, in its favour)
     return ex.DefenseSpec(name="local_dp", clip_norm=view["clip_norm"],
                           noise_multiplier=view["sigma"] / math.sqrt(view["clients"]))
   return ex.DefenseSpec(name="none")

@@ -27,16 +27,6 @@ from inversion import study as st
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
 
-ACCOUNTANTS = {
-    "none": "not DP", "prune": "not DP", "secagg": "not DP (the server sees only the sum)",
-    "dp_fedavg": "user level, add/remove, PLD over Poisson-sampled rounds",
-    "secagg_ddp": "user level, add/remove, PLD (distributed noise over the survivors)",
-    "dpsgd": "record level, add/remove, RDP, worst client",
-    "forward": "user level, replace-one, PLD (model observer; server: closed-form GDP)",
-    "hybrid": "user level, replace-one, PLD (local z = 0.3 and central noise)",
-}  # by name, or by the longest name the defense starts with (dp_fedavg_eps8 -> dp_fedavg)
-
-
 def ci95(values: list[float]) -> float:
   n = len(values)
   if n < 2:
@@ -44,9 +34,15 @@ def ci95(values: list[float]) -> float:
   return _T975.get(n - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(n)
 
 
-def _accountant(defense: str) -> str:
-  matches = [p for p in ACCOUNTANTS if defense.startswith(p)]
-  return ACCOUNTANTS[max(matches, key=len)] if matches else "-"
+def _accountant(run: dict[str, Any], defense: str) -> str:
+  """The threat model, relation and accountant of the logged epsilon, as the run declared
+  them in its privacy.json."""
+  if not st.DEFENSES[defense].dp:
+    return "not DP" + (" (the server sees only the sum)" if defense == "secagg" else "")
+  g = ((run.get("privacy") or {}).get("guarantees") or {}).get("epsilon")
+  if g is None:
+    return "-"
+  return f"{g['threat_model']}; {g['relation']}; {g['accountant']}"
 
 
 def _epsilon(final: dict[str, Any], defense: str) -> float:
@@ -75,7 +71,7 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
       if runs:
         acc = [r["final"]["test_accuracy"] for r in runs]
         row.update(accuracy=float(np.mean(acc)), accuracy_ci=ci95(acc),
-                   epsilon=_epsilon(runs[0]["final"], d), accountant=_accountant(d),
+                   epsilon=_epsilon(runs[0]["final"], d), accountant=_accountant(runs[0], d),
                    epsilon_replace_one=runs[0]["final"].get("epsilon_replace_one"))
         curves[(p, d)] = [([x["round"] for x in r["records"] if "test_accuracy" in x],
                            [x["test_accuracy"] for x in r["records"] if "test_accuracy" in x])

@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -59,7 +60,7 @@ from dp_accounting import dp_event
 
 from fljax import federated as fed
 from fljax import train as fl_train
-from privacy import accounting, defenses, secagg
+from privacy import accounting, ddgauss, defenses, secagg
 from privacy import forward_noise as fn
 from privacy.noise import tree_gaussian
 from privacy import federated as pfed
@@ -93,11 +94,15 @@ class PrivacyConfig:
     per_layer: dpsgd clips each parameter tensor to C / sqrt(L).
     prune_fraction: prune: fraction of update entries zeroed.
     quantize: quantize: fp16 or int8.
-    secagg_clip: secagg: each update coordinate is clipped to [-c, c] before encoding.
+    secagg_clip: secagg without DP: each update coordinate is clipped to [-c, c] before
+      encoding (with DP, the distributed discrete Gaussian clips the L2 norm to clip_norm).
     secagg_bits: secagg: the protocol works mod 2^bits (at most 32).
-    secagg_threshold: secagg: t as a fraction (> 1/2) of the round's clients (or of a
-      SecAgg+ neighbourhood).
-    secagg_neighbours: secagg: k > 0 runs SecAgg+ with k neighbours per client.
+    secagg_threshold: secagg: t as a fraction (> 1/2) of the round's clients; with DP, the
+      noise is sized for ceil(threshold * expected clients) survivors (n_min) and rounds
+      with fewer abort (SecAgg+: of each neighbourhood).
+    secagg_neighbours: secagg: 0 full SecAgg, -1 SecAgg+ with k chosen as Bell et al. 2020
+      from the round's clients and the dropout rate, k > 0 (even) SecAgg+ with k neighbours
+      (refused when below what the analysis needs).
     secagg_dropout: secagg: probability that a client drops before its masked input.
     schedule: forward_noise: constant (z = noise_multiplier), staircase (`stairs`
       geometric levels from noise_multiplier to z_end), anneal (geometric from
@@ -209,21 +214,67 @@ class PrivateExperimentConfig(fl_train.ExperimentConfig):
 
 
 def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
-  """Secure aggregation; with a noise multiplier or target epsilon, distributed DP on top."""
-  private = cfg.noise_multiplier is not None or cfg.target_epsilon is not None
-  settings = dict(clip=cfg.secagg_clip, bits=cfg.secagg_bits, threshold=cfg.secagg_threshold,
-                  neighbours=cfg.secagg_neighbours, dropout=cfg.secagg_dropout)
-  kind = f"SecAgg+ (k={cfg.secagg_neighbours})" if cfg.secagg_neighbours else "SecAgg"
-  if not private:
-    return fl_train.Plugins(aggregate=secagg.aggregator(secagg.SecureAggregation(**settings)),
-                            description=f"{kind}, mod 2^{cfg.secagg_bits}, clip {cfg.secagg_clip} "
-                                        f"(the server sees only the sum; not DP)")
-  user = _user_level(cfg, ctx)
+  """Secure aggregation; with a noise multiplier or target epsilon, the distributed
+  discrete Gaussian on top (`privacy.ddgauss`)."""
+  fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
+  settings = secagg.SecureAggregation(clip=cfg.secagg_clip, bits=cfg.secagg_bits,
+                                      threshold=cfg.secagg_threshold,
+                                      neighbours=cfg.secagg_neighbours,
+                                      dropout=cfg.secagg_dropout)
+  kind = "SecAgg+" if cfg.secagg_neighbours else "SecAgg"
+  if cfg.noise_multiplier is None and cfg.target_epsilon is None:
+    return fl_train.Plugins(
+        aggregate=secagg.aggregator(settings, noise_seed=cfg.noise_seed),
+        description=f"{kind}, mod 2^{cfg.secagg_bits}, clip {cfg.secagg_clip} "
+                    f"(the server sees only the sum; not DP)")
+  mech, q = ddgauss_mechanism(cfg, ctx)
+  counts = _participation_counts(ctx).max(axis=1)
+
+  def round_metrics(r):
+    k = int(counts[r])
+    return {"epsilon": _memo(("ddgauss", repr(mech), r, q), lambda: mech.epsilon(r, q, cfg.delta)),
+            "epsilon_server": _memo(("ddgauss", repr(mech), k, 1.0),
+                                    lambda: mech.epsilon(k, 1.0, cfg.delta)),
+            "noise_multiplier": mech.noise_multiplier}
+
+  relation = "replace_one (user; each client's noise share is in both worlds)"
+  _write_privacy_json(ctx, {
+      "mechanism": "secagg+ddgauss", "ddgauss": mech.describe(), "q": q, "delta": cfg.delta,
+      "noise_seed": cfg.noise_seed, "overflow_probability": mech.overflow_probability,
+      "guarantees": {
+          "epsilon": {"threat_model": "model observer and the server (it sees the sum and who "
+                                      "took part)", "relation": relation,
+                      "event": f"DDGauss RDP (Kairouz et al. 2021), participation visible at "
+                               f"rate {q:g}, {rounds} rounds", "accountant": "rdp"},
+          "epsilon_server": {"threat_model": "server, the worst client's participations",
+                             "relation": relation, "event": "DDGauss RDP per participation",
+                             "accountant": "rdp"}}})
   return fl_train.Plugins(
-      aggregate=secagg.aggregator(secagg.SecureAggregation(
-          **settings, noise_multiplier=user.sigma, l2_clip=cfg.clip_norm)),
-      round_metrics=user.round_metrics,
-      description=f"{kind} with distributed DP ({user.text}; sigma over the survivors)")
+      aggregate=secagg.aggregator(settings, ddgauss.DDGaussEncoding(mech),
+                                  noise_seed=cfg.noise_seed),
+      round_metrics=round_metrics,
+      description=f"{kind} with the distributed discrete Gaussian: {mech.describe()}; "
+                  f"participation visible (rate {q:g}); rounds with fewer than "
+                  f"{mech.n_min} survivors abort; delta={cfg.delta:g}")
+
+
+def ddgauss_mechanism(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> tuple[Any, float]:
+  """The run's `DDGauss` (calibrated to the target epsilon over the run's rounds, or at the
+  given noise multiplier) and the participation rate its accounting uses. The noise is
+  sized for n_min = ceil(secagg_threshold * expected clients) survivors."""
+  fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
+  q = participation_rate(fed_cfg, n)
+  expected = max(1, round(pfed.expected_clients(fed_cfg, n)))
+  n_min = max(2, math.ceil(cfg.secagg_threshold * expected))
+  dimension = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      jax.eval_shape(ctx.model.init, jax.random.key(0))))
+  key = ("ddgauss_mech", cfg.clip_norm, dimension, n_min, expected, cfg.secagg_bits,
+         cfg.noise_multiplier, cfg.target_epsilon, rounds, q, cfg.delta)
+  mech = _memo(key, lambda: ddgauss.DDGauss.create(
+      clip=cfg.clip_norm, dimension=dimension, n_min=n_min, expected_clients=expected,
+      bits=cfg.secagg_bits, noise_multiplier=cfg.noise_multiplier,
+      target_epsilon=cfg.target_epsilon, rounds=rounds, q=q, delta=cfg.delta))
+  return mech, q
 
 
 def _none(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:

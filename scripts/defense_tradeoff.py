@@ -78,8 +78,9 @@ def defenses(rounds: int, delta: float) -> dict[str, dict[str, Any]]:
       # the same z as forward noise at epsilon 8: DP-FedAvg at epsilon 8 under replace-one
       "dp-fedavg eps=8 replace-one": dict(mechanism="dp_fedavg", noise_multiplier=z_star,
                                           clip_norm=0.5),
+      # the distributed discrete Gaussian: replace-one, participation visible
       "secagg+ddp eps=8": dict(mechanism="secagg", target_epsilon=TARGET, clip_norm=0.5,
-                               secagg_clip=10.0, secagg_neighbours=8),
+                               secagg_bits=20, secagg_neighbours=8),
   }
 
 

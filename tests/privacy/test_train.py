@@ -78,10 +78,9 @@ def _restore_template():
     dict(mechanism="prune", prune_fraction=0.5),
     dict(mechanism="quantize", quantize="int8"),
     dict(mechanism="dp_fedavg", noise_multiplier=1.0, accountant="rdp"),
-    dict(mechanism="secagg", secagg_neighbours=2, secagg_dropout=0.2),
-    # the real protocol with distributed DP, calibrated (~45 s; test_secagg covers its parts)
-    pytest.param(dict(mechanism="secagg", target_epsilon=30.0, secagg_clip=10.0),
-                 marks=pytest.mark.slow),
+    dict(mechanism="secagg", secagg_neighbours=-1, secagg_dropout=0.2),
+    # the real protocol with the distributed discrete Gaussian, calibrated
+    dict(mechanism="secagg", target_epsilon=30.0, secagg_bits=20),
 ])
 def test_every_mechanism_runs(tmp_path, privacy):
   record = train.train_and_evaluate(_config(rounds=2, **privacy), tmp_path, progress=False)
