@@ -146,7 +146,7 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   full = st.StudyConfig(**st.PRESETS["full"])
   assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
-  for cfg, attack_cells in ((st.StudyConfig(), 3 * 10 * 6), (full, 3 * 10 * 3 * 6 * 3 * 2 * 2)):
+  for cfg, attack_cells in ((st.StudyConfig(), 3 * 11 * 6), (full, 3 * 11 * 3 * 6 * 3 * 2 * 2)):
     fl = st.plan_fl(cfg)
     assert len(fl) == len(cfg.partitions) * len(cfg.defenses) * len(cfg.seeds)
     for h, cell in fl.values():  # every FL cell is a valid run config
@@ -158,7 +158,10 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   untrained = {k[1]: h for k, (h, _) in attacks.items()
                if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained")}
   assert untrained["none"] == untrained["dp_fedavg_eps1"] == untrained["dp_fedavg_eps8"]
-  assert untrained["forward"] == untrained["hybrid"] != untrained["none"]
+  assert untrained["forward"] == untrained["hybrid"] == untrained["topup"] != untrained["none"]
+  # the hybrid's central noise and the top-up's total are calibrated as released
+  assert fl[("iid", "hybrid", 0)][1]["privacy"]["central_noise_multiplier"] > 1.9
+  assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 20 ** 0.5 * st.LOCAL_Z
 
 
 def test_trained_models_batches_and_local_steps(tmp_path):
