@@ -133,63 +133,71 @@ def participation_visible_rdp(rdp: np.ndarray, q: float) -> np.ndarray:
   return np.logaddexp(terms[0], terms[1]) / (orders - 1)
 
 
-class _RdpAccountant(rdp_lib.RdpAccountant):
+class _Compositions:
+  """Routes compositions and `ParticipationVisibleDpEvent` through the subclass, so that
+  nested events reach its `_visible` and `_leaf` (dp_accounting's own `_maybe_compose`
+  would send them to its base implementation)."""
+
+  def _maybe_compose(self, event, count, do_compose):
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+      return self._maybe_compose(event.event, event.count * count, do_compose)
+    if isinstance(event, dp_event.ComposedDpEvent):
+      for e in event.events:
+        error = self._maybe_compose(e, count, do_compose)
+        if error is not None:
+          return error
+      return None
+    if isinstance(event, ParticipationVisibleDpEvent):
+      inner = self._fresh()
+      error = inner._maybe_compose(event.event, 1, do_compose)
+      if error is None and do_compose and count:
+        self._visible(inner, event.sampling_probability, count)
+      return error
+    return self._leaf(event, count, do_compose)
+
+
+class _RdpAccountant(_Compositions, rdp_lib.RdpAccountant):
   """dp_accounting's RDP accountant, exact under replace-one for Gaussians, and with
   `ParticipationVisibleDpEvent`."""
 
-  def _maybe_compose(self, event, count, do_compose):
-    replace_one = self._neighboring_relation is NeighborRel.REPLACE_ONE
-    if isinstance(event, ParticipationVisibleDpEvent):
-      inner = _RdpAccountant(list(RDP_ORDERS), self._neighboring_relation)
-      error = inner._maybe_compose(event.event, 1, do_compose)
-      if error is None and do_compose:
-        self._rdp += count * participation_visible_rdp(inner._rdp, event.sampling_probability)
-      return error
-    if isinstance(event, dp_event.SelfComposedDpEvent):
-      return self._maybe_compose(event.event, event.count * count, do_compose)
-    if isinstance(event, dp_event.ComposedDpEvent):
-      for e in event.events:
-        error = self._maybe_compose(e, count, do_compose)
-        if error is not None:
-          return error
-      return None
-    if replace_one and isinstance(event, dp_event.GaussianDpEvent):
-      # one replaced term moves a sum of terms clipped to C by 2C: sigma / 2 per unit
-      return super()._maybe_compose(dp_event.GaussianDpEvent(event.noise_multiplier / 2.0),
-                                    count, do_compose)
-    if replace_one and isinstance(event, (dp_event.LaplaceDpEvent, dp_event.ZCDpEvent,
-                                          dp_event.PoissonSampledDpEvent)):
-      return self.CompositionErrorDetails(
-          invalid_event=event, error_message=f"no replace-one RDP for {type(event).__name__} "
-                                             f"here; use the 'pld' accountant")
-    return super()._maybe_compose(event, count, do_compose)
+  def _fresh(self):
+    return _RdpAccountant(list(RDP_ORDERS), self._neighboring_relation)
+
+  def _visible(self, inner, q, count):
+    self._rdp += count * participation_visible_rdp(inner._rdp, q)
+
+  def _leaf(self, event, count, do_compose):
+    base = rdp_lib.RdpAccountant._maybe_compose
+    if self._neighboring_relation is NeighborRel.REPLACE_ONE:
+      if isinstance(event, dp_event.GaussianDpEvent):
+        # one replaced term moves a sum of terms clipped to C by 2C: sigma / 2 per unit
+        return base(self, dp_event.GaussianDpEvent(event.noise_multiplier / 2.0), count,
+                    do_compose)
+      if isinstance(event, (dp_event.LaplaceDpEvent, dp_event.ZCDpEvent,
+                            dp_event.PoissonSampledDpEvent)):
+        return self.CompositionErrorDetails(
+            invalid_event=event, error_message=f"no replace-one RDP for {type(event).__name__} "
+                                               f"here; use the 'pld' accountant")
+    return base(self, event, count, do_compose)
 
 
-class _PldAccountant(pld_lib.PLDAccountant):
+class _PldAccountant(_Compositions, pld_lib.PLDAccountant):
   """dp_accounting's PLD accountant with `ParticipationVisibleDpEvent` (the q-mixture of
   the event's privacy-loss distribution and the identity's)."""
 
-  def _maybe_compose(self, event, count, do_compose):
-    if isinstance(event, ParticipationVisibleDpEvent):
-      inner = _PldAccountant(self._neighboring_relation, self._value_discretization_interval)
-      error = inner._maybe_compose(event.event, 1, do_compose)
-      if error is None and do_compose and count:
-        if inner._contains_non_dp_event:
-          self._contains_non_dp_event = True
-        else:
-          nothing = pld_dist.identity(self._value_discretization_interval)
-          mixed = inner._pld.compute_mixture(nothing, event.sampling_probability)
-          self._pld = self._pld.compose(mixed.self_compose(count))
-      return error
-    if isinstance(event, dp_event.SelfComposedDpEvent):
-      return self._maybe_compose(event.event, event.count * count, do_compose)
-    if isinstance(event, dp_event.ComposedDpEvent):
-      for e in event.events:
-        error = self._maybe_compose(e, count, do_compose)
-        if error is not None:
-          return error
-      return None
-    return super()._maybe_compose(event, count, do_compose)
+  def _fresh(self):
+    return _PldAccountant(self._neighboring_relation, self._value_discretization_interval)
+
+  def _visible(self, inner, q, count):
+    if inner._contains_non_dp_event:
+      self._contains_non_dp_event = True
+      return
+    nothing = pld_dist.identity(self._value_discretization_interval)
+    mixed = inner._pld.compute_mixture(nothing, q)
+    self._pld = self._pld.compose(mixed.self_compose(count))
+
+  def _leaf(self, event, count, do_compose):
+    return pld_lib.PLDAccountant._maybe_compose(self, event, count, do_compose)
 
 
 def make_accountant(accountant: str = "pld", neighbouring: str = "add_remove", *,
