@@ -13,24 +13,29 @@ with the mechanism's hooks plugged in, and logs the privacy spent after every ro
                               update (local DP)
   prune       defense         not DP                      (none: epsilon = inf)
   quantize    defense         not DP                      (none: epsilon = inf)
-  secagg      aggregate       server sees only the sum;   (none), or with a noise multiplier:
-                              + distributed DP: model     accountant over rounds
-                              observer, user level
+  secagg      aggregate       server sees only the sum;   (none), or with a noise multiplier or
+                              + the distributed discrete  target: epsilon (replace one user,
+                              Gaussian (privacy.ddgauss)  participation visible, RDP) and
+                                                          epsilon_server (the worst client)
   forward_noise  defense      model observer, server      `privacy.forward_noise.ScheduleAccountant`:
-              (+ aggregate,   per upload, record level    epsilon (model observer),
-              client_update   (replace one user)          epsilon_server, epsilon_record
-              for hybrids)
+              (+ aggregate,   per upload, record level    epsilon (model observer, participation
+              client_update   (replace one user; record:  visible; with the top-up: DP-FedAvg's
+              for hybrids)    add/remove one example)     event), epsilon_server, epsilon_record
   pfdm        clients         one image / one pixel       epsilon (= per image), epsilon_pixel
               (data noised    (replace one record)        (one release before training)
               once)
 
 Forward noise's hybrids: `central_noise_multiplier` > 0 adds central Gaussian noise at the
-server (which sums the noised uploads unclipped); `record_noise_multiplier` > 0 runs
-DP-SGD inside the clients (record level, accounted separately and reported as
-min(DP-SGD's, the per-upload epsilon)). Every epsilon of a forward-noise run is under
-replace-one-user (see `privacy.forward_noise` for why add/remove does not hold for local
-noise); DP-FedAvg and SecAgg runs log it too (`epsilon_replace_one`) for comparisons at
-equal epsilon.
+server (which sums the noised uploads unclipped; participation stays visible);
+`topup_noise_multiplier` > 0 has the trusted server top the aggregate's noise up to a
+participation-independent total (amplification holds, add/remove); `record_noise_multiplier`
+> 0 runs DP-SGD inside the clients (record level, add/remove one example, reported as
+min(DP-SGD's, the per-upload bound read at record level)). The user-level epsilons of a
+forward-noise run are under replace-one-user (see `privacy.forward_noise` for why neither
+add/remove nor amplification by sampling holds for local noise); DP-FedAvg runs log it too
+(`epsilon_replace_one`) for comparisons at equal epsilon. Every run writes privacy.json:
+for each epsilon it logs, the threat model, the relation, the event and the accountant.
+Noise keys derive from the seed unless `noise_seed='os'`.
 
 What the guarantee covers: the model parameters (and, for `dpsgd` and `local_dp`, every
 update the server receives). The training loss and other diagnostics in metrics.jsonl
