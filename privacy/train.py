@@ -221,7 +221,6 @@ class PrivateExperimentConfig(fl_train.ExperimentConfig):
 def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
   """Secure aggregation; with a noise multiplier or target epsilon, the distributed
   discrete Gaussian on top (`privacy.ddgauss`)."""
-  fed_cfg, rounds, n = ctx.config.fed, ctx.config.rounds, ctx.clients.num_clients
   settings = secagg.SecureAggregation(clip=cfg.secagg_clip, bits=cfg.secagg_bits,
                                       threshold=cfg.secagg_threshold,
                                       neighbours=cfg.secagg_neighbours,
@@ -250,7 +249,7 @@ def _secagg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins:
           "epsilon": {"threat_model": "model observer and the server (it sees the sum and who "
                                       "took part)", "relation": relation,
                       "event": f"DDGauss RDP (Kairouz et al. 2021), participation visible at "
-                               f"rate {q:g}, {rounds} rounds", "accountant": "rdp"},
+                               f"rate {q:g}, {ctx.config.rounds} rounds", "accountant": "rdp"},
           "epsilon_server": {"threat_model": "server, the worst client's participations",
                              "relation": relation, "event": "DDGauss RDP per participation",
                              "accountant": "rdp"}}})
