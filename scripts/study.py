@@ -45,9 +45,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, dict]:
   p.add_argument("--q", type=float, default=None, help=f"default: {defaults.q}")
   p.add_argument("--dataset", default=None, help=f"default: {defaults.dataset}")
   p.add_argument("--model", default=None, help=f"default: {defaults.model}")
-  p.add_argument("--budget_minutes", type=float, default=30.0,
+  p.add_argument("--budget_minutes", type=float, default=90.0,
                  help="stop before starting when the estimate (from the first cell) exceeds "
-                      "this (0: no limit; default 30)")
+                      "this (0: no limit; default 90: the estimate counts the first cell's "
+                      "compilation in every cell, so the default grid estimates ~45)")
   p.add_argument("--hosts", type=int, default=None,
                  help="hosts sharing the cells (default: $SLURM_NTASKS or 1)")
   p.add_argument("--host", type=int, default=None,
