@@ -45,8 +45,9 @@ Threat models, each with its `dp_accounting` event (`ForwardNoise.dp_event` /
   participation    that does not depend on who took part (`topup_aggregator`): the released
   hidden           sum is DP-FedAvg's Gaussian sum, so Poisson amplification holds:
                    `PoissonSampledDpEvent(q, GaussianDpEvent(z_T))`, add/remove one client
-                   (`topup_event`); it needs z_T^2 >= m_max z_r^2 for the most clients m_max
-                   a round can hold.
+                   (`privacy.federated.dp_fedavg_event` at z_T, truncated when the slots are
+                   capped); it needs z_T^2 >= m_max z_r^2 for the most clients m_max a round
+                   can hold (`check_topup`).
 
 Server post-processing (rescaling by 1/sqrt(abar), averaging, momentum, Wiener shrinkage, a
 denoiser trained on public data) never changes the event.
@@ -316,16 +317,6 @@ def visible_gdp_epsilon(z: Sequence[float], q: float, delta: float) -> float:
   return hi
 
 
-def topup_event(z_total: float, q: float = 1.0) -> dp_event.DpEvent:
-  """One round of the participation-hiding top-up for the model observer: the aggregate
-  carries N(0, (z_T C)^2) whoever took part, so it is DP-FedAvg's Poisson-sampled Gaussian
-  sum (add/remove one client, sensitivity C)."""
-  accounting.check_sampling_rate(q)
-  accounting.check_noise_multiplier(z_total)
-  g = dp_event.GaussianDpEvent(float(z_total))
-  return g if q == 1.0 else dp_event.PoissonSampledDpEvent(q, g)
-
-
 def check_topup(z_total: float, z_local: Sequence[float], max_clients: int) -> None:
   """The top-up needs z_T^2 >= m_max z_r^2 in every round: the server can add noise, never
   remove it."""
@@ -336,23 +327,31 @@ def check_topup(z_total: float, z_local: Sequence[float], max_clients: int) -> N
          f"(--fed.poisson_cap) or lower the local z")
 
 
+def noised_mean(updates: Any, weights: jax.Array, stddev: Any, expected_clients: float, *,
+                key: jax.Array) -> Any:
+  """The sum of the real uploads (weight 1 each, not clipped again), plus N(0, stddev^2) per
+  coordinate, over the public `expected_clients`: the server side of the hybrids."""
+  real = (weights > 0).astype(jnp.float32)
+  total = jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1), updates)
+  noise = tree_gaussian(total, stddev, key=key)
+  return jax.tree.map(lambda s, e: (s + e) / expected_clients, total, noise)
+
+
 def topup_aggregator(z_local: Sequence[float], z_total: float, clip_norm: float,
                      expected_clients: float):
   """The trusted server's aggregate for the top-up: the sum of the m real uploads (each
   clip_C(u) + N(0, (z_r C)^2)) plus N(0, (z_T^2 - m z_r^2) C^2), over the public
   `expected_clients`. The released sum's noise is N(0, (z_T C)^2) for every m
-  (`check_topup` guarantees z_T^2 >= m z_r^2)."""
+  (`check_topup` guarantees z_T^2 >= m z_r^2). The state counts rounds (for z_r)."""
   from fljax.federated import Aggregator
   zs = jnp.asarray(np.asarray(z_local, np.float64), jnp.float32)
   last = len(z_local) - 1
 
   def update(updates, weights, state, key):
-    real = (weights > 0).astype(jnp.float32)
-    total = jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1), updates)
     z = zs[jnp.clip(state, 0, last)]
-    top = jnp.sqrt(jnp.maximum(z_total ** 2 - real.sum() * z * z, 0.0)) * clip_norm
-    noise = tree_gaussian(total, top, key=key)
-    return (jax.tree.map(lambda s, e: (s + e) / expected_clients, total, noise), state + 1,
+    m = (weights > 0).sum()
+    top = jnp.sqrt(jnp.maximum(z_total ** 2 - m * z * z, 0.0)) * clip_norm
+    return (noised_mean(updates, weights, top, expected_clients, key=key), state + 1,
             {"topup_noise_std": top})
 
   return Aggregator(lambda params: jnp.zeros((), jnp.int32), update)

@@ -67,7 +67,6 @@ from fljax import federated as fed
 from fljax import train as fl_train
 from privacy import accounting, ddgauss, defenses, secagg
 from privacy import forward_noise as fn
-from privacy.noise import tree_gaussian
 from privacy import federated as pfed
 
 
@@ -610,10 +609,7 @@ def central_gaussian(stddev: float, expected_clients: float) -> fed.Aggregator:
   clipped and noised) uploads, each with weight 1, plus N(0, stddev^2), over the public
   `expected_clients`. It does not clip again: the uploads' own noise would dominate it."""
   def update(updates, weights, state, key):
-    real = (weights > 0).astype(jnp.float32)
-    total = jax.tree.map(lambda u: jnp.tensordot(real, u, axes=1), updates)
-    noise = tree_gaussian(total, stddev, key=key)
-    return jax.tree.map(lambda s, z: (s + z) / expected_clients, total, noise), state, {}
+    return fn.noised_mean(updates, weights, stddev, expected_clients, key=key), state, {}
   return fed.Aggregator(lambda params: (), update)
 
 

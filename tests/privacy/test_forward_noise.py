@@ -188,7 +188,10 @@ def test_heterogeneous_schedules_agree_between_pld_and_the_closed_form():
 
 
 def test_topup_event_is_the_poisson_subsampled_gaussian_and_hides_participation():
-  e = fn.topup_event(1.5, 0.1)
+  # the top-up is accounted as DP-FedAvg's round at z_T (privacy.train)
+  from fljax.federated import FedConfig
+  e, relation = pfed.dp_fedavg_event(FedConfig(clients_per_round=0.1, sampling="poisson"), 50, 1.5)
+  assert relation == "add_remove"
   assert e == dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.5))
   assert accounting.epsilon(accounting.compose([(e, 10)]), 1e-5) == pytest.approx(
       accounting.dpsgd_epsilon(0.1, 1.5, 10, 1e-5, accountant="pld"), rel=1e-9)
