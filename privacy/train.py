@@ -135,7 +135,7 @@ class PrivacyConfig:
       recomputes participation from it; it does not depend on the data).
   """
 
-  mechanism: str = "none"
+  mechanism: str = dataclasses.field(default="none", metadata={"choices": MECHANISM_NAMES})
   noise_multiplier: float | None = None
   target_epsilon: float | None = None
   delta: float = 1e-5
