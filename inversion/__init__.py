@@ -8,8 +8,12 @@
                distinct labels for batches
   attacks/     DLG / iDLG, Inverting Gradients, as init/step pairs
   metrics      MSE, PSNR, SSIM, feature distance, Hungarian matching, label accuracy
+  specs        an experiment's config dataclasses and the DEFENSES / ATTACKS registries
+  engine       victims, observations, the batched attack engine, attack-state save/restore
+  report       scoring an `AttackResult`: metrics.json, reconstructions.npz, grid.png
   experiment   the driver behind scripts/invert.py: victims -> observations -> batched
-               attacks with restarts and divergence retries -> scores, grid, metrics.json
+               attacks with restarts and divergence retries -> report
+  compare      several attacks on the same victims: one grid, one table
 
 May import `fljax`, `privacy` and `diffusion`.
 """

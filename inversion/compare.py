@@ -29,7 +29,7 @@ import numpy as np
 
 from fljax import config as config_lib
 from fljax import datasets
-from inversion import experiment as ex
+from inversion import experiment, specs
 
 _VARIANT = re.compile(r"^(\w+)(?:\[(.*)\])?$")
 
@@ -40,9 +40,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
   if not m:
     raise ValueError(f"cannot read the attack variant {text!r}; write NAME or NAME[key=value,...]")
   name, body = m.group(1), m.group(2)
-  if name not in ex.ATTACKS:
-    raise ValueError(f"unknown attack {name!r} in {text!r}; valid: {', '.join(sorted(ex.ATTACKS))}")
-  hints = typing.get_type_hints(ex.AttackSpec)
+  if name not in specs.ATTACKS:
+    raise ValueError(f"unknown attack {name!r} in {text!r}; valid: {', '.join(sorted(specs.ATTACKS))}")
+  hints = typing.get_type_hints(specs.AttackSpec)
   overrides = {}
   for item in filter(None, (body or "").split(",")):
     key, _, value = item.partition("=")
@@ -59,7 +59,7 @@ def slug(text: str) -> str:
   return re.sub(r"[^\w=.-]+", "_", text.strip()).strip("_")
 
 
-def compare(config: ex.InversionConfig, variants: list[str], workdir: str | Path, *,
+def compare(config: specs.InversionConfig, variants: list[str], workdir: str | Path, *,
             progress: bool = True) -> list[dict[str, Any]]:
   """Runs every variant (or reuses its finished results); writes the picture and table."""
   workdir = Path(workdir)
@@ -69,7 +69,7 @@ def compare(config: ex.InversionConfig, variants: list[str], workdir: str | Path
     attack = dataclasses.replace(config.attack, name=name, **overrides)
     cfg = dataclasses.replace(config, attack=attack)
     print(f"== {text}", flush=True)
-    summary = ex.run(cfg, workdir / slug(text), progress=progress)
+    summary = experiment.run(cfg, workdir / slug(text), progress=progress)
     rows.append({**summary, "attack": text})
   write_table(workdir, rows)
   save_comparison_grid(workdir / "comparison.png", [workdir / slug(r["attack"]) for r in rows],
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--collect", default=None, metavar="ROOT",
                         help="only print one table of every finished comparison under ROOT")
 
-  config, ns = config_lib.parse(ex.InversionConfig, argv, extra=extra,
+  config, ns = config_lib.parse(specs.InversionConfig, argv, extra=extra,
                                 description="Several gradient-inversion attacks on the same "
                                             "victims: one grid, one table.")
   if ns.collect:

@@ -4,12 +4,12 @@ with `python -m pytest -q -m slow`): iDLG with L-BFGS on 16 embedded-MNIST victi
 
 import pytest
 
-from inversion import experiment as ex
+from inversion import experiment, specs
 
 
 @pytest.mark.slow
 def test_idlg_recovers_16_mnist_victims(tmp_path):
-  summary = ex.run(ex.InversionConfig(feature_metric=False), tmp_path / "run", progress=False)
+  summary = experiment.run(specs.InversionConfig(feature_metric=False), tmp_path / "run", progress=False)
   assert summary["victims"] == 16 and summary["label_accuracy"] == 1.0
   assert summary["median_psnr"] >= 30
   assert summary["failed"] == 0  # any divergence was retried away, none left unhandled

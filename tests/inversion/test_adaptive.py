@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inversion import adaptive
-from inversion import experiment as ex
+from fljax import federated as fed
+from fljax import models
+from inversion import adaptive, engine, experiment, specs
 from privacy import forward_noise as fn
 
-TINY = dict(victims=ex.VictimsConfig(dataset="digits", image_size=None, channels=None, num=2),
-            attack=ex.AttackSpec(name="idlg", optimizer="adam", steps=60), chunk=60,
+TINY = dict(victims=specs.VictimsConfig(dataset="digits", image_size=None, channels=None, num=2),
+            attack=specs.AttackSpec(name="idlg", optimizer="adam", steps=60), chunk=60,
             feature_metric=False)
 
 
@@ -29,7 +30,7 @@ def test_parse_reads_pipelines_and_rejects_unknown_steps():
   with pytest.raises(ValueError, match="unknown denoising step"):
     adaptive.parse("rescale+blur")
   with pytest.raises(ValueError, match="unknown denoising step"):
-    ex.AttackSpec(name="dps", denoise="median")
+    specs.AttackSpec(name="dps", denoise="median")
 
 
 def test_rescale_undoes_the_forward_step_and_average_divides_the_variance():
@@ -52,30 +53,30 @@ def test_rescale_undoes_the_forward_step_and_average_divides_the_variance():
 def test_a0_at_z0_reproduces_the_undefended_attack():
   # z = 0 with a clip norm that never binds sends the update unchanged, so the naive attack
   # (same victims, same keys) sees exactly the undefended observation.
-  cfg = ex.InversionConfig(**TINY, defense=ex.DefenseSpec(name="forward_noise",
+  cfg = specs.InversionConfig(**TINY, defense=specs.DefenseSpec(name="forward_noise",
                                                           noise_multiplier=0.0, clip_norm=1e6))
-  ds, x, y, _ = ex.load_victims(cfg.victims, 1, key=jax.random.key(0))
-  model = ex.models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape)
+  ds, x, y, _ = engine.load_victims(cfg.victims, 1, key=jax.random.key(0))
+  model = models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape)
   params = model.init(jax.random.key(1))
-  threat = ex.threat_model(cfg.threat, ds, "forward_noise")
+  threat = engine.threat_model(cfg.threat, ds, "forward_noise")
   key = jax.random.key(2)
-  plain = ex.observe_all(model, params, x, y, threat, ex.fed.identity_defense, key=key)
-  defense = ex.DEFENSES["forward_noise"](cfg.defense)
-  z0 = ex.observe_all(model, params, x, y, threat, defense, key=key)
+  plain = engine.observe_all(model, params, x, y, threat, fed.identity_defense, key=key)
+  defense = specs.DEFENSES["forward_noise"](cfg.defense)
+  z0 = engine.observe_all(model, params, x, y, threat, defense, key=key)
   np.testing.assert_array_equal(_flat(z0.update), _flat(plain.update))
-  processed, extra = ex._adaptive_processing(cfg, model, params, ds, x, y, threat, defense, z0,
-                                             key=key)
+  processed, extra = experiment.adaptive_processing(cfg, model, params, ds, x, y, threat,
+                                                    defense, z0, key=key)
   np.testing.assert_array_equal(_flat(processed.update), _flat(plain.update))
   assert extra["update_cosine"] == pytest.approx(1.0, abs=1e-6) and "mu_per_upload" not in extra
 
 
 def test_adaptive_pipeline_runs_in_the_experiment_and_reports_the_ceiling(tmp_path):
-  cfg = ex.InversionConfig(
-      **{**TINY, "attack": ex.AttackSpec(name="idlg", optimizer="adam", steps=20,
+  cfg = specs.InversionConfig(
+      **{**TINY, "attack": specs.AttackSpec(name="idlg", optimizer="adam", steps=20,
                                          denoise="rescale+average+pca", rounds=3, surrogates=8,
                                          pca_rank=4)},
-      defense=ex.DefenseSpec(name="forward_noise", noise_multiplier=0.5, clip_norm=1.0))
-  summary = ex.run(cfg, tmp_path / "run", progress=False)
+      defense=specs.DefenseSpec(name="forward_noise", noise_multiplier=0.5, clip_norm=1.0))
+  summary = experiment.run(cfg, tmp_path / "run", progress=False)
   assert summary["mu_per_upload"] == pytest.approx(2 * math.sqrt(3) / 0.5)
   assert summary["rero_bound_kappa_1e-3"] == pytest.approx(
       fn.rero_bound(summary["mu_per_upload"], 1e-3))

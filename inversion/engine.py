@@ -1,0 +1,221 @@
+"""The attack engine of a gradient-inversion experiment: victims, observations, batched attacks.
+
+`load_victims` draws the victims (a dataset's test split or a folder of images),
+`observe_all` computes what each victim's client sends (fljax's `client_update` under the
+defense), `random_observation` is the control observation, and `attack_batched` runs an
+`AttackPlan` on many observations (victims x restarts) in one compiled computation per
+chunk of steps, with `save_state`/`load_state` to resume an interrupted attack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fljax import datasets, models
+from fljax import federated as fed
+from fljax.partitions import Batch
+from inversion import attacks
+from inversion import observation as ob
+from inversion.specs import AttackPlan, ThreatSpec, VictimsConfig
+
+
+def load_victims(cfg: VictimsConfig, batch_size: int, *, key: jax.Array
+                 ) -> tuple[datasets.Dataset, np.ndarray, np.ndarray, list[str]]:
+  """The dataset (for training and the feature metric) and the victims' images
+  `[V, B, H, W, C]` and labels `[V, B]`, with a name for each victim.
+
+  From the dataset, V x B distinct test images in a random order drawn with `key`. From a
+  folder, its images in sorted order, V = min(num, N // B).
+  """
+  ds = datasets.load(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
+                     data_dir=cfg.data_dir)
+  if cfg.images is not None:
+    x, y, names = datasets.load_image_folder(cfg.images, ds.image_shape)
+    if y.max() >= ds.num_classes:
+      raise ValueError(f"{cfg.images} has class folders up to {y.max()}, but the model has "
+                       f"{ds.num_classes} classes")
+    v = min(cfg.num, len(y) // batch_size)
+    if v == 0:
+      raise ValueError(f"{cfg.images} holds {len(y)} images, fewer than one batch of "
+                       f"{batch_size}; lower --threat.batch_size")
+    names = [",".join(names[i * batch_size:(i + 1) * batch_size]) for i in range(v)]
+  else:
+    need = cfg.num * batch_size
+    if need > len(ds.y_test):
+      raise ValueError(f"{cfg.num} victims x batch {batch_size} need {need} test images; "
+                       f"{cfg.dataset} has {len(ds.y_test)}")
+    order = np.asarray(jax.random.permutation(key, len(ds.y_test)))[:need]
+    x, y, v = ds.x_test[order], ds.y_test[order], cfg.num
+    names = [f"test[{','.join(map(str, order[i * batch_size:(i + 1) * batch_size]))}]"
+             for i in range(v)]
+  shape = (v, batch_size) + x.shape[1:]
+  return ds, x[:v * batch_size].reshape(shape), y[:v * batch_size].reshape(v, batch_size), names
+
+
+def threat_model(spec: ThreatSpec, ds: datasets.Dataset, defense: str) -> ob.ThreatModel:
+  return ob.ThreatModel(algorithm=spec.algorithm, batch_size=spec.batch_size,
+                        input_shape=ds.image_shape, num_classes=ds.num_classes,
+                        local_epochs=spec.local_epochs, local_batch_size=spec.local_batch_size,
+                        local_lr=spec.local_lr, labels_known=spec.labels_known, defense=defense)
+
+
+def observe_all(model: models.Model, params: Any, x: np.ndarray, y: np.ndarray,
+                threat: ob.ThreatModel, defense: fed.DefenseFn, *, key: jax.Array,
+                round_: int = 0) -> ob.Observation:
+  """The V victims' observations: updates (and known labels) stacked `[V, ...]`, params
+  shared. Victim i's client runs fljax's client update with `fold_in(key, i)` and the
+  defense with its own fold of that key (`observation.observe`), folded again with the
+  round for rounds > 0 (the same update, fresh defense noise)."""
+  batch = Batch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones(y.shape, jnp.float32))
+  ob.check_batch(batch.mask, threat)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(y)))
+  updates, labels = _observer(model, threat, defense)(params, batch, keys, round_)
+  return ob.Observation(update=updates, params=params, labels=labels)
+
+
+@functools.lru_cache(maxsize=32)
+def _observer(model: models.Model, threat: ob.ThreatModel, defense: fed.DefenseFn):
+  """The compiled `(params, batch, keys, round) -> (updates, labels)` of `observe_all`,
+  one per (model, threat, defense), so that k rounds or many surrogate batches compile once."""
+  fed_cfg = fed.FedConfig(algorithm=threat.algorithm, local_epochs=threat.local_epochs,
+                          local_batch_size=threat.local_batch_size, local_lr=threat.local_lr)
+  client_update = fed.make_client_update(fed.make_loss_fn(model.apply), fed_cfg)
+
+  def one(params, data, k, round_):
+    dkey = jax.random.fold_in(k, 1)
+    dkey = jnp.where(round_ == 0, jax.random.key_data(dkey),
+                     jax.random.key_data(jax.random.fold_in(dkey, round_)))
+    o = ob.observe(client_update, params, data, k, threat, defense=defense,
+                   defense_key=jax.random.wrap_key_data(dkey), round_=round_)
+    return o.update, o.labels
+
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
+
+
+def random_observation(obs: ob.Observation, *, key: jax.Array) -> ob.Observation:
+  """The control observation: each leaf of each update replaced by Gaussian noise with
+  that leaf's own standard deviation (what an attack recovers from it comes from its
+  prior and its label guess, not from the client's data)."""
+  leaves, treedef = jax.tree.flatten(obs.update)
+  noisy = [jax.vmap(lambda a, k: jnp.std(a) * jax.random.normal(k, a.shape, a.dtype))(
+      leaf, jax.random.split(jax.random.fold_in(key, i), leaf.shape[0]))
+      for i, leaf in enumerate(leaves)]
+  return ob.Observation(update=jax.tree.unflatten(treedef, noisy), params=obs.params,
+                        labels=obs.labels)
+
+
+def save_state(path: Path, state: Any, done: int, attempt: int) -> None:
+  """Saves the attack states after `done` steps of retry `attempt`, atomically.
+
+  Only the arrays are written; typed PRNG keys (the diffusion attacks' sampler keys) are
+  written as their key data and wrapped again by `load_state`.
+  """
+  leaves = [jax.random.key_data(a) if _is_key(a) else a for a in jax.tree.leaves(state)]
+  tmp = path.with_name(path.stem + ".tmp.npz")
+  np.savez(tmp, *[np.asarray(a) for a in leaves], done=done, attempt=attempt)
+  os.replace(tmp, path)
+
+
+def load_state(path: Path, like: Any, attempt: int) -> tuple[Any, int] | None:
+  """The states that `save_state` saved for this `attempt`, shaped like `like`, and the
+  steps done; None when there are none, or they are another attempt's or shape's."""
+  if not path.exists():
+    return None
+  data = np.load(path)
+  if int(data["attempt"]) != attempt:
+    return None
+  leaves, treedef = jax.tree.flatten(like)
+  restored = []
+  for i, leaf in enumerate(leaves):
+    saved = data[f"arr_{i}"]
+    if _is_key(leaf):
+      if saved.shape != jax.random.key_data(leaf).shape:
+        return None
+      restored.append(jax.random.wrap_key_data(jnp.asarray(saved),
+                                               impl=jax.random.key_impl(leaf)))
+    elif saved.shape != leaf.shape:
+      return None
+    else:
+      restored.append(jnp.asarray(saved, leaf.dtype))
+  return jax.tree.unflatten(treedef, restored), int(data["done"])
+
+
+def _is_key(a: Any) -> bool:
+  return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mode: str,
+                   map_batch_size: int = 0, chunk: int = 100,
+                   progress: Callable[[int], Any] = lambda n: None,
+                   checkpoint: Callable[[Any, int], None] | None = None,
+                   restore: Callable[[Any], tuple[Any, int] | None] | None = None,
+                   row_params: bool = False) -> Any:
+  """Runs `plan` on N observations stacked on their leading axis (keys `[N]`), all in one
+  compiled computation per `chunk` steps; returns the final states stacked `[N, ...]`.
+
+  The model parameters are shared by every observation (`obs.params` unbatched), or, with
+  `row_params`, stacked `[N, ...]` like the updates (observations of different models,
+  e.g. a study's cells, attacked in one computation).
+  `checkpoint(states, steps_done)` is called between chunks; `restore(initial_states)`
+  may return `(states, steps_done)` saved by an earlier, interrupted call.
+  """
+  params = None if row_params else obs.params
+  rows = ob.Observation(update=obs.update, params=obs.params if row_params else None,
+                        labels=obs.labels)
+
+  def with_params(o, params):
+    return ob.Observation(update=o.update, params=o.params if row_params else params,
+                          labels=o.labels)
+
+  @jax.jit
+  def init(keys, rows, params):
+    one = lambda k, o: plan.attack.init(k, with_params(o, params))
+    return fed.batch_over(one, mode, map_batch_size)(keys, rows)
+
+  phases = plan.attack.phases or ((plan.attack.step, plan.steps),)
+  ends = np.cumsum([n for _, n in phases])
+  if ends[-1] != plan.steps:
+    raise ValueError(f"the attack's phases take {ends[-1]} steps, its plan {plan.steps}")
+  cap = plan.budget
+
+  def capped(step):
+    if cap is None:
+      return step
+    def run(s, o):  # a restart that has spent its double-backward budget stops where it is
+      spent = s.counts[attacks.COUNTERS.index("double_backward_evals")] >= cap
+      # lax.cond skips the step under lax.map (one restart at a time); vmap evaluates both.
+      return jax.lax.cond(spent, lambda s: s, lambda s: step(s, o)[0], s), {}
+    return run
+
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def advance(states, rows, params, n, phase):
+    step = capped(phases[phase][0])
+
+    def one(s, o):
+      o = with_params(o, params)
+      return jax.lax.scan(lambda s, _: (step(s, o)[0], None), s, None, length=n)[0]
+    return fed.batch_over(one, mode, map_batch_size)(states, rows)
+
+  states, done = init(keys, rows, params), 0
+  restored = None if restore is None else restore(states)
+  if restored is not None:
+    states, done = restored
+  progress(done)
+  while done < plan.steps:
+    phase = int(np.searchsorted(ends, done, side="right"))
+    n = min(chunk, plan.steps - done, int(ends[phase]) - done)
+    states = advance(states, rows, params, n, phase)
+    jax.block_until_ready(states)
+    done += n
+    progress(n)
+    if checkpoint is not None and done < plan.steps:
+      checkpoint(states, done)
+  return states
