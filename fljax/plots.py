@@ -38,8 +38,9 @@ def plot_label_histogram(hist: np.ndarray, path: str, *, max_clients: int = 100,
 
 
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
-                xlabel: str = "round", ylabel: str = "test accuracy", title: str = "") -> None:
-  """One line per named `(x, y)` curve."""
+                xlabel: str = "round", ylabel: str = "test accuracy", title: str = ""):
+  """One line per named `(x, y)` curve, written to `path`; returns the (closed) matplotlib
+  figure, whose legend names the curves when there are several."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, (x, y) in curves.items():
@@ -54,6 +55,7 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return fig
 
 
 def save_image_grid(path: str | Path, images: np.ndarray, *, scale: int = 2, pad: int = 2) -> None:

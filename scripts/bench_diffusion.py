@@ -11,7 +11,7 @@ at a time, for the shipped prior's UNet (MNIST 32x32x1, class-conditional).
   python scripts/bench_diffusion.py --quick    # a tiny UNet, 8x8, seconds
 """
 
-import argparse
+import dataclasses
 import time
 
 import jax
@@ -19,6 +19,28 @@ import jax.numpy as jnp
 
 from diffusion import samplers, schedules, training, unet
 from diffusion import prior as prior_lib
+from fljax import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: a tiny UNet at 8x8 and 8 images (seconds) instead of the shipped 32x32 one.
+    images: images per batched sampling run (none: 32, or 8 with --quick).
+    single: images sampled one at a time.
+    batch_size: training batch size.
+  """
+
+  quick: bool = False
+  images: int | None = None
+  single: int = 2
+  batch_size: int = 64
+
+  def __post_init__(self):
+    if min(self.images or 1, self.single, self.batch_size) < 1:
+      raise ValueError("--images, --single and --batch_size must be >= 1")
 
 
 def _time(fn, *args, repeats=1):
@@ -30,13 +52,8 @@ def _time(fn, *args, repeats=1):
   return (time.perf_counter() - t0) / repeats
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny UNet and sizes, seconds")
-  parser.add_argument("--images", type=int, default=None, help="images per batched sampling run")
-  parser.add_argument("--single", type=int, default=2, help="images sampled one at a time")
-  parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
-  args = parser.parse_args()
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   if args.quick:
     config = training.TrainConfig(block_out_channels=(16,), down_block_types=("AttnDownBlock2D",),
                                   up_block_types=("AttnUpBlock2D",), norm_num_groups=4, attention_head_dim=8)

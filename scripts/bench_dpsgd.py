@@ -14,13 +14,14 @@ The headline `ratio=` is the larger DP-over-non-private overhead of the two work
   python scripts/bench_dpsgd.py --quick
 """
 
-import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fljax import config as config_lib
 from fljax import federated as fed
 from fljax import models
 from fljax.partitions import Batch
@@ -28,6 +29,21 @@ from fljax.timing import timed
 from privacy import clipping, dpsgd
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: batches of 16 and 32 instead of 64 and 256 (a few seconds).
+    repeats: timed repetitions of each step (none: 10, or 3 with --quick).
+  """
+
+  quick: bool = False
+  repeats: int | None = None
+
+  def __post_init__(self):
+    if self.repeats is not None and self.repeats < 1:
+      raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
 
 
 def workload(name, shape, batch, repeats, loop_rows):
@@ -80,11 +96,8 @@ def workload(name, shape, batch, repeats, loop_rows):
   return t_plain, t_dp, t_micro, t_loop
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small batches, a few seconds")
-  parser.add_argument("--repeats", type=int, default=None)
-  args = parser.parse_args()
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   repeats = args.repeats or (3 if args.quick else 10)
   cases = [("lenet", (32, 32, 3), 16 if args.quick else 64),
            ("cnn", (28, 28, 1), 32 if args.quick else 256)]

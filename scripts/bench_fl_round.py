@@ -13,25 +13,42 @@ largest C.
   python scripts/bench_fl_round.py --quick    # C in 10, 100 on 1,000 examples
 """
 
-import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from fljax import config as config_lib
 from fljax import datasets, models, partitions
 from fljax import federated as fed
 from fljax.timing import timed
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-  parser.add_argument("--clients", default=None, help="comma-separated C values")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--unroll", type=int, default=1, help="FedConfig.local_unroll")
-  args = parser.parse_args()
-  sizes = [int(c) for c in args.clients.split(",")] if args.clients else (
-      [10, 100] if args.quick else [10, 100, 1000])
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: 1,000 training examples and C in 10, 100 (a few seconds).
+    clients: the numbers of clients C, e.g. 10,100 (none: 10,100,1000, or 10,100 with
+      --quick).
+    repeats: timed repetitions of each round (none: 5, or 2 with --quick).
+    unroll: the local steps' scan unroll (FedConfig.local_unroll).
+  """
+
+  quick: bool = False
+  clients: tuple[int, ...] | None = None
+  repeats: int | None = None
+  unroll: int = 1
+
+  def __post_init__(self):
+    if min(self.clients or (1,)) < 1 or (self.repeats or 1) < 1:
+      raise ValueError("--clients and --repeats must be >= 1")
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
+  sizes = args.clients or ((10, 100) if args.quick else (10, 100, 1000))
   repeats = args.repeats or (2 if args.quick else 5)
   ds = datasets.load("mnist", train_subset=1000 if args.quick else None)
   model = models.make("cnn", num_classes=10, input_shape=ds.image_shape)

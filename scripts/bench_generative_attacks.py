@@ -1,21 +1,20 @@
 """Benchmark: the diffusion-guided attack (`dps`, feature-conditioned, the shipped MNIST
 prior) on many victims and seeds in one compiled sampler vs one victim at a time.
 
-Untrained DLG LeNet (uniform(-0.5, 0.5)), 32x32x3 MNIST victims, batch 1, iDLG labels,
-DDIM (eta 1) with `--steps` guided steps. V victims x R seeds:
-  (a) batched: all V x R runs in one jitted computation (jax.vmap; lax.map over groups of
-      `--group` vmapped runs);
+Untrained DLG LeNet (uniform(-0.5, 0.5)), 32x32x3 MNIST victims, batch 1, iDLG labels, DDIM
+(eta 1) with `--steps` guided steps. V victims x R seeds:
+  (a) batched: all V x R runs in one jitted computation (vmap; lax.map over --group-run groups);
   (b) loop: one (victim, seed) run at a time, a Python loop over the jitted single run,
       timed on the first `--loop_runs` runs (throughput does not depend on which).
 It prints runs per hour, the median PSNR of each victim's selected seed (lowest final
-matching loss) and the evaluations one victim costs; `ratio=` on the RESULT line is the
-best batched mode's throughput over the loop's.
+matching loss) and the evaluations one victim costs; `ratio=` on the RESULT line is the best
+batched mode's throughput over the loop's.
 
   python scripts/bench_generative_attacks.py            # 16 victims x 4 seeds, 50 steps
   python scripts/bench_generative_attacks.py --quick    # 2 victims x 2 seeds, 4 steps
 """
 
-import argparse
+import dataclasses
 import time
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import prior as prior_lib
+from fljax import config as config_lib
 from fljax import datasets, models
 from fljax import federated as fed
 from fljax.partitions import Batch
@@ -31,15 +31,34 @@ from inversion import observation as ob
 from inversion.attacks import COUNTERS, best, diffusion_guided as dg
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
-  parser.add_argument("--victims", type=int, default=None)
-  parser.add_argument("--seeds", type=int, default=None)
-  parser.add_argument("--steps", type=int, default=None)
-  parser.add_argument("--group", type=int, default=8, help="runs vmapped per lax.map step")
-  parser.add_argument("--loop_runs", type=int, default=None, help="runs timed in the loop")
-  args = parser.parse_args()
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes (none: the full size, or the --quick one).
+
+  Attributes:
+    quick: 2 victims x 2 seeds, 4 steps (seconds) unless given.
+    victims: V, MNIST test images attacked (none: 16, or 2).
+    seeds: R, attack seeds per victim (none: 4, or 2).
+    steps: guided DDIM steps (none: 50, or 4).
+    group: runs vmapped per lax.map step.
+    loop_runs: runs timed in the one-at-a-time loop (none: 8, or 2).
+  """
+
+  quick: bool = False
+  victims: int | None = None
+  seeds: int | None = None
+  steps: int | None = None
+  group: int = 8
+  loop_runs: int | None = None
+
+  def __post_init__(self):
+    if any(v is not None and v < 1 for v in (self.victims, self.seeds, self.steps, self.group,
+                                              self.loop_runs)):
+      raise ValueError("--victims, --seeds, --steps, --group and --loop_runs must be >= 1")
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   v = args.victims or (2 if args.quick else 16)
   r = args.seeds or (2 if args.quick else 4)
   steps = args.steps or (4 if args.quick else 50)
@@ -50,8 +69,7 @@ def main():
   threat = ob.ThreatModel(batch_size=1, input_shape=ds.image_shape, num_classes=10)
   client_update = jax.jit(fed.make_client_update(fed.make_loss_fn(model.apply),
                                                  fed.FedConfig(algorithm="fedsgd")))
-  xs = jnp.asarray(ds.x_test[:v, None])
-  ys = jnp.asarray(ds.y_test[:v, None])
+  xs, ys = jnp.asarray(ds.x_test[:v, None]), jnp.asarray(ds.y_test[:v, None])
   updates = jax.vmap(lambda x, y: client_update(params, Batch(x=x, y=y, mask=jnp.ones(1)),
                                                 jax.random.key(0))[0])(xs, ys)
   # Runs are victim-major: run i attacks victim i // r with seed key i.
@@ -77,8 +95,7 @@ def main():
       t0 = time.perf_counter()
       for i in range(loop_runs):
         jax.block_until_ready(one(i))
-      seconds, runs = time.perf_counter() - t0, loop_runs
-      psnr = float("nan")
+      seconds, runs, psnr = time.perf_counter() - t0, loop_runs, float("nan")
     else:
       batched = jax.jit(fed.batch_over(run, "map", args.group) if mode == "map"
                         else fed.batch_over(run, "vmap"))

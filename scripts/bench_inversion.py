@@ -12,13 +12,14 @@ the best batched mode over the loop, for Adam.
   python scripts/bench_inversion.py --quick    # 4 victims, 20 steps
 """
 
-import argparse
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fljax import config as config_lib
 from fljax import datasets, models
 from fljax import federated as fed
 from fljax.partitions import Batch
@@ -27,12 +28,28 @@ from inversion import observation as ob
 from inversion.attacks import dlg
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-  parser.add_argument("--victims", type=int, default=None)
-  parser.add_argument("--steps", type=int, default=None)
-  args = parser.parse_args()
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: 4 victims and 20 steps (a few seconds) unless given.
+    victims: V, MNIST test images attacked (none: 32, or 4 with --quick).
+    steps: attack iterations (none: 300, or 20 with --quick).
+  """
+
+  quick: bool = False
+  victims: int | None = None
+  steps: int | None = None
+
+  def __post_init__(self):
+    for name in ("victims", "steps"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   victims = args.victims or (4 if args.quick else 32)
   steps = args.steps or (20 if args.quick else 300)
   ds = datasets.load("mnist", image_size=32, channels=3, test_subset=max(victims, 10))

@@ -11,14 +11,27 @@ the RESULT line is the full SecAgg round (client and server work) at the largest
   python scripts/bench_secagg.py --quick    # n in 10, 20; d in 1e3, 1e4
 """
 
-import argparse
+import dataclasses
 import math
 import secrets
 import time
 
 import numpy as np
 
+from fljax import config as config_lib
 from privacy import secagg as sa
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: n in 10, 20 and d in 1e3, 1e4 (a few seconds) instead of n in 10, 50, 100 and d
+      in 1e4, 1e5.
+  """
+
+  quick: bool = False
 
 
 def one_round(n, d, k):
@@ -39,10 +52,8 @@ def one_round(n, d, k):
   return timings["client"], timings["server"], t_plain
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-  args = parser.parse_args()
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   ns = [10, 20] if args.quick else [10, 50, 100]
   ds = [1_000, 10_000] if args.quick else [10_000, 100_000]
   print(f"{'n':>4} {'d':>7} {'SecAgg client s':>15} {'server s':>9} {'SecAgg+ k':>9} "

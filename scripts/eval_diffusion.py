@@ -1,11 +1,13 @@
 """Sample quality of a diffusion prior, scored by a classifier trained here (no Inception).
 
   python scripts/eval_diffusion.py                       # the shipped MNIST prior
-  python scripts/eval_diffusion.py --prior runs/ddpm_mnist/prior --num 1000 --steps 50
+  python scripts/eval_diffusion.py --prior runs/ddpm_mnist/prior --num 1000 --steps 50 \
+      --workdir runs/eval_ddpm_mnist --grid
 
 Prints one JSON line: the class accuracy of label-conditioned samples and the Frechet
 distance in the reference classifier's feature space (samples vs test set), with the
-train-vs-test distance as the floor; see diffusion.evaluation. --grid writes a sample grid.
+train-vs-test distance as the floor; see diffusion.evaluation. With --workdir the line is
+also written to <workdir>/eval.json, and --grid draws <workdir>/samples.png.
 """
 
 import dataclasses
@@ -21,51 +23,74 @@ from fljax import datasets
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-  """Attributes:
-    prior: a prior folder (default: the shipped MNIST prior).
-    dataset: the fljax dataset the prior was trained on.
+class DataConfig:
+  """The dataset the prior was trained on; its test split is the reference.
+
+  Attributes:
+    name: an fljax dataset (mnist, digits, fashion_mnist, tfds:<name>).
     data_dir: its folder or TFDS data_dir, where it needs one.
+  """
+
+  name: str = "mnist"
+  data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """One evaluation of a prior.
+
+  Attributes:
+    prior: a prior folder (default: the shipped MNIST prior).
+    data: the dataset the prior was trained on.
     num: samples (and test images) to compare.
     steps: DDIM steps.
     guidance_weight: classifier-free guidance weight (0: plain conditional sampling).
     seed: sampling seed.
-    cache_dir: where the reference classifier is cached.
-    grid: write a sample grid (one row per class) to this PNG.
-    out: also write the JSON to this file.
+    cache_dir: where the reference classifier is cached (none: not cached).
+    workdir: output folder for eval.json and samples.png (none: print only).
+    grid: also draw samples.png in --workdir, one row per class.
   """
 
   prior: str = str(prior_lib.MNIST_PRIOR)
-  dataset: str = "mnist"
-  data_dir: str | None = None
+  data: DataConfig = DataConfig()
   num: int = 1000
   steps: int = 50
   guidance_weight: float = 0.0
   seed: int = 0
   cache_dir: str | None = "runs/cache"
-  grid: str | None = None
-  out: str | None = None
+  workdir: str | None = None
+  grid: bool = False
+
+  def __post_init__(self):
+    if self.num < 1 or self.steps < 1:
+      raise ValueError(f"--num and --steps must be >= 1, got {self.num} and {self.steps}")
+    if self.grid and self.workdir is None:
+      raise ValueError("--grid draws samples.png into --workdir: pass --workdir too")
 
 
 def main(argv=None):
   config, _ = config_lib.parse(EvalConfig, argv, description=__doc__.splitlines()[0])
+  workdir = Path(config.workdir) if config.workdir else None
   try:
+    if workdir is not None:
+      workdir.mkdir(parents=True, exist_ok=True)
     prior = prior_lib.load(config.prior)
     h, w, c = prior.unet_config.input_shape
-    ds = datasets.load(config.dataset, image_size=h, channels=c, data_dir=config.data_dir)
+    ds = datasets.load(config.data.name, image_size=h, channels=c, data_dir=config.data.data_dir)
     result = evaluation.evaluate(prior, ds, key=jax.random.key(config.seed), num=config.num,
                                  num_steps=config.steps, guidance_weight=config.guidance_weight,
                                  cache_dir=config.cache_dir)
-  except (prior_lib.PriorError, datasets.DatasetError, ValueError) as e:
+  except (prior_lib.PriorError, datasets.DatasetError, ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from None
+  line = json.dumps({"prior": config.prior, **result})
+  if workdir is not None:
+    (workdir / "eval.json").write_text(line + "\n")
   if config.grid:
     from fljax.plots import save_image_grid
-    save_image_grid(config.grid, training.sample_grid(prior, key=jax.random.key(config.seed + 1),
-                                                      num_steps=config.steps,
-                                                      guidance_weight=config.guidance_weight))
-  line = json.dumps({"prior": config.prior, **result})
-  if config.out:
-    Path(config.out).write_text(line + "\n")
+    save_image_grid(workdir / "samples.png",
+                    training.sample_grid(prior, key=jax.random.key(config.seed + 1),
+                                         num_steps=config.steps,
+                                         guidance_weight=config.guidance_weight))
   print(line)
 
 

@@ -6,14 +6,16 @@ For each model and batch size B, 20 random batches of the embedded MNIST's test 
 accuracy (`inversion.metrics.label_accuracy`), averaged.
 
   python scripts/eval_labels.py
+  python scripts/eval_labels.py --batches 5 --sizes 1,4
 """
 
-import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fljax import config as config_lib
 from fljax import datasets, models
 from fljax import federated as fed
 from fljax.partitions import Batch
@@ -21,11 +23,25 @@ from inversion import labels, metrics
 from inversion import observation as ob
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batches", type=int, default=20)
-  parser.add_argument("--sizes", default="1,4,8,16,32")
-  args = parser.parse_args()
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """What is measured.
+
+  Attributes:
+    batches: random batches observed per model and batch size.
+    sizes: the batch sizes B.
+  """
+
+  batches: int = 20
+  sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
+
+  def __post_init__(self):
+    if self.batches < 1 or not self.sizes or min(self.sizes) < 1:
+      raise ValueError("--batches and every --sizes entry must be >= 1")
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(EvalConfig, argv, description=__doc__.split("\n")[0])
   ds = datasets.load("mnist", image_size=32, channels=3)
   rng = np.random.default_rng(0)
   print(f"{'model':>16} {'B':>3} " + " ".join(f"{m:>15}" for m in labels.METHODS))
@@ -34,7 +50,7 @@ def main():
     params = model.init(jax.random.key(0))
     client_update = jax.jit(fed.make_client_update(fed.make_loss_fn(model.apply),
                                                    fed.FedConfig(algorithm="fedsgd")))
-    for b in map(int, args.sizes.split(",")):
+    for b in args.sizes:
       threat = ob.ThreatModel(batch_size=b, input_shape=ds.image_shape)
       scores = {m: [] for m in labels.METHODS}
       for i in range(args.batches):
