@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
     if dataclasses.is_dataclass(tp):
       title = docs.get(f.name) or ((tp.__doc__ or "").strip().splitlines() or [""])[0]
       title = "" if title.startswith(tp.__name__ + "(") else title  # dataclass's own __doc__
-      section = parser.add_argument_group(f"--{prefix}{f.name}.*", title.replace("%", "%%"))
+      section = parser.add_argument_group(f"--{prefix}{f.name}.*", title)
       add_arguments(parser, tp, prefix + f.name + ".", section)
       continue
     choices = _choices(tp, f)

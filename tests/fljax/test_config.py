@@ -12,12 +12,12 @@ MODES = ("fast", "slow", "exact")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Inner:
-  """Inner.
+  """Inner, 100% nested.
 
   Attributes:
     size: an optional size.
     widths: layer widths.
-    flag: a switch.
+    flag: a switch, on 50% of the time.
   """
 
   size: int | None = None
@@ -90,6 +90,16 @@ def test_bare_boolean_means_true_and_takes_a_value():
   assert config_lib.parse(Outer, ["--verbose=0"])[0].verbose is False
 
 
+def test_nested_section_takes_the_class_summary_without_a_field_doc(capsys):
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Bare:
+    inner: Inner = Inner()
+
+  with pytest.raises(SystemExit):
+    config_lib.parse(Bare, ["--help"])
+  assert "--inner.*: Inner, 100% nested." in " ".join(capsys.readouterr().out.split())
+
+
 def test_round_trip_through_dict():
   cfg = Outer(inner=Inner(size=2, widths=(3,)), lr=0.2, kinds=("x", "y"))
   assert config_lib.from_dict(Outer, config_lib.to_dict(cfg)) == cfg
@@ -141,6 +151,7 @@ def test_help_lists_docs_defaults_and_choices(capsys):
           "[fast, slow, exact] (default: fast)") in text
   assert "[x, y] (default: none)" in text and "[x, y] (default: x)" in text
   assert "--inner.*: the inner settings." in text
+  assert "on 50% of the time. (default: false)" in text  # argparse's % escaped
 
 
 def test_choices_refuse_other_names(capsys):
