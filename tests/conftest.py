@@ -1,6 +1,17 @@
-"""Test set-up: 8 fake CPU devices for the sharding tests (must precede any jax import)."""
+"""Test set-up, before any jax import.
+
+- 8 fake CPU devices for the sharding tests;
+- JAX's persistent compilation cache in one folder for the whole session, inherited by the
+  subprocess tests through the environment, so that a function compiled by one test (or one
+  script launch) is loaded, not recompiled, by the next.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fljax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
