@@ -16,14 +16,10 @@ parameters bit-identical to an uninterrupted one. Ctrl-C saves a checkpoint firs
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import flax.serialization
@@ -32,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fljax import config as config_lib
-from fljax import datasets, models, partitions, plots
+from fljax import datasets, models, partitions, plots, runs
 from fljax import federated as fed
-from fljax.checkpoint import Checkpointer
+from fljax.runs import check_workdir
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,25 +168,24 @@ class Plugins:
   description: str = ""
 
 
-_CLIENTS: dict[tuple, Any] = {}  # the last few partitions built in this process
-
-
 def load_clients(cfg: DataConfig, *, key: jax.Array
                  ) -> tuple[datasets.Dataset, partitions.Batch, np.ndarray]:
   """The dataset, its clients as a padded `Batch [C, N_max, ...]`, and their label histogram.
 
-  Cached per (config, key) in the process (a study builds each partition once per seed
-  for many runs); the arrays are shared, never modified."""
-  cache_key = (cfg, np.asarray(jax.random.key_data(key)).tobytes())
-  if cache_key not in _CLIENTS:
-    if len(_CLIENTS) >= 4:
-      _CLIENTS.pop(next(iter(_CLIENTS)))
-    _CLIENTS[cache_key] = _load_clients(cfg, key)
-  return _CLIENTS[cache_key]
+  The last `CLIENT_CACHE_SIZE` partitions built are kept per (config, key) in the process
+  (a study builds each partition once per seed for many runs); the arrays are shared,
+  never modified."""
+  data = np.asarray(jax.random.key_data(key))
+  return _cached_clients(cfg, str(jax.random.key_impl(key)), data.shape, data.tobytes())
 
 
-def _load_clients(cfg: DataConfig, key: jax.Array
-                  ) -> tuple[datasets.Dataset, partitions.Batch, np.ndarray]:
+CLIENT_CACHE_SIZE = 4
+
+
+@functools.lru_cache(maxsize=CLIENT_CACHE_SIZE)
+def _cached_clients(cfg: DataConfig, impl: str, shape: tuple[int, ...], key_data: bytes
+                    ) -> tuple[datasets.Dataset, partitions.Batch, np.ndarray]:
+  key = jax.random.wrap_key_data(np.frombuffer(key_data, np.uint32).reshape(shape), impl=impl)
   ds = datasets.load(cfg.name, image_size=cfg.image_size, channels=cfg.channels,
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                      data_dir=cfg.data_dir)
@@ -202,159 +197,34 @@ def _load_clients(cfg: DataConfig, key: jax.Array
   return ds, clients, partitions.label_histogram(ds.y_train, parts, ds.num_classes)
 
 
-class MetricsLog:
-  """metrics.jsonl, truncated to the resumed round so that no round appears twice."""
-
-  def __init__(self, path: Path, resume_round: int, *, write: bool = True, key: str = "round"):
-    self.path, self.write = path, write
-    records = []
-    if path.exists() and resume_round > 0:
-      records = [r for r in map(json.loads, path.read_text().splitlines())
-                 if r[key] <= resume_round]
-    if write:
-      path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    self.records = records
-
-  def append(self, record: dict[str, Any]) -> None:
-    self.records.append(record)
-    if not self.write:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-
-
-class _StopRequests:
-  """Turns Ctrl-C and SIGTERM into a request that the loop honours between rounds.
-
-  The first signal lets the current round finish, then the run checkpoints and exits
-  with status 130; a second one interrupts at once (losing only the rounds since the
-  last checkpoint). Handlers are installed only in the main thread.
-  """
-
-  requested = False
-
-  def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-
-  def __enter__(self):
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
-
-
-def resume_steps(workdir: Path, state: Any, *, steps: int, say: Callable[[str], Any]
-                 ) -> tuple[Any, int, MetricsLog, Any, dict[str, Any] | None]:
-  """The prior trainers' resume: restores the newest readable checkpoint of `state` (a
-  dataclass with a `step`) in `workdir/checkpoints` and truncates `metrics.jsonl` to it.
-  Returns (state, start step, log, checkpointer, record): `record` is the last logged
-  one when the run has already reached `steps` (the checkpointer is then closed)."""
-  from fljax import checkpoint
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", step_field="step")
-  restored = ckpt.restore_newest_valid(state, warn=say)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", start, key="step")
-  if start >= steps:
-    say(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
-    ckpt.close()
-    return state, start, log, ckpt, (log.records[-1] if log.records else {"step": start})
-  if start:
-    say(f"resuming {workdir} at step {start}")
-  return state, start, log, ckpt, None
-
-
-def run_steps(state: Any, step_fn: Callable[[Any], tuple[Any, dict[str, Any]]], *, steps: int,
-              start: int, log: MetricsLog, ckpt: Any, export: Callable[[Any], None],
-              log_every: int, checkpoint_every: int, sample_every: int,
-              nonfinite: Callable[[dict[str, float], int], str],
-              postfix: Callable[[dict[str, float]], dict[str, str]], say: Callable[[str], Any],
-              progress: bool = True) -> dict[str, Any]:
-  """The step loop of the prior trainers (diffusion, GAN): runs `step_fn` until `state.step`
-  reaches `steps`, logging window means every `log_every` steps (a non-finite mean stops
-  the run with `nonfinite(means, step)` as the message), checkpointing every
-  `checkpoint_every` and calling `export(state)` every `sample_every` steps and at the end.
-  Ctrl-C / SIGTERM finish the step, checkpoint and exit with status 130. Returns the last
-  logged record."""
-  from tqdm import tqdm
-  bar = tqdm(total=steps, initial=start, desc="steps", disable=None if progress else True)
-  window, t0, record = [], time.perf_counter(), {}
-  with _StopRequests() as stop:
-    while int(state.step) < steps and not stop.requested:
-      state, metrics = step_fn(state)
-      window.append(metrics)
-      step = int(state.step)
-      bar.update(1)
-      if step % log_every == 0 or step == steps:
-        means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        if not all(np.isfinite(v) for v in means.values()):
-          raise FloatingPointError(nonfinite(means, step))
-        record = {"step": step, **means, "seconds_per_step": (time.perf_counter() - t0) / len(window)}
-        log.append(record)
-        bar.set_postfix(**postfix(means))
-        window, t0 = [], time.perf_counter()
-      if step % checkpoint_every == 0 or step == steps:
-        ckpt.save(state)
-      if (sample_every and step % sample_every == 0) or step == steps:
-        export(state)
-    ckpt.save(state)
-  bar.close()
-  ckpt.close()
-  if stop.requested:
-    say(f"stopped at step {int(state.step)}; rerun the same command to resume")
-    raise SystemExit(130)
-  return record
-
-
-def check_workdir(workdir: Path, config: Any, overwrite: bool,
-                  extendable: tuple[str, ...] = ("rounds", "epochs")) -> None:
-  """Writes config.json; refuses a workdir that holds a run with a different config.
-
-  Only the `extendable` fields (the run length) may differ, to extend a run on resume.
-  """
-  path = workdir / "config.json"
-  current = config_lib.to_dict(config)
-  if path.exists() and not overwrite:
-    saved = json.loads(path.read_text())
-    differ = {k for k in set(saved) | set(current)
-              if k not in extendable and saved.get(k) != current.get(k)}
-    if differ:
-      raise SystemExit(f"error: {workdir} holds a run with a different config ({', '.join(sorted(differ))} "
-                       f"differ); choose a new --workdir, or pass --overwrite to start afresh")
-  if overwrite and jax.process_index() == 0 and (workdir / "checkpoints").exists():
-    import shutil
-    shutil.rmtree(workdir / "checkpoints")
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    path.write_text(json.dumps(current, indent=2) + "\n")
+SETUP_FILES = ("label_histogram.txt", "label_histogram.png", "privacy.json")  # before round 1
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
                        overwrite: bool = False, progress: bool = True,
-                       plugins: Any = None, figures: bool = True) -> dict[str, Any]:
+                       plugins: Any = None, figures: bool = True,
+                       extendable: tuple[str, ...] = ("rounds",)) -> dict[str, Any]:
   """Runs (or resumes) a federated training run; returns the last metrics record.
 
   `plugins`, if given, is `plugins(RunContext) -> Plugins`: how a privacy layer swaps in
   its client update, defense, aggregation and per-round metrics. `figures=False` skips the
-  label-histogram and accuracy PNGs (a study's many short runs).
+  label-histogram and accuracy PNGs (a study's many short runs). `extendable`: the config
+  fields a rerun in the same workdir may change (by default the number of rounds, to
+  extend a run).
+
+  Raises:
+    runs.WorkdirError, runs.DivergenceError, fljax.checkpoint.CheckpointError,
+    runs.Interrupted, datasets.DatasetError, ValueError (see `fljax.runs`).
   """
   from tqdm import tqdm
 
   workdir = Path(workdir)
-  check_workdir(workdir, config, overwrite)
+  check_workdir(workdir, config, overwrite, extendable=extendable, setup_files=SETUP_FILES)
   k_partition, k_init, k_run = jax.random.split(jax.random.key(config.seed), 3)
 
   # With several processes (jax.distributed) all compute, the first one writes files.
   primary = jax.process_index() == 0
+  say = tqdm.write if primary else (lambda *_: None)
   ds, clients, hist = load_clients(config.data, key=k_partition)
   if primary:
     (workdir / "label_histogram.txt").write_text(partitions.format_histogram(hist) + "\n")
@@ -381,62 +251,38 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
 
   state = fed.init_server_state(model.init(k_init), config.fed, key=k_run, aggregate=aggregate,
                                 noise_key=extra.noise_key)
-  ckpt = Checkpointer(workdir / "checkpoints")
-  start = ckpt.latest_round() or 0
-  if start:
-    state = ckpt.restore(state)
-  log = MetricsLog(workdir / "metrics.jsonl", start, write=primary)
+  state, ckpt, log = runs.resume(workdir, state, counter="round", write=primary,
+                                 warn=runs.warn if primary else say)
+  start = int(state.round)
   clients = fed.replicate(jax.tree.map(jnp.asarray, clients), mesh)
   state = fed.replicate(state, mesh)
   x_test, y_test = fed.replicate((jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)), mesh)
 
-  say = (tqdm.write if progress else print) if primary else (lambda *_: None)
   say(f"{ds.describe()}; {config.data.partition} over {config.data.num_clients} clients; "
       f"{config.model.name} with {models.num_params(state.params):,} parameters; "
       f"{config.fed.algorithm}, {fed.num_sampled(config.fed, clients.num_clients)} client slots/round"
       + (f"; {extra.description}" if extra.description else "")
       + (f"; resuming at round {start}" if start else ""))
-  # disable=None: the bar shows on a terminal and stays out of redirected output.
-  bar = tqdm(total=config.rounds, initial=start, desc="rounds", disable=None if progress else True,
-             dynamic_ncols=True, leave=False)
+
+  def on_log(state, record):
+    r = record["round"]
+    more = dict(extra.round_metrics(r)) if extra.round_metrics is not None else {}
+    if r % config.eval_every == 0 or r == config.rounds:
+      ev = jax.device_get(evaluate(state.params, x_test, y_test))
+      more.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
+      say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
+          f"test_acc {more['test_accuracy']:.4f}"
+          + (f"  eps {more['epsilon']:.3g}" if "epsilon" in more else ""))
+    return more
+
   t_run = time.perf_counter()
-  record: dict[str, Any] = {}
-  try:
-    with _StopRequests() as stop:
-      while int(state.round) < config.rounds:
-        if stop.requested:
-          ckpt.save(state)
-          print(f"\ninterrupted: checkpoint saved at round {int(state.round)} in {ckpt.directory}; "
-                f"rerun the same command to resume", file=sys.stderr)
-          raise SystemExit(130)
-        t0 = time.perf_counter()
-        state, metrics = round_step(state, clients)
-        metrics = jax.device_get(metrics)
-        r = int(state.round)
-        record = {"round": r, **{k: float(v) for k, v in metrics.items()}}
-        if not np.isfinite(record["train_loss"]):
-          raise FloatingPointError(
-              f"training diverged at round {r} (train loss {record['train_loss']}); the last "
-              f"checkpoint is kept: lower --fed.local_lr or --fed.server_lr and rerun with a new --workdir")
-        if extra.round_metrics is not None:
-          record.update(extra.round_metrics(r))
-        if r % config.eval_every == 0 or r == config.rounds:
-          ev = jax.device_get(evaluate(state.params, x_test, y_test))
-          record.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))
-        record["round_seconds"] = time.perf_counter() - t0
-        log.append(record)
-        if "test_accuracy" in record:
-          say(f"round {r:4d}/{config.rounds}  train_loss {record['train_loss']:.4f}  "
-              f"test_acc {record['test_accuracy']:.4f}"
-              + (f"  eps {record['epsilon']:.3g}" if "epsilon" in record else "")
-              + f"  {record['round_seconds']:.2f}s")
-        if r % config.checkpoint_every == 0 or r == config.rounds:
-          ckpt.save(state)
-        bar.update(1)
-  finally:
-    # Every exit (done, interrupted, diverged, an error) closes the bar and the checkpointer.
-    bar.close()
-    ckpt.close()
+  state, record = runs.run_steps(
+      state, lambda s: round_step(s, clients), steps=config.rounds, ckpt=ckpt, log=log,
+      checkpoint_every=config.checkpoint_every, on_log=on_log, progress=progress and primary,
+      divergence=runs.Divergence(
+          keys=("train_loss",),
+          advice=f"lower --fed.local_lr (now {config.fed.local_lr:g}) or --fed.server_lr "
+                 f"(now {config.fed.server_lr:g})"))
 
   evaluated = [r for r in log.records if "test_accuracy" in r]
   if primary:  # the final model, for whoever attacks or evaluates it later (flax msgpack)
@@ -446,49 +292,31 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
                                                [r["test_accuracy"] for r in evaluated])},
                       str(workdir / "accuracy.png"),
                       title=f"{config.fed.algorithm} on {config.data.name}, {config.model.name}")
-  if not record:
+  if start >= config.rounds:
     say(f"nothing to do: {workdir} already holds {start} rounds (raise --rounds to continue)")
   else:
     say(f"done: {config.rounds} rounds in {time.perf_counter() - t_run:.1f}s this session; "
         f"test accuracy {evaluated[-1]['test_accuracy']:.4f}; outputs in {workdir}")
-  return log.records[-1] if log.records else {}
+  return record
 
 
 def main(argv: list[str] | None = None, *, config_cls: type = ExperimentConfig,
          run: Any = None) -> None:
-  """The command line: config flags derived from `config_cls`, plus --workdir.
+  """The command line: config flags derived from `config_cls`, plus the run flags
+  (`fljax.runs.add_flags`: --workdir, --overwrite, --progress, --distributed ...).
 
   `run(config, workdir, overwrite=, progress=)` defaults to `train_and_evaluate`; a layer
   above fljax passes its own (with a config class that extends `ExperimentConfig`).
   """
-  def extra(parser):
-    parser.add_argument("--workdir", default="runs/fl", help="output folder (default: runs/fl)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard checkpoints in --workdir and start afresh")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first: one process per host, all "
-                             "running the same command; with --devices 0 the client axis spans "
-                             "every process's devices and the first process writes the files")
-    parser.add_argument("--coordinator", default=None,
-                        help="with --distributed: host:port of process 0 (default: from the "
-                             "cluster environment, e.g. SLURM)")
-    parser.add_argument("--num-processes", type=int, default=None,
-                        help="with --distributed: number of processes")
-    parser.add_argument("--process-id", type=int, default=None,
-                        help="with --distributed: this process's rank")
-  config, ns = config_lib.parse(config_cls, argv, extra=extra,
-                                description="Federated training on offline datasets "
-                                            "(FedAvg/FedSGD), resumable.")
+  config, ns = config_lib.parse(
+      config_cls, argv, extra=lambda p: runs.add_flags(p, workdir="runs/fl", distributed=True),
+      description="Federated training on offline datasets (FedAvg/FedSGD), resumable.")
   if ns.distributed:
     # CPU devices of several processes talk through gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
-  try:
-    (run or train_and_evaluate)(config, ns.workdir, overwrite=ns.overwrite,
-                                progress=not ns.no_progress)
-  except (datasets.DatasetError, ValueError, FloatingPointError) as e:
-    raise SystemExit(f"error: {e}") from None
+  with runs.cli_errors(datasets.DatasetError):
+    (run or train_and_evaluate)(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)
 
 
 if __name__ == "__main__":

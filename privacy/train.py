@@ -54,7 +54,6 @@ import json
 import math
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -380,14 +379,21 @@ def _dp_fedavg(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plugins
 
 
 # Accounting is a pure function of its inputs: a process that runs many trainings (a study's
-# seeds and partitions share the client sampling, hence the events) computes each once.
-_MEMO: dict[tuple, Any] = {}
+# seeds and partitions share the client sampling, hence the events) computes each once. The
+# memo keeps the MEMO_SIZE most recently used results (floats, sigmas, RDP curves of a few
+# hundred orders, DDGauss mechanisms: a few MB at most); older ones are recomputed if needed.
+MEMO_SIZE = 4096
+_MEMO: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 
 
 def _memo(key: tuple, compute: Callable[[], Any]) -> Any:
-  if key not in _MEMO:
-    _MEMO[key] = compute()
-  return _MEMO[key]
+  if key in _MEMO:
+    _MEMO.move_to_end(key)
+    return _MEMO[key]
+  value = _MEMO[key] = compute()
+  if len(_MEMO) > MEMO_SIZE:
+    _MEMO.popitem(last=False)
+  return value
 
 
 class _RoundAccountant:
@@ -654,9 +660,9 @@ def os_noise_key() -> jax.Array:
 def train_and_evaluate(config: PrivateExperimentConfig, workdir, **kwargs) -> dict[str, Any]:
   """`fljax.train.train_and_evaluate` with `config.privacy`'s mechanism plugged in."""
   make = MECHANISMS[config.privacy.mechanism]
-  if config.privacy.target_epsilon is not None:
-    # sigma is calibrated for `rounds`: extending the run would overspend, so refuse it.
-    fl_train.check_workdir(Path(workdir), config, kwargs.get("overwrite", False), extendable=())
+  # With a target epsilon, sigma is calibrated for `rounds`: extending the run would
+  # overspend, so a rerun with more rounds is refused.
+  extendable = () if config.privacy.target_epsilon is not None else ("rounds",)
 
   def plugins(ctx):
     made = make(config.privacy, ctx)
@@ -665,7 +671,8 @@ def train_and_evaluate(config: PrivateExperimentConfig, workdir, **kwargs) -> di
                                  description=made.description + "; noise keys from OS entropy")
     return made
 
-  return fl_train.train_and_evaluate(config, workdir, plugins=plugins, **kwargs)
+  return fl_train.train_and_evaluate(config, workdir, plugins=plugins, extendable=extendable,
+                                     **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

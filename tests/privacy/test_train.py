@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fljax import runs
 from fljax import train as fl_train
 from fljax.checkpoint import Checkpointer
 from privacy import train
@@ -37,7 +38,7 @@ def test_dp_fedavg_meets_target_epsilon(tmp_path):
   eps = [r["epsilon"] for r in _records(tmp_path)]
   assert eps == sorted(eps) and eps[-1] <= 3.0 and eps[-1] == pytest.approx(3.0, rel=1e-2)
   # sigma was calibrated for 3 rounds: running longer would silently overspend
-  with pytest.raises(SystemExit, match="different config"):
+  with pytest.raises(runs.WorkdirError, match="different config"):
     train.train_and_evaluate(dataclasses.replace(cfg, rounds=4), tmp_path, progress=False)
 
 
