@@ -1,84 +1,83 @@
 """The comparative study: attacks x defenses x data skew, one command, one report.
 
-  python scripts/study.py                       # the default grid, ~20 min on 2 CPU cores
-  python scripts/study.py --full --out runs/full   # the full grid (accelerators)
-  python scripts/study.py --tiny --out /tmp/s   # seconds: digits, 2 defenses, 2 seeds
+  python scripts/study.py                              # the default grid, ~20 min on 2 CPU cores
+  python scripts/study.py --full --workdir runs/full   # the full grid (accelerators)
+  python scripts/study.py --tiny --workdir /tmp/s      # seconds: digits, 2 defenses, 2 seeds
+  python scripts/study.py --defenses none,forward --partitions iid --attacks ig,dps
 
 Trains FedAvg (100 clients, embedded MNIST) under every defense, partition and seed,
 attacks what the server sees with every attack on the same victims, and writes
-`report.md`, `report.html` (self-contained) and the figures into --out. Each cell is
-cached by a hash of its config: rerunning skips finished cells and resumes a killed
-study. Several hosts: start the same command on each with a shared --out and
-`--hosts N --host I` (or under SLURM, which sets both); each host runs its share of the
-cells on its own devices and host 0 writes the report once every cell is done.
+`report.md`, `report.html` (self-contained) and the figures into --workdir. Each cell is
+cached by a hash of its config: rerunning skips finished cells, retries failed ones and
+resumes a killed study. Several hosts: start the same command on each with a shared
+--workdir and `--hosts N --host I` (or under SLURM, which sets both); host 0 writes the
+report. `studies/` holds the library (grid, cells, runner, report).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def parse(argv=None) -> tuple[argparse.Namespace, dict]:
-  from inversion import study as st
-  defaults = st.StudyConfig()
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="partitions: " + ", ".join(st.PARTITIONS) + "\ndefenses: "
-                              + ", ".join(st.DEFENSES) + "\nattacks: " + ", ".join(st.ATTACKS))
-  p.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
-  p.add_argument("--full", action="store_true", help="the full grid: 5 seeds, 50 rounds, B in "
-                 "{1, 4, 16}, 1 and 5 local steps, untrained and trained models, 8 victims")
-  p.add_argument("--tiny", action="store_true", help="a smoke test in seconds (digits)")
-  for name in ("partitions", "defenses", "attacks", "model_states"):
-    p.add_argument(f"--{name}", nargs="+", default=None,
-                   help=f"default: {' '.join(getattr(defaults, name))}")
-  for name in ("seeds", "attack_seeds", "batch_sizes", "local_steps"):
-    p.add_argument(f"--{name}", nargs="+", type=int, default=None,
-                   help=f"default: {' '.join(map(str, getattr(defaults, name)))}")
-  for name in ("rounds", "clients", "victims", "budget", "eval_every"):
-    p.add_argument(f"--{name}", type=int, default=None, help=f"default: {getattr(defaults, name)}")
-  p.add_argument("--q", type=float, default=None, help=f"default: {defaults.q}")
-  p.add_argument("--dataset", default=None, help=f"default: {defaults.dataset}")
-  p.add_argument("--model", default=None, help=f"default: {defaults.model}")
-  p.add_argument("--budget_minutes", type=float, default=90.0,
-                 help="stop before starting when the estimate (from the first cell) exceeds "
-                      "this (0: no limit; default 90: the estimate counts the first cell's "
-                      "compilation in every cell, so the default grid estimates ~45)")
-  p.add_argument("--hosts", type=int, default=None,
-                 help="hosts sharing the cells (default: $SLURM_NTASKS or 1)")
-  p.add_argument("--host", type=int, default=None,
-                 help="this host's index (default: $SLURM_PROCID or 0)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  args = p.parse_args(argv)
-  fields = dict(st.PRESETS["full"] if args.full else st.PRESETS["tiny"] if args.tiny else {})
-  for f in dataclasses.fields(st.StudyConfig):
-    value = getattr(args, f.name, None)
-    if value is not None:
-      fields[f.name] = tuple(value) if isinstance(value, list) else value
-  return args, fields
+import jax  # noqa: E402
+
+from fljax import config, datasets  # noqa: E402
+from studies import grid, runner  # noqa: E402
 
 
-def main(argv=None) -> None:
-  args, fields = parse(argv)
-  from fljax import datasets
-  from inversion import study as st
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+  """How the study runs (not part of any cell).
+
+  Attributes:
+    workdir: output folder: cells/, report.md, report.html, figures.
+    tiny: a smoke test in seconds (digits, 2 defenses, 2 seeds, 2 rounds).
+    full: the full grid: 5 seeds, 50 rounds, B in {1, 4, 16}, 1 and 5 local steps,
+      untrained and trained models, 8 victims.
+    progress: progress bars (plain lines every 30 s when the output is not a terminal).
+    budget_minutes: stop after the first cell when the estimate exceeds this (0: no limit;
+      the estimate counts the first cell's compilation in every cell: the default grid
+      estimates ~45).
+    hosts: hosts sharing the cells (none: $SLURM_NTASKS or 1).
+    host: this host's index (none: $SLURM_PROCID or 0).
+  """
+
+  workdir: str = "runs/study"
+  tiny: bool = False
+  full: bool = False
+  progress: bool = True
+  budget_minutes: float = 90.0
+  hosts: int | None = None
+  host: int | None = None
+
+
+def main(argv: list[str] | None = None) -> None:
+  opts, ns = config.parse(Options, argv, description=__doc__.split("\n\n")[0],
+                          extra=lambda p: config.add_arguments(p, grid.StudyConfig))
+  flags = {k: v for k, v in vars(ns).items() if not hasattr(opts, k)}
+  preset = grid.PRESETS["full"] if opts.full else grid.PRESETS["tiny"] if opts.tiny else {}
+  if not jax.config.jax_compilation_cache_dir:  # programs that agree across cells compile once
+    jax.config.update("jax_compilation_cache_dir", str(Path(opts.workdir) / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
-    env = st.Hosts.from_env()
-    hosts = st.Hosts(env.index if args.host is None else args.host,
-                     env.count if args.hosts is None else args.hosts)
-    cfg = st.StudyConfig(**fields)
-    st.run(cfg, args.out, progress=not args.no_progress,
-           budget_minutes=args.budget_minutes or None, hosts=hosts)
-  except (ValueError, datasets.DatasetError, st.BudgetError) as e:
+    cfg = grid.make(grid.StudyConfig, preset, flags)
+    data = runner.run(cfg, opts.workdir, progress=opts.progress,
+                      budget_minutes=opts.budget_minutes or None,
+                      hosts=runner.Hosts.from_env(opts.host, opts.hosts))
+  except (ValueError, datasets.DatasetError, runner.BudgetError) as e:
     raise SystemExit(f"error: {e}") from None
   except KeyboardInterrupt:
-    raise SystemExit(f"\ninterrupted: finished cells are kept in {args.out}/cells; rerun the "
+    raise SystemExit(f"interrupted: finished cells are kept in {opts.workdir}/cells; rerun the "
                      f"same command to resume") from None
+  failed = data.get("failed", [])
+  if failed:
+    raise SystemExit(f"error: {len(failed)} cell(s) failed ({'; '.join(f['what'] for f in failed)}); "
+                     f"their reasons are under 'Failed cells' in {opts.workdir}/report.md, and "
+                     f"rerunning the same command retries them")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The study's report: `report.md` and the same as one self-contained `report.html`.
 
-Built from the cell caches (`inversion.study`): a summary table per defense and partition
+Built from the cell caches (`studies.cells`): a summary table per defense and partition
 (final accuracy, mean and 95% confidence interval over seeds (Student t); epsilon and its
 accountant; the best attack's PSNR / SSIM / label accuracy), the attack table (median
 PSNR of every attack under every defense), the figures (accuracy per round, accuracy vs
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fljax.plots import panels
-from inversion import study as st
+from studies import cells, grid
 
 # two-sided 97.5% Student t quantiles for n - 1 degrees of freedom
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -37,7 +37,7 @@ def ci95(values: list[float]) -> float:
 def _accountant(run: dict[str, Any], defense: str) -> str:
   """The threat model, relation and accountant of the logged epsilon, as the run declared
   them in its privacy.json."""
-  if not st.DEFENSES[defense].dp:
+  if not grid.DEFENSES[defense].dp:
     return "not DP" + (" (the server sees only the sum)" if defense == "secagg" else "")
   g = ((run.get("privacy") or {}).get("guarantees") or {}).get("epsilon")
   if g is None:
@@ -46,14 +46,14 @@ def _accountant(run: dict[str, Any], defense: str) -> str:
 
 
 def _epsilon(final: dict[str, Any], defense: str) -> float:
-  if not st.DEFENSES[defense].dp:
+  if not grid.DEFENSES[defense].dp:
     return math.inf
   return float(final.get("epsilon", math.inf))
 
 
-def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[str, Any]:
+def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[str, Any]:
   """Rows for the tables and figures from the cells' results."""
-  cells = out / "cells"
+  cells_dir = out / "cells"
   summary, failed, curves = [], [], {}
   attack_rows = []
   for p in cfg.partitions:
@@ -61,7 +61,7 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
       runs = []
       for s in cfg.seeds:
         h, cell = fl[(p, d, s)]
-        r = st.read_cell(cells / "fl" / h)
+        r = cells.read_cell(cells_dir / "fl" / h)
         if r is None or r["status"] != "done":
           failed.append({"kind": "fl", "hash": h, "what": f"{p} / {d} / seed {s}",
                          "reason": "not run" if r is None else r["reason"]})
@@ -80,7 +80,7 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
       for key, (h, cell) in attack_plan.items():
         if key[0] != p or key[1] != d:
           continue
-        r = st.read_cell(cells / "attack" / h)
+        r = cells.read_cell(cells_dir / "attack" / h)
         _, _, seed, attack, b, steps, state = key
         if r is None or r["status"] != "done":
           failed.append({"kind": "attack", "hash": h,
@@ -109,7 +109,7 @@ def gather(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[
 # ----------------------------------------------------------------------------- figures
 
 
-def figures(cfg: st.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
+def figures(cfg: grid.StudyConfig, out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
   from fljax.plots import _pyplot
   plt = _pyplot()
   ok = [r for r in data["summary"] if "accuracy" in r]
@@ -226,11 +226,11 @@ def _fmt(v, spec="{:.3g}") -> str:
   return spec.format(v)
 
 
-def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: dict,
+def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: dict,
            figs: list[tuple[str, str]], wall_seconds: float) -> list[tuple]:
   """The report as blocks: ('h', level, text), ('p', text), ('table', header, rows),
   ('img', file, caption), ('pre', text)."""
-  env = st.environment()
+  env = cells.environment()
   spent, cell_rows = {}, []  # each distinct cell read once: its table row and its wall time
   for kind, plan in (("fl", fl), ("attack", attack_plan)):
     spent[kind] = 0.0
@@ -239,7 +239,7 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
       if h in seen:
         continue
       seen.add(h)
-      r = st.read_cell(out / "cells" / kind / h) or {}
+      r = cells.read_cell(out / "cells" / kind / h) or {}
       e = r.get("environment", {})
       spent[kind] += r.get("wall_seconds", 0.0)
       cell_rows.append([kind, h, " / ".join(map(str, key)), r.get("status", "not run"),
@@ -248,8 +248,9 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
                         "`" + json.dumps(cell, sort_keys=True) + "`"])
   b: list[tuple] = [("h", 1, "fljax study report")]
   b.append(("p", f"{len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "
-                 f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.dataset} "
-                 f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}, {cfg.clients} clients, "
+                 f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.data.name} "
+                 f"{cfg.data.image_size}x{cfg.data.image_size}x{cfg.data.channels}, "
+                 f"{cfg.clients} clients, "
                  f"Poisson q = {cfg.q}, {cfg.rounds} rounds); attacks {', '.join(cfg.attacks)} "
                  f"on {cfg.victims} victims per cell (attack seeds {list(cfg.attack_seeds)}, "
                  f"batch {list(cfg.batch_sizes)}, local steps {list(cfg.local_steps)}, models "
@@ -304,10 +305,11 @@ def blocks(cfg: st.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: di
     b.append(("img", name, caption))
   b.append(("h", 2, "Defenses and attacks"))
   b.append(("table", ["defense", "what trains the model", "what the server sees", "paper"],
-            [[d, json.dumps(st.DEFENSES[d].privacy), st.DEFENSES[d].view, st.DEFENSES[d].paper]
+            [[d, json.dumps(grid.DEFENSES[d].privacy), grid.DEFENSES[d].view or "not modelled",
+              grid.DEFENSES[d].paper]
              for d in cfg.defenses]))
   b.append(("table", ["attack", "variant", "paper"],
-            [[a, st.ATTACKS[a][0], st.ATTACKS[a][1]] for a in cfg.attacks]))
+            [[a, grid.ATTACKS[a][0], grid.ATTACKS[a][1]] for a in cfg.attacks]))
   b.append(("h", 2, "Failed cells"))
   if data["failed"]:
     b.append(("table", ["kind", "cell", "what", "reason"],
@@ -376,7 +378,7 @@ def to_html(blocks_: list[tuple], out: Path) -> str:
   return "\n".join(parts)
 
 
-def write(cfg: st.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
+def write(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
           wall_seconds: float) -> dict[str, Any]:
   data = gather(cfg, out, fl, attack_plan)
   figs = figures(cfg, out, data)

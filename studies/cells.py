@@ -1,0 +1,472 @@
+"""A study's cells: their configs and hashes, the on-disk cache, FL cells and attack cells.
+
+An *FL cell* is (partition, defense, seed): FedAvg trained under the defense
+(`privacy.train`), recording test accuracy and epsilon per round. An *attack cell* is
+(partition, defense, seed, attack, batch size, local steps, model state): the
+honest-but-curious server's view of one upload (or, under secure aggregation, of the
+round's aggregate) at the model state (`untrained`: the run's initial parameters, or
+`trained`: its final ones), attacked on the same victims by every attack.
+
+Each cell lives in `cells/<kind>/<hash>/`, the hash covering what determines its result.
+Its outcome is `done.json` or `failed.json` (the reason and traceback), written
+atomically: a done cell is never run again, a failed one is run again by the next study
+(`reopen`), its record keeping the reasons of the earlier failures. A file that is not
+valid JSON is named in a warning and its cell run again. Attack cells whose shapes agree
+are attacked in one compiled computation (`attack_group`, one model per row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fljax import federated as fed
+from fljax import models
+from fljax import train as fl_train
+from inversion import adaptive, attacks, engine, metrics, specs
+from inversion import observation as ob
+from inversion.compare import parse_variant
+from privacy import train as ptrain
+from studies import grid
+
+DONE, FAILED, RETRY = "done.json", "failed.json", "retry.json"
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+  """The cache key of a cell: its config without the attack's display name (the variant
+  says what runs)."""
+  content = {k: v for k, v in cfg.items() if k != "attack"}
+  return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def environment() -> dict[str, Any]:
+  """Library versions and the machine, recorded with every cell."""
+  import flax
+  import optax
+  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "devices": jax.device_count(),
+          "device_kind": jax.devices()[0].device_kind, "host": platform.node(),
+          "processes": jax.process_count(), "cpus": os.cpu_count()}
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); its cell runs again",
+                  stacklevel=3)
+    return None
+
+
+def read_cell(folder: Path) -> dict[str, Any] | None:
+  """The cell's outcome (done.json, else failed.json); None while it has none."""
+  return _read_json(folder / DONE) or _read_json(folder / FAILED)
+
+
+def is_done(folder: Path) -> bool:
+  result = read_cell(folder)
+  return result is not None and result["status"] == "done"
+
+
+def reopen(folder: Path) -> None:
+  """Marks a failed cell as to be run again (its failed.json becomes retry.json), so that
+  other hosts wait for its new outcome."""
+  if (folder / FAILED).exists() and not (folder / DONE).exists():
+    (folder / FAILED).replace(folder / RETRY)
+
+
+def write_cell(folder: Path, result: dict[str, Any]) -> None:
+  """Writes done.json or failed.json (atomically; the other files removed). A cell that
+  failed before keeps those reasons in `previous_failures`."""
+  folder.mkdir(parents=True, exist_ok=True)
+  old = _read_json(folder / RETRY) or _read_json(folder / FAILED)
+  if old is not None:
+    result = {**result, "previous_failures": old.get("previous_failures", []) + [old["reason"]]}
+  name = DONE if result["status"] == "done" else FAILED
+  tmp = folder / (name + ".tmp")
+  tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+  tmp.replace(folder / name)
+  for other in {DONE, FAILED, RETRY} - {name}:
+    (folder / other).unlink(missing_ok=True)
+
+
+def failure(cell: dict[str, Any], e: BaseException, **extra: Any) -> dict[str, Any]:
+  """The record of a cell that raised `e`."""
+  return {"status": "failed", "config": cell, "reason": f"{type(e).__name__}: {e}",
+          "traceback": traceback.format_exc(), **extra, "environment": environment()}
+
+
+# ----------------------------------------------------------------------------- FL cells
+
+
+def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]:
+  """The JSON config of an FL cell (what its hash covers). `cfg` holds the run's `data`,
+  `clients`, `q`, `rounds`, `model` and `eval_every` (a `StudyConfig` or the like)."""
+  privacy = grid.privacy_fields(defense, rounds=cfg.rounds, q=cfg.q, clients=cfg.clients)
+  return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
+      name=cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
+      num_clients=cfg.clients, pad_pow2=True, **grid.PARTITIONS[partition]),
+      "model": cfg.model,
+      "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(grid.DEFENSES[defense].fed)},
+      "rounds": cfg.rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
+
+
+def fl_experiment(cell: dict[str, Any], devices: int = 1) -> ptrain.PrivateExperimentConfig:
+  """The `privacy.train` run of an FL cell."""
+  return ptrain.PrivateExperimentConfig(
+      data=fl_train.DataConfig(**cell["data"]), model=fl_train.ModelConfig(name=cell["model"]),
+      fed=fed.FedConfig(**cell["fed"]), rounds=cell["rounds"], seed=cell["seed"],
+      eval_every=cell["eval_every"], checkpoint_every=cell["rounds"],
+      devices=devices, privacy=ptrain.PrivacyConfig(**cell["privacy"]))
+
+
+def run_fl_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+  """Trains (or resumes) one FL cell in `folder/run`; writes and returns its outcome (a
+  failure is recorded with its reason, not raised)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  try:
+    config = fl_experiment(cell, devices=0 if jax.local_device_count() > 1 else 1)
+    (folder / "run").mkdir(exist_ok=True)
+    with open(folder / "run" / "train.log", "a") as log, contextlib.redirect_stdout(log):
+      ptrain.train_and_evaluate(config, folder / "run", progress=False, figures=False)
+    records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    if not np.isfinite(final.get("test_accuracy", np.nan)):
+      raise FloatingPointError(f"test accuracy is {final.get('test_accuracy')}")
+    declared = folder / "run" / "privacy.json"  # each epsilon's threat model, relation, event
+    result = {"status": "done", "config": cell, "records": records, "final": final,
+              "privacy": json.loads(declared.read_text()) if declared.exists() else None,
+              "wall_seconds": time.perf_counter() - t0, "environment": environment()}
+  except Exception as e:  # recorded with its reason; the study goes on
+    result = failure(cell, e, wall_seconds=time.perf_counter() - t0)
+  write_cell(folder, result)
+  return result
+
+
+# ----------------------------------------------------------------------------- attack cells
+
+
+def _server_z(defense: grid.Defense, fl: dict[str, Any] | None) -> float | None:
+  """The z of the least-noisy upload the server sees under forward noise: the registry's,
+  or the FL cell's calibrated one (None while it has none)."""
+  z = defense.privacy.get("noise_multiplier")
+  if isinstance(z, (int, float)):
+    return float(z)
+  if fl is None or fl["status"] != "done" or not fl.get("privacy"):
+    return None
+  return float(min(fl["privacy"]["event_z"]))
+
+
+def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, attack: str,
+                batch: int, steps: int, state: str, fl_hash: str, fl: dict[str, Any] | None
+                ) -> dict[str, Any]:
+  """The JSON config of an attack cell, given its FL cell's hash and outcome (None if
+  not run). The hash covers what determines the result only (the view, the model, the
+  victims, the attack), so cells that coincide (e.g. DP-FedAvg at every epsilon on the
+  untrained model: the server sees the same clear update) run once."""
+  d = grid.DEFENSES[defense]
+  if d.view is None:
+    raise ValueError(f"the server's view of defense {defense!r} is not modelled: no attack cell")
+  privacy = d.privacy
+  view: dict[str, Any] = {"kind": d.view}
+  if d.view == "local_dp":
+    view.update(clip_norm=privacy["clip_norm"], noise_multiplier=privacy["noise_multiplier"] / batch)
+  elif d.view == "forward":
+    view.update(clip_norm=privacy["clip_norm"], z=_server_z(d, fl))
+  elif d.view == "prune":
+    view.update(fraction=privacy["prune_fraction"])
+  elif d.view == "aggregate":
+    view.update(clients=cfg.expected_clients())
+    if "target_epsilon" in privacy or "noise_multiplier" in privacy:
+      sigma = None if fl is None or fl["status"] != "done" else fl["final"].get("noise_multiplier")
+      view.update(clip_norm=privacy["clip_norm"], sigma=sigma)
+  model = {"name": cfg.model, "state": state, "seed": seed,
+           "fl": fl_hash if state == "trained" else None}
+  variant = grid.ATTACKS[attack][0]
+  if attack == "adaptive" and d.view in ("clear", "aggregate"):
+    # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
+    # noised updates is not one clipped update): the dps attack itself, one shared cell
+    variant = grid.ATTACKS["dps"][0]
+  return {"kind": "attack", "attack": attack, "variant": variant,
+          "budget": cfg.budget, "view": view, "model": model,
+          "data": {"name": cfg.data.name, "image_size": cfg.data.image_size,
+                   "channels": cfg.data.channels, "num_clients": cfg.clients,
+                   **grid.PARTITIONS[partition]},
+          "partition_seed": seed, "batch": batch, "local_steps": steps,
+          # an aggregate already holds n B images: one per cell keeps its cost near the others'
+          "victims": 1 if d.view == "aggregate" else cfg.victims,
+          "local_lr": 0.1}
+
+
+@functools.lru_cache(maxsize=4)  # a grid's cells are prepared partition by partition
+def _clients(data_json: str, seed: int):
+  """The FL run's own partition (its key), so that victims are clients of that run."""
+  data = fl_train.DataConfig(**json.loads(data_json))
+  k_partition = jax.random.split(jax.random.key(seed), 3)[0]
+  ds, clients, _ = fl_train.load_clients(data, key=k_partition)
+  return ds, clients
+
+
+def _data(cell: dict[str, Any]):
+  return _clients(json.dumps(cell["data"], sort_keys=True), cell["partition_seed"])
+
+
+def _cell_key(cell: dict[str, Any]) -> jax.Array:
+  """The key of the victims, their clients' (defense) noise and the attack's restarts. It
+  depends on the data, partition seed, B and local steps only: every defense and attack of
+  a grid point sees the same victims (and common random numbers)."""
+  what = {k: cell[k] for k in ("data", "partition_seed", "batch", "local_steps")}
+  return jax.random.fold_in(jax.random.key(cell["partition_seed"]), int(config_hash(what)[:7], 16))
+
+
+def _victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.ndarray]:
+  """`count` clients of the partition holding >= B examples, the first B of each: images
+  `[count, B, H, W, C]`, labels `[count, B]`. The clients are a prefix of one permutation,
+  so victim 0 is the same client for every defense (an aggregate's first client too)."""
+  _, clients = _data(cell)
+  b = cell["batch"]
+  sizes = np.asarray(clients.mask.sum(axis=1))
+  eligible = np.flatnonzero(sizes >= b)
+  if len(eligible) < count:
+    raise ValueError(f"only {len(eligible)} clients hold >= {b} examples; {count} are needed "
+                     f"(lower the batch size or the victims)")
+  pick = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 1), eligible))[:count]
+  return np.asarray(clients.x)[pick, :b], np.asarray(clients.y)[pick, :b]
+
+
+def _model(cell: dict[str, Any]) -> models.Model:
+  ds, _ = _data(cell)
+  return models.make(cell["model"]["name"], num_classes=ds.num_classes, input_shape=ds.image_shape)
+
+
+def _params(cell: dict[str, Any], cells_dir: Path) -> Any:
+  """The model the server holds: the FL run's initial parameters (same key as
+  `fljax.train`) or its final ones (params.msgpack of the FL cell)."""
+  import flax.serialization
+  init = _model(cell).init(jax.random.split(jax.random.key(cell["model"]["seed"]), 3)[1])
+  if cell["model"]["state"] == "untrained":
+    return init
+  path = cells_dir / "fl" / cell["model"]["fl"] / "run" / "params.msgpack"
+  return flax.serialization.from_bytes(init, path.read_bytes())
+
+
+def _threat(cell: dict[str, Any], batch: int, observes: str) -> ob.ThreatModel:
+  ds, _ = _data(cell)
+  s = cell["local_steps"]
+  return ob.ThreatModel(algorithm="fedsgd" if s == 1 else "fedavg", batch_size=batch,
+                        input_shape=ds.image_shape, num_classes=ds.num_classes,
+                        local_epochs=s, local_batch_size=cell["batch"],
+                        local_lr=cell["local_lr"], observes=observes,
+                        defense="none" if cell["view"]["kind"] == "clear" else cell["view"]["kind"])
+
+
+def defense_spec(view: dict[str, Any]) -> specs.DefenseSpec:
+  """The inversion-side defense of one client's upload under `view`."""
+  kind = view["kind"]
+  if kind == "local_dp":
+    return specs.DefenseSpec(name="local_dp", clip_norm=view["clip_norm"],
+                             noise_multiplier=view["noise_multiplier"])
+  if kind == "forward":
+    return specs.DefenseSpec(name="forward_noise", clip_norm=view["clip_norm"],
+                             noise_multiplier=view["z"], rescale=False)
+  if kind == "prune":
+    return specs.DefenseSpec(name="prune", fraction=view["fraction"])
+  if kind == "aggregate" and view.get("sigma") is not None:
+    # each of the n clients clips and adds its share: the mean carries sigma C / n (the
+    # distributed discrete Gaussian's shares are sized for n_min <= n survivors, so the real
+    # mean carries at least this much noise, discrete and rounded: the attacker's model is
+    # the continuous Gaussian of the accounted std, in its favour)
+    return specs.DefenseSpec(name="local_dp", clip_norm=view["clip_norm"],
+                             noise_multiplier=view["sigma"] / math.sqrt(view["clients"]))
+  return specs.DefenseSpec(name="none")
+
+
+@dataclasses.dataclass
+class Prepared:
+  """An attack cell's observations, ready to be stacked with others."""
+
+  cell: dict[str, Any]
+  hash: str
+  params: Any
+  obs: ob.Observation  # updates [V, ...], labels
+  x: np.ndarray  # truth [V, B', H, W, C] (B' = n B under aggregation)
+  y: np.ndarray
+  threat: ob.ThreatModel
+  spec: specs.AttackSpec
+  defense: specs.DefenseSpec
+
+
+def prepare(cell: dict[str, Any], h: str, cells_dir: Path) -> Prepared:
+  """What the server sees in this cell, V times (one upload, or one round's aggregate)."""
+  view = cell["view"]
+  if (view["kind"] == "aggregate" and "clip_norm" in view and view["sigma"] is None
+      or view["kind"] == "forward" and view["z"] is None):
+    raise ValueError("the defense's calibrated noise is unknown: its FL cell failed")
+  model = _model(cell)
+  params = _params(cell, cells_dir)
+  v, b = cell["victims"], cell["batch"]
+  d = defense_spec(view)
+  key = _cell_key(cell)
+  name, overrides = parse_variant(cell["variant"])
+  spec = specs.AttackSpec(name=name, budget=cell["budget"], retries=0, **overrides)
+  if view["kind"] == "aggregate":
+    n = view["clients"]
+    x, y = _victim_batches(cell, v * n)
+    client_threat = _threat(cell, b, "client")
+    one = engine.observe_all(model, params, x, y, client_threat, specs.DEFENSES[d.name](d), key=key)
+    update = jax.tree.map(lambda a: a.reshape((v, n) + a.shape[1:]).mean(axis=1), one.update)
+    x = x.reshape((v, n * b) + x.shape[2:])
+    y = y.reshape(v, n * b)
+    threat = _threat(cell, n * b, "aggregate")
+    obs = ob.Observation(update=update, params=params, labels=None)
+  else:
+    x, y = _victim_batches(cell, v)
+    threat = _threat(cell, b, "client")
+    obs = engine.observe_all(model, params, x, y, threat, specs.DEFENSES[d.name](d), key=key)
+    steps = adaptive.parse(spec.denoise)
+    if steps:
+      update, _ = adaptive.process(jax.tree.map(lambda a: a[None], obs.update), steps,
+                                   specs.declared_noise(d), batch_size=b)
+      obs = ob.Observation(update=update, params=params, labels=obs.labels)
+  bad = [i for i in range(v) if not all(bool(jnp.isfinite(a[i]).all())
+                                        for a in jax.tree.leaves(obs.update))]
+  if bad:
+    raise FloatingPointError(f"the observed updates of victims {bad} are not finite")
+  return Prepared(cell, h, params, obs, np.asarray(x), np.asarray(y), threat, spec, d)
+
+
+def group_key(p: Prepared) -> str:
+  """Cells attacked in one computation share the attack, its plan and the shapes."""
+  adaptive_plan = p.spec.adaptive or p.spec.denoise != "none"
+  return config_hash({"variant": p.cell["variant"], "budget": p.cell["budget"],
+                      "threat": dataclasses.asdict(p.threat) | {"defense": None},
+                      "defense": dataclasses.asdict(p.defense) if adaptive_plan else None,
+                      "model": p.cell["model"]["name"], "victims": p.cell["victims"]})
+
+
+def prepare_groups(cells: dict[str, dict[str, Any]], cells_dir: Path
+                   ) -> dict[str, list[Prepared]]:
+  """The cells (hash -> config) prepared and grouped by `group_key`; a cell that cannot be
+  prepared is recorded as failed."""
+  groups: dict[str, list[Prepared]] = {}
+  for h, cell in cells.items():
+    try:
+      p = prepare(cell, h, cells_dir)
+    except Exception as e:  # recorded with its reason; the study goes on
+      write_cell(cells_dir / "attack" / h, failure(cell, e))
+      continue
+    groups.setdefault(group_key(p), []).append(p)
+  return groups
+
+
+def shard_rows(tree: Any, rows: int) -> Any:
+  """Rows (stacked cells x victims) split over every local device when they divide evenly;
+  the compiled attack then runs each device's rows there (GSPMD)."""
+  n = jax.local_device_count()
+  if n == 1 or rows % n:
+    return tree
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("rows",))
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")))
+
+
+def batching_mode() -> str:
+  """vmap when rows are spread over several devices (lax.map would serialise them),
+  else fljax's default for the backend (lax.map on CPU, vmap on accelerators)."""
+  return "vmap" if jax.local_device_count() > 1 else fed.resolve_batching("auto")
+
+
+def attack_group(group: list[Prepared], *, mode: str, progress: Callable[[int], Any] = lambda n: None,
+                 chunk: int = 25) -> list[tuple[dict[str, Any], np.ndarray]]:
+  """Attacks every cell of the group in one compiled computation (rows = cells x victims,
+  each row with its cell's model); returns each cell's outcome and matched reconstructions."""
+  first = group[0]
+  plan = specs.ATTACKS[first.spec.name](_model(first.cell), first.threat, first.spec, first.defense)
+  v = first.cell["victims"]
+  updates = jax.tree.map(lambda *a: jnp.concatenate(a), *[p.obs.update for p in group])
+  params = jax.tree.map(lambda *a: jnp.stack([x for x in a for _ in range(v)]),
+                        *[p.params for p in group])
+  labels = None if first.obs.labels is None else jnp.concatenate([p.obs.labels for p in group])
+  keys = jnp.stack([jax.random.fold_in(_cell_key(p.cell), 2 + i) for p in group for i in range(v)])
+  updates, params, labels, keys = shard_rows((updates, params, labels, keys), len(group) * v)
+  t0 = time.perf_counter()
+  states = engine.attack_batched(plan, ob.Observation(update=updates, params=params, labels=labels),
+                                 keys, mode=mode, chunk=chunk, progress=progress, row_params=True)
+  jax.block_until_ready(states)
+  seconds = time.perf_counter() - t0
+  xs = np.clip(np.asarray(states.x), 0.0, 1.0)
+  ys = np.asarray(plan.labels(states))
+  ok = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
+  counts = np.asarray(states.counts)
+  rows = [slice(j * v, (j + 1) * v) for j in range(len(group))]
+  return [score_cell(p, xs[r], ys[r], ok[r], counts[r], seconds / len(group), plan.steps)
+          for p, r in zip(group, rows)]
+
+
+def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
+               counts: np.ndarray, seconds: float, steps: int
+               ) -> tuple[dict[str, Any], np.ndarray]:
+  """The cell's scores (after Hungarian matching) and its matched reconstructions."""
+  matched = np.zeros_like(p.x, dtype=np.float32)
+  psnr, ssim, label_acc, failed = [], [], [], []
+  for i in range(len(p.y)):
+    label_acc.append(metrics.label_accuracy(rec_y[i], p.y[i]))
+    if not ok[i] or not np.isfinite(rec[i]).all():
+      failed.append(i)
+      continue
+    s = metrics.score(rec[i], p.x[i])
+    matched[i] = rec[i][s["order"]]
+    psnr += [float(v) for v in s["psnr"]]
+    ssim += [float(v) for v in s["ssim"]]
+  result = {
+      "status": "failed" if len(failed) == len(p.y) else "done", "config": p.cell,
+      "psnr": psnr, "ssim": ssim, "label_accuracy": label_acc, "failed_victims": failed,
+      "median_psnr": float(np.median(psnr)) if psnr else float("nan"),
+      "mean_ssim": float(np.mean(ssim)) if ssim else float("nan"),
+      "mean_label_accuracy": float(np.mean(label_acc)),
+      "steps": steps, **{f"{c}_per_victim": float(counts[:, i].mean())
+                         for i, c in enumerate(attacks.COUNTERS)},
+      "wall_seconds": seconds, "environment": environment()}
+  if result["status"] == "failed":
+    result["reason"] = "every victim's attack diverged (non-finite loss or iterate)"
+  return result, matched
+
+
+def attack_and_write(group: list[Prepared], cells_dir: Path, *, mode: str, chunk: int = 25,
+                     progress: Callable[[int], Any] = lambda n: None) -> list[dict[str, Any]]:
+  """`attack_group`, each cell's outcome written to its folder (with the truth and the
+  matched reconstructions in reconstructions.npz); if the computation fails, every cell
+  of the group is recorded as failed with the reason. Returns the outcomes."""
+  try:
+    scored = attack_group(group, mode=mode, chunk=chunk, progress=progress)
+  except Exception as e:  # the whole computation failed: every cell in it, with the reason
+    scored = [(failure(p.cell, e), None) for p in group]
+  for p, (result, matched) in zip(group, scored):
+    folder = cells_dir / "attack" / p.hash
+    if matched is not None:
+      folder.mkdir(parents=True, exist_ok=True)
+      np.savez_compressed(folder / "reconstructions.npz", truth=p.x, reconstruction=matched)
+    write_cell(folder, result)
+  return [result for result, _ in scored]

@@ -1,0 +1,301 @@
+"""The study's grid: its registries, its config and presets, and the calibrated noise.
+
+One defense registry (`DEFENSES`) serves the comparative study (`studies.runner`), the
+privacy/utility trade-off (`studies.tradeoff`) and the scaling study (`studies.scaling`):
+each entry says how FedAvg trains under the defense (`privacy.train.PrivacyConfig`
+fields) and what the honest-but-curious server sees of one upload (its `view`):
+
+  clear      the client's update as sent: no defense, or central DP (DP-FedAvg clips and
+             noises at the server, after it has seen the update; Geyer et al. 2017,
+             McMahan et al. 2018)
+  local_dp   the update of one DP-SGD step on the batch: clip C, noise sigma C / B (exact
+             for B = 1; for B > 1 the update is clipped as a whole)
+  forward    the upload sqrt(abar) clip_C(u) + sqrt(1 - abar) C xi at the upload's z (the
+             hybrids' central noise comes after the server has seen it)
+  prune      its top 10% entries
+  aggregate  only the mean of the n = q C sampled clients' updates (SecAgg; with the
+             distributed discrete Gaussian each is clipped to C and the mean carries the
+             summed noise, modelled as sigma C / n): with FedSGD, the gradient of the union
+             of their batches
+  None       no attack cell (PFDM: the server sees clear updates of noised data)
+
+Noise "calibrated as released" (the value `CALIBRATED` in a registry entry) is resolved
+per grid by `privacy_fields`: forward noise's z* for epsilon 8 (model observer,
+replace-one, participation visible), the hybrid's central z_C on top of z_L, and the
+top-up's participation-independent total z_T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fljax import config as config_lib
+from fljax import federated as fed
+from privacy import accounting
+from privacy import federated as pfed
+from privacy import forward_noise as fn
+
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": dict(partition="iid"),
+    "dirichlet0.5": dict(partition="dirichlet", alpha=0.5),
+    "dirichlet0.1": dict(partition="dirichlet", alpha=0.1),
+    "shards2": dict(partition="shards", shards_per_client=2),
+}
+
+# name -> (inversion.compare variant, paper)
+ATTACKS: dict[str, tuple[str, str]] = {
+    "dlg": ("dlg", "Zhu et al. 2019, Deep Leakage from Gradients"),
+    "idlg": ("idlg", "Zhao et al. 2020, iDLG"),
+    "ig": ("ig", "Geiping et al. 2020, Inverting Gradients"),
+    "gifd": ("gifd", "Fang et al. 2023, GIFD (GAN prior, feature domain)"),
+    "dps": ("dps[features=1]", "Chung et al. 2023 DPS as gradient inversion, with feature "
+                               "matching (GI-DDPM style)"),
+    "adaptive": ("dps[adaptive=true,denoise=rescale]", "diffusion-guided, noise-aware and "
+                                                        "clip-aware (A1 of issue 8)"),
+}
+
+LOCAL_Z = 0.3  # forward noise's z per upload (empirically protective at issue 8's grid)
+TARGET_EPSILON = 8.0  # the calibrated defenses' epsilon, at DELTA
+DELTA = 1e-5
+CALIBRATED = "eps8"  # a noise multiplier resolved by `privacy_fields`
+
+
+@dataclasses.dataclass(frozen=True)
+class Defense:
+  """A defense: how FL trains under it, and what the server sees (module docstring)."""
+
+  privacy: dict[str, Any]  # `privacy.train.PrivacyConfig` fields
+  view: str | None  # clear | local_dp | forward | prune | aggregate | None
+  paper: str
+  dp: bool = True
+  fed: tuple[tuple[str, Any], ...] = ()  # FedConfig overrides
+
+
+def _forward(z: float | str = LOCAL_Z, **privacy: Any) -> dict[str, Any]:
+  return dict(mechanism="forward_noise", noise_multiplier=z, clip_norm=0.5, **privacy)
+
+
+def _dp_fedavg(epsilon: float) -> Defense:
+  return Defense(dict(mechanism="dp_fedavg", target_epsilon=epsilon, clip_norm=0.5), "clear",
+                 "McMahan et al. 2018 (DP-FedAvg), user level")
+
+
+DEFENSES: dict[str, Defense] = {
+    "none": Defense(dict(mechanism="none"), "clear", "-", dp=False),
+    "dp_fedavg_eps1": _dp_fedavg(1.0),
+    "dp_fedavg_eps4": _dp_fedavg(4.0),
+    "dp_fedavg_eps8": _dp_fedavg(8.0),
+    # forward noise's z* as DP-FedAvg's sigma: the two at equal epsilon under replace-one
+    "dp_fedavg_replace_one_eps8": Defense(
+        dict(mechanism="dp_fedavg", noise_multiplier=CALIBRATED, clip_norm=0.5), "clear",
+        "McMahan et al. 2018 (DP-FedAvg) at forward noise's z for epsilon 8 (replace-one)"),
+    # record level: client sampling is not credited, so a fixed q C clients a round (not
+    # Poisson over all C slots) is the same privacy at a tenth of the per-example work; the
+    # exact Poisson DP-SGD step pads every batch to the client's size, so its cost grows as
+    # N^2 / B: local batches of 32 (DP-SGD's usual larger batches) keep it near the others'
+    "dpsgd": Defense(dict(mechanism="dpsgd", noise_multiplier=1.0, clip_norm=1.0), "local_dp",
+                     "Abadi et al. 2016 (DP-SGD) in each client, record level",
+                     fed=(("sampling", "fixed"), ("local_batch_size", 32))),
+    "secagg": Defense(dict(mechanism="secagg", secagg_clip=10.0, secagg_neighbours=8),
+                      "aggregate", "Bonawitz et al. 2017; Bell et al. 2020 (SecAgg+)", dp=False),
+    "secagg_ddp": Defense(dict(mechanism="secagg", target_epsilon=8.0, clip_norm=0.5,
+                               secagg_bits=20, secagg_neighbours=8), "aggregate",
+                          "SecAgg+ with the distributed discrete Gaussian (Kairouz et al. "
+                          "2021), epsilon 8 replace-one, participation visible"),
+    "forward": Defense(_forward(), "forward", "forward-diffusion noise on updates (issue 8), "
+                       "z = 0.3"),
+    "forward_z0.03": Defense(_forward(0.03), "forward", "forward noise, z = 0.03"),
+    "forward_z0.1": Defense(_forward(0.1), "forward", "forward noise, z = 0.1"),
+    "forward_z1": Defense(_forward(1.0), "forward", "forward noise, z = 1"),
+    "forward_eps8": Defense(
+        _forward(None, target_epsilon=8.0), "forward",
+        "forward noise, constant z calibrated to epsilon 8 (replace-one, participation visible)"),
+    "forward_anneal_eps8": Defense(
+        _forward(None, target_epsilon=8.0, schedule="anneal", z_end=1 / 3), "forward",
+        "forward noise annealed to z_end / z_0 = 1/3, scaled to epsilon 8"),
+    "forward_cosine_eps8": Defense(
+        _forward(None, target_epsilon=8.0, schedule="cosine", t_start=950, t_end=700),
+        "forward", "forward noise on a cosine schedule t 950 -> 700, scaled to epsilon 8"),
+    "forward_dpsgd": Defense(
+        _forward(record_noise_multiplier=1.0), "forward",
+        "forward noise z = 0.3 on DP-SGD (sigma 1) inside clients (the attack sees the forward "
+        "noise only: in its favour)"),
+    "hybrid": Defense(_forward(central_noise_multiplier=CALIBRATED), "forward",
+                      "forward noise z = 0.3 + central noise to epsilon 8 (replace-one, "
+                      "participation visible)"),
+    # the trusted server hides participation: a cap of 2 q C slots keeps the top-up total
+    # z_T >= sqrt(slots) z_L affordable
+    "topup": Defense(_forward(topup_noise_multiplier=CALIBRATED), "forward",
+                     "forward noise z = 0.3 topped up by the trusted server to a "
+                     "participation-independent total (epsilon <= 8, add/remove, amplified)",
+                     fed=(("poisson_cap", 20),)),
+    "pfdm": Defense(dict(mechanism="pfdm", t_start=500), None,
+                    "clients train on forward-diffused data, t0 = 500 (one release per image)"),
+    "prune": Defense(dict(mechanism="prune", prune_fraction=0.9), "prune",
+                     "Zhu et al. 2019 (gradient pruning)", dp=False),
+}
+
+# the comparative study's default defenses
+STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", "dpsgd",
+                  "secagg", "secagg_ddp", "forward", "hybrid", "topup", "prune")
+MODEL_STATES = ("untrained", "trained")
+
+
+def check_names(kind: str, names: Iterable[str], valid: Iterable[str]) -> list[str]:
+  """`names`, all of them in `valid`; else ValueError listing the valid ones."""
+  names, valid = list(names), list(valid)
+  bad = [n for n in names if n not in valid]
+  if bad:
+    raise ValueError(f"unknown {kind} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+  if not names:
+    raise ValueError(f"at least one {kind} is needed")
+  return names
+
+
+def _names(default: tuple[str, ...], registry: Iterable[str]) -> Any:
+  return dataclasses.field(default=default, metadata={"choices": tuple(registry)})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSpec:
+  """The data every cell reads.
+
+  Attributes:
+    name: dataset: mnist (embedded), digits, fashion_mnist, or tfds:<name>.
+    image_size, channels: images are resized to this geometry (32x32x1: the shipped
+      priors').
+  """
+
+  name: str = "mnist"
+  image_size: int = 32
+  channels: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+  """A study's grid and the size of each cell.
+
+  Attributes:
+    partitions: data partitions of the FL cells.
+    defenses: defenses of the FL cells.
+    attacks: attacks of the attack cells.
+    seeds: every FL cell runs once per seed; attack cells on `attack_seeds` of them.
+    attack_seeds: the seeds whose FL cells are attacked.
+    batch_sizes: B, the images behind each attacked upload.
+    local_steps: local SGD steps behind it (1: a FedSGD gradient; s > 1: FedAvg, s
+      full-batch steps).
+    model_states: untrained (the run's initial model) and/or trained (its final model).
+    data: the data.
+    clients: clients C of the federated run.
+    q: Poisson sampling rate: q C clients a round on average.
+    rounds: FedAvg rounds.
+    model: the model (fljax.models).
+    victims: attacked uploads per attack cell.
+    budget: double-backward evaluations per victim for every attack.
+    eval_every: test accuracy every this many rounds.
+  """
+
+  partitions: tuple[str, ...] = _names(("iid", "dirichlet0.5", "dirichlet0.1"), PARTITIONS)
+  defenses: tuple[str, ...] = _names(STUDY_DEFENSES, DEFENSES)
+  attacks: tuple[str, ...] = _names(tuple(ATTACKS), ATTACKS)
+  seeds: tuple[int, ...] = (0, 1, 2)
+  attack_seeds: tuple[int, ...] = (0,)
+  batch_sizes: tuple[int, ...] = (1,)
+  local_steps: tuple[int, ...] = (1,)
+  model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
+  data: DataSpec = DataSpec()
+  clients: int = 100
+  q: float = 0.1
+  rounds: int = 10
+  model: str = "cnn"
+  victims: int = 2
+  budget: int = 30
+  eval_every: int = 2
+
+  def __post_init__(self):
+    check_names("partition", self.partitions, PARTITIONS)
+    check_names("defense", self.defenses, DEFENSES)
+    check_names("attack", self.attacks, ATTACKS)
+    check_names("model state", self.model_states, MODEL_STATES)
+    if not self.seeds or not set(self.attack_seeds) <= set(self.seeds):
+      raise ValueError(f"attack_seeds {list(self.attack_seeds)} must be among seeds {list(self.seeds)}")
+    for name in ("clients", "rounds", "victims", "budget", "eval_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not self.batch_sizes or not self.local_steps or min(self.batch_sizes + self.local_steps) < 1:
+      raise ValueError("batch sizes and local steps must be >= 1")
+    if not 0 < self.q <= 1:
+      raise ValueError(f"q must be in (0, 1], got {self.q}")
+
+  def expected_clients(self) -> int:
+    return max(1, round(self.q * self.clients))
+
+
+# StudyConfig overrides of `scripts/study.py --full` and `--tiny`, as flags name them
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"seeds": (0, 1, 2, 3, 4), "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 8,
+             "budget": 200, "batch_sizes": (1, 4, 16), "local_steps": (1, 5),
+             "model_states": ("untrained", "trained"), "eval_every": 5},
+    "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
+             "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
+             "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budget": 4, "eval_every": 1},
+}
+
+
+def make(cls: type, *layers: Mapping[str, Any]) -> Any:
+  """`cls` from layers of field values keyed as flags (`data.name`), a later layer's value
+  winning: e.g. a preset, then the flags given."""
+  return config_lib.build(cls, {k: v for layer in layers for k, v in layer.items()})
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@functools.lru_cache(maxsize=16)
+def replace_one_z(rounds: int, q: float) -> float:
+  """Forward noise's constant z* for epsilon 8 over the rounds (model observer,
+  replace-one, participation visible at rate q, PLD)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", fn.ScheduleWarning)
+    return float(fn.calibrate(fn.constant(1.0, rounds), TARGET_EPSILON, DELTA, q=q).z[0])
+
+
+def central_z(rounds: int, q: float) -> float:
+  """The hybrid's central z_C: sqrt(z_L^2 + z_C^2) = z*, so the model observer's epsilon
+  is 8."""
+  return math.sqrt(max(replace_one_z(rounds, q) ** 2 - LOCAL_Z ** 2, 1e-6))
+
+
+@functools.lru_cache(maxsize=16)
+def topup_z(rounds: int, q: float, clients: int, slots: int) -> float:
+  """The top-up's total z_T: sqrt(slots) z_L (the least the server can top up to), or
+  DP-FedAvg's noise for epsilon 8 (add/remove, Poisson q truncated to `slots`, PLD) when
+  that floor does not reach epsilon 8."""
+  fed_cfg = fed.FedConfig(clients_per_round=q, sampling="poisson", poisson_cap=slots)
+  run = lambda s: accounting.compose([(pfed.dp_fedavg_event(fed_cfg, clients, s)[0], rounds)])  # noqa: E731
+  floor = math.sqrt(slots) * LOCAL_Z
+  if accounting.epsilon(run(floor), DELTA, neighbouring="add_remove") <= TARGET_EPSILON:
+    return floor
+  return accounting.calibrate(run, TARGET_EPSILON, DELTA, accountant="pld",
+                              neighbouring="add_remove", sigma_min=floor)
+
+
+def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict[str, Any]:
+  """The defense's `PrivacyConfig` fields for a run of `rounds` at rate q over `clients`,
+  its `CALIBRATED` noise multipliers resolved (rounded to 6 digits: they enter cell hashes)."""
+  d = DEFENSES[defense]
+  privacy = dict(d.privacy)
+  resolve = {
+      "noise_multiplier": lambda: replace_one_z(rounds, q),
+      "central_noise_multiplier": lambda: central_z(rounds, q),
+      "topup_noise_multiplier": lambda: topup_z(rounds, q, clients, dict(d.fed)["poisson_cap"]),
+  }
+  for name, value in resolve.items():
+    if privacy.get(name) == CALIBRATED:
+      privacy[name] = round(value(), 6)
+  return {k: v for k, v in privacy.items() if v is not None}

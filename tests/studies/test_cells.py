@@ -1,0 +1,42 @@
+"""studies.cells: the cell cache (outcomes, retries that keep their reasons, unreadable
+files) and cell hashes."""
+
+import json
+
+import pytest
+
+from studies import cells, grid
+
+
+def test_a_retried_cell_keeps_the_reasons_of_its_failures(tmp_path):
+  folder = tmp_path / "cell"
+  assert cells.read_cell(folder) is None and not cells.is_done(folder)
+  for attempt in range(2):
+    cells.write_cell(folder, {"status": "failed", "reason": f"failure {attempt}"})
+    assert not cells.is_done(folder)
+    cells.reopen(folder)  # a new study takes it up: no outcome until it has a new one
+    assert cells.read_cell(folder) is None
+  cells.write_cell(folder, {"status": "done", "psnr": [12.0]})
+  record = cells.read_cell(folder)
+  assert record["previous_failures"] == ["failure 0", "failure 1"] and cells.is_done(folder)
+  assert sorted(p.name for p in folder.iterdir()) == ["done.json"]
+
+
+def test_an_unreadable_cell_file_is_named_and_its_cell_runs_again(tmp_path):
+  folder = tmp_path / "cell"
+  cells.write_cell(folder, {"status": "done"})
+  (folder / "done.json").write_text('{"status": "do')
+  with pytest.warns(UserWarning, match=str(folder / "done.json")):
+    assert not cells.is_done(folder)
+
+
+def test_cells_that_see_the_same_upload_share_one_hash():
+  cfg = grid.make(grid.StudyConfig, grid.PRESETS["tiny"])
+  none, dp = (cells.attack_cell(cfg, "iid", d, 0, "ig", 1, 1, "untrained", "h", None)
+              for d in ("none", "dp_fedavg_eps8"))
+  assert cells.config_hash(none) == cells.config_hash(dp)  # DP-FedAvg's server sees the clear update
+  trained = cells.attack_cell(cfg, "iid", "none", 0, "ig", 1, 1, "trained", "h", None)
+  assert cells.config_hash(trained) != cells.config_hash(none)
+  assert json.loads(json.dumps(none)) == none  # JSON as it is hashed and stored
+  with pytest.raises(ValueError, match="not modelled"):
+    cells.attack_cell(cfg, "iid", "pfdm", 0, "ig", 1, 1, "untrained", "h", None)

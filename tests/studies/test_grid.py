@@ -1,0 +1,35 @@
+"""studies.grid: names checked against the registries, presets, the calibrated noise."""
+
+import math
+
+import pytest
+
+from studies import grid
+
+
+def test_unknown_names_are_refused_with_the_valid_ones_listed():
+  with pytest.raises(ValueError, match="unknown attack 'foo'; valid: dlg, idlg, ig, gifd"):
+    grid.StudyConfig(attacks=("foo",))
+  with pytest.raises(ValueError, match="unknown partition 'dirichlet'; valid: iid"):
+    grid.StudyConfig(partitions=("dirichlet",))
+  with pytest.raises(ValueError, match="attack_seeds"):
+    grid.make(grid.StudyConfig, grid.PRESETS["tiny"], {"seeds": (1,)})
+
+
+def test_presets_are_flags_over_the_defaults():
+  tiny = grid.make(grid.StudyConfig, grid.PRESETS["tiny"], {"rounds": 1})
+  assert (tiny.data.name, tiny.defenses, tiny.rounds, tiny.clients) == (
+      "digits", ("none", "forward"), 1, 8)
+  assert grid.StudyConfig().defenses == grid.STUDY_DEFENSES
+
+
+def test_calibrated_noise_is_resolved_per_grid():
+  z = grid.replace_one_z(10, 0.1)
+  hybrid = grid.privacy_fields("hybrid", rounds=10, q=0.1, clients=100)
+  assert hybrid["central_noise_multiplier"] == pytest.approx(math.sqrt(z ** 2 - grid.LOCAL_Z ** 2),
+                                                             abs=1e-6)
+  assert grid.privacy_fields("dp_fedavg_replace_one_eps8", rounds=10, q=0.1, clients=100)[
+      "noise_multiplier"] == pytest.approx(z, abs=1e-6)
+  assert grid.replace_one_z(20, 0.1) > z  # more rounds, more noise for the same epsilon
+  assert "noise_multiplier" not in grid.privacy_fields("forward_eps8", rounds=10, q=0.1,
+                                                       clients=100)  # the run calibrates it

@@ -1,0 +1,165 @@
+"""studies.runner: a tiny grid end to end, the cell cache on rerun, failed cells retried,
+the budget, several hosts, the planned grids."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from studies import cells, grid, runner
+from tests.studies.conftest import ROOT, TINY
+
+
+def test_tiny_study_writes_every_table_and_figure(tiny_study):
+  cfg, out = tiny_study
+  md = (out / "report.md").read_text()
+  for heading in ("## Summary per defense", "## Every attack under every defense", "## Figures",
+                  "## Defenses and attacks", "## Failed cells", "## Cells"):
+    assert heading in md
+  for fig in ("accuracy_per_round.png", "accuracy_vs_epsilon.png", "psnr_vs_epsilon.png",
+              "frontier.png", "reconstructions_iid.png"):
+    assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
+  page = (out / "report.html").read_text()
+  assert page.count("data:image/png;base64,") == 5 and "src='http" not in page
+  data = json.loads((out / "report.json").read_text())
+  rows = {r["defense"]: r for r in data["summary"]}
+  assert set(rows) == {"none", "forward"} and all(r["seeds"] == 2 for r in rows.values())
+  assert rows["none"]["epsilon"] == float("inf") and np.isfinite(rows["forward"]["epsilon"])
+  assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["psnr"]) for r in rows.values())
+  # 2 defenses x 2 attack seeds, each cell's config, status, device and wall time listed
+  assert len(data["attacks"]) == 4 and not data["failed"]
+  listed = [line.split(" | ")[0] for line in md.splitlines() if "`{" in line]
+  assert listed.count("| fl") == 4 and listed.count("| attack") == 4 and "cpu x" in md
+
+
+def test_rerun_runs_only_missing_and_unreadable_cells(study_copy, capsys):
+  cfg, out = study_copy
+  fl = runner.plan_fl(cfg)
+  missing = out / "cells" / "fl" / fl[("iid", "none", 1)][0]
+  corrupt = out / "cells" / "fl" / fl[("iid", "forward", 0)][0] / "done.json"
+  shutil.rmtree(missing)
+  corrupt.write_text('{"status": "do')
+  kept = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/done.json") if p != corrupt}
+  with pytest.warns(UserWarning, match=str(corrupt)):
+    runner.run(cfg, out, progress=True)
+  assert {p: p.stat().st_mtime_ns for p in kept} == kept
+  assert cells.is_done(missing) and json.loads(corrupt.read_text())["status"] == "done"
+  assert "FL cells 2/2" in capsys.readouterr().err  # progress lines when not on a terminal
+
+
+def test_failed_cells_are_reported_and_retried_with_their_reason(study_copy, monkeypatch):
+  cfg, out = study_copy
+  fl_hash = runner.plan_fl(cfg)[("iid", "none", 1)][0]
+  attack_hash = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")[
+      ("iid", "none", 1, "ig", 1, 1, "untrained")][0]
+  shutil.rmtree(out / "cells" / "fl" / fl_hash)
+  shutil.rmtree(out / "cells" / "attack" / attack_hash)
+
+  def fails(*args, **kwargs):
+    raise RuntimeError("the node went away")
+
+  with monkeypatch.context() as m:
+    m.setattr(cells.ptrain, "train_and_evaluate", fails)
+    m.setattr(cells, "attack_group", fails)
+    data = runner.run(cfg, out, progress=False)
+  assert {f["hash"] for f in data["failed"]} == {fl_hash, attack_hash}
+  assert all(f["reason"] == "RuntimeError: the node went away" for f in data["failed"])
+  assert "RuntimeError: the node went away" in (out / "report.md").read_text()
+  assert {r["defense"]: r["seeds"] for r in data["summary"]} == {"none": 1, "forward": 2}
+
+  data = runner.run(cfg, out, progress=False)  # the failed cells run again, and succeed
+  assert not data["failed"]
+  for folder in (out / "cells" / "fl" / fl_hash, out / "cells" / "attack" / attack_hash):
+    record = json.loads((folder / "done.json").read_text())
+    assert record["previous_failures"] == ["RuntimeError: the node went away"]
+    assert not (folder / "failed.json").exists()
+
+
+def test_batched_attack_cells_equal_one_at_a_time(tiny_study):
+  cfg, out = tiny_study
+  plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
+  prepared = [cells.prepare(c, h, out / "cells") for h, c in dict(plan.values()).items()]
+  assert len({cells.group_key(p) for p in prepared}) == 1  # one computation for all four
+  together = cells.attack_group(prepared, mode="map")
+  for p, (r, _) in zip(prepared, together):
+    alone, _ = cells.attack_group([p], mode="map")[0]
+    np.testing.assert_allclose(r["psnr"], alone["psnr"], rtol=1e-4)
+    stored = json.loads((out / "cells" / "attack" / p.hash / "done.json").read_text())
+    np.testing.assert_allclose(r["psnr"], stored["psnr"], rtol=1e-4)  # reproducible
+
+
+def test_budget_stops_after_the_first_cell_and_keeps_it(study_copy):
+  cfg, out = study_copy
+  missing = out / "cells" / "fl" / runner.plan_fl(cfg)[("iid", "forward", 1)][0]
+  shutil.rmtree(missing)
+  with pytest.raises(runner.BudgetError, match="over the budget of 1e-05 minutes"):
+    runner.run(cfg, out, progress=False, budget_minutes=1e-5)
+  assert cells.is_done(missing)
+
+
+def test_trained_models_batches_and_local_steps(study_copy):
+  cfg, out = study_copy
+  cfg = grid.make(grid.StudyConfig, TINY, {
+      "defenses": ("none",), "seeds": (0,), "attack_seeds": (0,),
+      "model_states": ("untrained", "trained"), "batch_sizes": (1, 2), "local_steps": (1, 2)})
+  data = runner.run(cfg, out, progress=False)
+  assert not data["failed"] and len(data["attacks"]) == 8
+  plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
+  configs = [json.loads((out / "cells" / "attack" / h / "done.json").read_text())["config"]
+             for h, _ in plan.values()]
+  trained = [c for c in configs if c["model"]["state"] == "trained"]
+  assert len(trained) == 4 and all(c["model"]["fl"] for c in trained)  # the FL cell's final model
+  assert {(c["batch"], c["local_steps"]) for c in configs} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+  assert (out / "report.md").read_text().count("local step(s), trained model:") == 4
+
+
+def test_hosts_split_the_cells():
+  hashes = [cells.config_hash({"i": i}) for i in range(40)]
+  shares = [{h for h in hashes if runner.Hosts(i, 2).mine(h)} for i in range(2)]
+  assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(hashes)
+  with pytest.raises(ValueError, match="host index 2"):
+    runner.Hosts(2, 2)
+
+
+@pytest.mark.slow  # two processes (about 45 s)
+def test_two_hosts_share_the_cells_and_host_zero_reports(study_copy):
+  cfg, out = study_copy
+  for folder in [*(out / "cells" / "fl").iterdir()][:2] + [*(out / "cells" / "attack").iterdir()]:
+    shutil.rmtree(folder)
+  (out / "report.md").unlink()
+  cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), "--tiny", "--workdir", str(out),
+         "--progress", "false", "--hosts", "2", "--host"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  procs = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert "report:" in outs[0][0] and "report:" not in outs[1][0]
+  data = json.loads((out / "report.json").read_text())
+  assert len(data["attacks"]) == 4 and not data["failed"]
+
+
+def test_default_and_full_grids_plan_every_cell(tmp_path):
+  full = grid.make(grid.StudyConfig, grid.PRESETS["full"])
+  assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
+      (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
+  for cfg, attack_cells in ((grid.StudyConfig(), 3 * 11 * 6), (full, 3 * 11 * 3 * 6 * 3 * 2 * 2)):
+    fl = runner.plan_fl(cfg)
+    assert len(fl) == len(cfg.partitions) * len(cfg.defenses) * len(cfg.seeds)
+    for h, cell in fl.values():  # every FL cell is a valid run config
+      cells.fl_experiment(cell)
+    assert fl[("iid", "dpsgd", 0)][1]["fed"]["sampling"] == "fixed"
+    attacks = runner.plan_attacks(cfg, fl, tmp_path)
+    assert len(attacks) == attack_cells
+  # on the untrained model DP-FedAvg's server sees the clear update: one cell for all epsilons
+  untrained = {k[1]: h for k, (h, _) in attacks.items()
+               if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained")}
+  assert untrained["none"] == untrained["dp_fedavg_eps1"] == untrained["dp_fedavg_eps8"]
+  assert untrained["forward"] == untrained["hybrid"] == untrained["topup"] != untrained["none"]
+  # the hybrid's central noise and the top-up's total are calibrated as released
+  assert fl[("iid", "hybrid", 0)][1]["privacy"]["central_noise_multiplier"] > 1.9
+  assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 20 ** 0.5 * grid.LOCAL_Z
