@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"same command to resume") from None
   failed = [r for r in rows if "failed" in r]
   if failed:
-    raise SystemExit(f"error: {len(failed)} cell(s) failed or did not run ("
-                     + "; ".join(f"{r['partition']} / {r['defense']} / seed {r['seed']}: "
-                                 f"{r['failed']}" for r in failed)
-                     + "); rerun the same command (without --report_only) to run them again")
+    named = "; ".join(f"{r['partition']} / {r['defense']} / seed {r['seed']}: {r['failed']}"
+                      for r in failed[:5]) + (f"; {len(failed) - 5} more" if len(failed) > 5 else "")
+    raise SystemExit(f"error: {len(failed)} cell(s) failed or did not run ({named}); rerun the "
+                     f"same command (without --report_only) to run them again")
 
 
 if __name__ == "__main__":

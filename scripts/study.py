@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"same command to resume") from None
   failed = data.get("failed", [])
   if failed:
-    raise SystemExit(f"error: {len(failed)} cell(s) failed ({'; '.join(f['what'] for f in failed)}); "
-                     f"their reasons are under 'Failed cells' in {opts.workdir}/report.md, and "
-                     f"rerunning the same command retries them")
+    named = "; ".join(f["what"] for f in failed[:5]) + (f"; {len(failed) - 5} more" if len(failed) > 5 else "")
+    raise SystemExit(f"error: {len(failed)} cell(s) failed ({named}); their reasons are under "
+                     f"'Failed cells' in {opts.workdir}/report.md, and rerunning the same "
+                     f"command retries them")
 
 
 if __name__ == "__main__":

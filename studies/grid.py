@@ -168,12 +168,12 @@ class DataSpec:
   Attributes:
     name: dataset: mnist (embedded), digits, fashion_mnist, or tfds:<name>.
     image_size, channels: images are resized to this geometry (32x32x1: the shipped
-      priors').
+      priors'; none: the dataset's own).
   """
 
   name: str = "mnist"
-  image_size: int = 32
-  channels: int = 1
+  image_size: int | None = 32
+  channels: int | None = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
