@@ -27,6 +27,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -352,17 +353,39 @@ def load(name: str, *, image_size: int | None = None, channels: int | None = Non
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+class ImageFolder(NamedTuple):
+  """The images of a folder (`load_image_folder`).
+
+  Attributes:
+    images: `[N, H, W, C]` float32 in [0, 1].
+    labels: `[N]` int32.
+    names: each image's path relative to the folder.
+    classes: the class folders' names, in label order (empty without class folders).
+    skipped: `(path relative to the folder, why)` of every file that was not read.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  names: list[str]
+  classes: list[str]
+  skipped: list[tuple[str, str]]
+
+
 def load_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]
-                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                      ) -> ImageFolder:
   """The PNG/JPEG images under `path`, resized to `image_shape = (H, W, C)`.
 
-  Files directly in `path` get label 0; files in a subfolder named by an integer (the
-  torchvision ImageFolder layout `path/3/a.png`) get that label. Images are converted to
-  grey (C = 1) or RGB (C = 3) with Pillow and resized with Lanczos filtering, in sorted
-  path order.
+  Two layouts: images directly in `path`, all labelled 0; or torchvision's ImageFolder
+  layout, one subfolder per class (`path/<class>/<image>`, nested folders inside a class
+  included), where an image's label is the index of its class folder among the
+  subfolders in sorted name order (empty class folders count: folders `0` ... `9` label
+  digits as themselves). Images of any size are converted to grey (C = 1) or RGB (C = 3)
+  and resized to H x W with Lanczos filtering (aspect ratio not kept), in sorted path
+  order. Files that are not PNG/JPEG, cannot be decoded, or lie beside class folders
+  are skipped and listed in `skipped`; hidden files (names starting with '.') are ignored.
 
-  Returns:
-    images `[N, H, W, C]` float32 in [0, 1], labels `[N]` int32, and the file names.
+  Raises:
+    DatasetError: `path` is not a folder, or holds no readable image.
   """
   from PIL import Image, UnidentifiedImageError
   root = Path(path)
@@ -371,22 +394,39 @@ def load_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]
   h, w, c = image_shape
   if c not in (1, 3):
     raise DatasetError(f"images can be read as 1 (grey) or 3 (RGB) channels, not {c}")
-  files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                 and (p.parent == root or p.parent.parent == root))
-  images, labels, names = [], [], []
+
+  def visible(p: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+  try:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and visible(p))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and visible(p))
+  except OSError as e:
+    raise DatasetError(f"{root} cannot be read ({e.strerror or e}); pass a folder you can "
+                       f"read") from None
+  images, labels, names, skipped = [], [], [], []
   for f in files:
-    label = 0 if f.parent == root else int(f.parent.name) if f.parent.name.isdigit() else None
-    if label is None:
+    name = str(f.relative_to(root))
+    if f.suffix.lower() not in IMAGE_SUFFIXES:
+      skipped.append((name, "not a PNG/JPEG file"))
+      continue
+    if classes and f.parent == root:
+      skipped.append((name, "beside the class folders, so it has no class"))
       continue
     try:
       with Image.open(f) as img:
         img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.LANCZOS)
         images.append(np.asarray(img, np.float32).reshape(h, w, c) / 255.0)
-    except (UnidentifiedImageError, OSError):
+    except UnidentifiedImageError:
+      skipped.append((name, "not a decodable image"))
       continue
-    labels.append(label)
-    names.append(str(f.relative_to(root)))
+    except (OSError, Image.DecompressionBombError) as e:
+      skipped.append((name, f"cannot be decoded ({e})"))
+      continue
+    labels.append(classes.index(f.relative_to(root).parts[0]) if classes else 0)
+    names.append(name)
   if not images:
-    raise DatasetError(f"no readable PNG/JPEG image in {root} (nor in its integer-named "
-                       f"class subfolders)")
-  return np.stack(images), np.asarray(labels, np.int32), names
+    raise DatasetError(f"no readable PNG/JPEG image in {root} (nor in its class subfolders)"
+                       + (f"; {len(skipped)} files skipped, e.g. {skipped[0][0]}: "
+                          f"{skipped[0][1]}" if skipped else ""))
+  return ImageFolder(np.stack(images), np.asarray(labels, np.int32), names, classes, skipped)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fljax import config as config_lib
-from fljax import datasets
+from fljax import datasets, runs
 from inversion import experiment, specs
 
 _VARIANT = re.compile(r"^(\w+)(?:\[(.*)\])?$")
@@ -41,7 +41,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"cannot read the attack variant {text!r}; write NAME or NAME[key=value,...]")
   name, body = m.group(1), m.group(2)
   if name not in specs.ATTACKS:
-    raise ValueError(f"unknown attack {name!r} in {text!r}; valid: {', '.join(sorted(specs.ATTACKS))}")
+    raise ValueError(f"unknown attack {name!r} in {text!r}; valid: "
+                     f"{', '.join(sorted(specs.ATTACKS))}")
   hints = typing.get_type_hints(specs.AttackSpec)
   overrides = {}
   for item in filter(None, (body or "").split(",")):
@@ -50,8 +51,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if key not in hints or key == "name":
       raise ValueError(f"{key!r} in {text!r} is not an attack setting; valid: "
                        f"{', '.join(k for k in hints if k != 'name')}")
-    convert, _ = config_lib._parser_for(hints[key])
-    overrides[key] = convert(value.strip())
+    overrides[key] = config_lib.parse_value(hints[key], value.strip())
   return name, overrides
 
 
@@ -60,16 +60,19 @@ def slug(text: str) -> str:
 
 
 def compare(config: specs.InversionConfig, variants: list[str], workdir: str | Path, *,
-            progress: bool = True) -> list[dict[str, Any]]:
-  """Runs every variant (or reuses its finished results); writes the picture and table."""
+            overwrite: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+  """Runs every variant (or reuses its finished results, unless `overwrite`); writes the
+  picture and the table."""
   workdir = Path(workdir)
   parsed = [(v, *parse_variant(v)) for v in variants]  # every variant checked before any runs
+  if not parsed:
+    raise ValueError("no attack variant given; pass --attacks NAME[key=value,...],...")
   rows = []
   for text, name, overrides in parsed:
     attack = dataclasses.replace(config.attack, name=name, **overrides)
     cfg = dataclasses.replace(config, attack=attack)
     print(f"== {text}", flush=True)
-    summary = experiment.run(cfg, workdir / slug(text), progress=progress)
+    summary = experiment.run(cfg, workdir / slug(text), overwrite=overwrite, progress=progress)
     rows.append({**summary, "attack": text})
   write_table(workdir, rows)
   save_comparison_grid(workdir / "comparison.png", [workdir / slug(r["attack"]) for r in rows],
@@ -147,13 +150,18 @@ def save_comparison_grid(path: Path, folders: list[Path], names: list[str], *,
   plt.close(fig)
 
 
+def split_variants(text: str) -> list[str]:
+  """'ig,dps[features=0,scale=8]' -> ['ig', 'dps[features=0,scale=8]'] (commas inside
+  brackets belong to the variant)."""
+  return [v.strip() for v in re.split(r",(?![^\[]*\])", text) if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
   def extra(parser):
+    runs.add_flags(parser, workdir="runs/compare")
     parser.add_argument("--attacks", default="idlg,ig,gifd,ggdm,dps[features=0],dps",
-                        help="attack variants NAME[key=value,...] separated by commas (outside "
-                             "brackets), ';' or spaces (default: %(default)s)")
-    parser.add_argument("--workdir", default="runs/compare", help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="attack variants NAME[key=value,...], comma-separated (default: "
+                             "%(default)s)")
     parser.add_argument("--collect", default=None, metavar="ROOT",
                         help="only print one table of every finished comparison under ROOT")
 
@@ -163,10 +171,10 @@ def main(argv: list[str] | None = None) -> None:
   if ns.collect:
     print(collect(ns.collect), end="")
     return
-  variants = [v for v in re.split(r";|\s+|,(?![^\[]*\])", ns.attacks) if v]
   try:
-    compare(config, variants, ns.workdir, progress=not ns.no_progress)
-  except (datasets.DatasetError, ValueError) as e:
+    compare(config, split_variants(ns.attacks), ns.workdir, overwrite=ns.overwrite,
+            progress=ns.progress)
+  except (datasets.DatasetError, ValueError) as e:  # runs.WorkdirError among them
     raise SystemExit(f"error: {e}") from None
   except KeyboardInterrupt:
     print("\ninterrupted: rerun the same command to resume", file=sys.stderr)

@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,40 +24,67 @@ from fljax import federated as fed
 from fljax.partitions import Batch
 from inversion import attacks
 from inversion import observation as ob
-from inversion.specs import AttackPlan, ThreatSpec, VictimsConfig
+from inversion.specs import AttackPlan, DataSpec, ThreatSpec
 
 
-def load_victims(cfg: VictimsConfig, batch_size: int, *, key: jax.Array
-                 ) -> tuple[datasets.Dataset, np.ndarray, np.ndarray, list[str]]:
-  """The dataset (for training and the feature metric) and the victims' images
-  `[V, B, H, W, C]` and labels `[V, B]`, with a name for each victim.
+class Victims(NamedTuple):
+  """The attacked data (`load_victims`).
 
-  From the dataset, V x B distinct test images in a random order drawn with `key`. From a
-  folder, its images in sorted order, V = min(num, N // B).
+  Attributes:
+    dataset: the dataset (its training split trains the model and the reference
+      classifier; it sets the classes and input shape).
+    x: the victims' images `[V, B, H, W, C]`.
+    y: their labels `[V, B]`.
+    names: where each victim's images came from `[V]`.
+    skipped: `(file, why)` of every file of the image folder that was not read.
+    unused: readable images of the folder left out (beyond V x B).
   """
-  ds = datasets.load(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
-                     data_dir=cfg.data_dir)
-  if cfg.images is not None:
-    x, y, names = datasets.load_image_folder(cfg.images, ds.image_shape)
-    if y.max() >= ds.num_classes:
-      raise ValueError(f"{cfg.images} has class folders up to {y.max()}, but the model has "
-                       f"{ds.num_classes} classes")
-    v = min(cfg.num, len(y) // batch_size)
+
+  dataset: datasets.Dataset
+  x: np.ndarray
+  y: np.ndarray
+  names: list[str]
+  skipped: list[tuple[str, str]]
+  unused: int
+
+
+def load_victims(data: DataSpec, num: int, batch_size: int, *, key: jax.Array) -> Victims:
+  """`num` victims of `batch_size` images each, from `data`.
+
+  From the dataset, V = num victims of distinct test images in a random order drawn with
+  `key`. From a folder (`data.images`, `fljax.datasets.load_image_folder`), its images in
+  sorted order, V = min(num, N // B).
+
+  Raises:
+    fljax.datasets.DatasetError: the dataset or the folder cannot be read.
+    ValueError: too few images, or more class folders than the dataset has classes.
+  """
+  ds = datasets.load(data.name, image_size=data.image_size, channels=data.channels,
+                     data_dir=data.data_dir)
+  skipped = []
+  if data.images is not None:
+    folder = datasets.load_image_folder(data.images, ds.image_shape)
+    x, y, names, skipped = folder.images, folder.labels, folder.names, folder.skipped
+    if len(folder.classes) > ds.num_classes:
+      raise ValueError(f"{data.images} has {len(folder.classes)} class folders, but "
+                       f"{data.name}'s model has {ds.num_classes} classes")
+    v = min(num, len(y) // batch_size)
     if v == 0:
-      raise ValueError(f"{cfg.images} holds {len(y)} images, fewer than one batch of "
-                       f"{batch_size}; lower --threat.batch_size")
+      raise ValueError(f"{data.images} holds {len(y)} readable images, fewer than one batch "
+                       f"of {batch_size}; lower --threat.batch_size")
     names = [",".join(names[i * batch_size:(i + 1) * batch_size]) for i in range(v)]
   else:
-    need = cfg.num * batch_size
+    need = num * batch_size
     if need > len(ds.y_test):
-      raise ValueError(f"{cfg.num} victims x batch {batch_size} need {need} test images; "
-                       f"{cfg.dataset} has {len(ds.y_test)}")
+      raise ValueError(f"{num} victims x batch {batch_size} need {need} test images; "
+                       f"{data.name} has {len(ds.y_test)}")
     order = np.asarray(jax.random.permutation(key, len(ds.y_test)))[:need]
-    x, y, v = ds.x_test[order], ds.y_test[order], cfg.num
+    x, y, v = ds.x_test[order], ds.y_test[order], num
     names = [f"test[{','.join(map(str, order[i * batch_size:(i + 1) * batch_size]))}]"
              for i in range(v)]
-  shape = (v, batch_size) + x.shape[1:]
-  return ds, x[:v * batch_size].reshape(shape), y[:v * batch_size].reshape(v, batch_size), names
+  n = v * batch_size
+  return Victims(ds, x[:n].reshape((v, batch_size) + x.shape[1:]),
+                 y[:n].reshape(v, batch_size), names, skipped, len(y) - n)
 
 
 def threat_model(spec: ThreatSpec, ds: datasets.Dataset, defense: str) -> ob.ThreatModel:

@@ -18,6 +18,12 @@ a victim with no healthy restart is attacked again with fresh keys, up to
 Outputs in `workdir`: `config.json`, `metrics.json` (a summary and per-victim scores),
 `grid.png` (ground truth above each reconstruction, PSNR under it). The attack state is
 saved every `chunk` steps (`attack_state.npz`), so a killed run resumes where it was.
+The summary times each phase (`model_training_seconds`, `classifier_seconds` for the
+feature metric's reference classifier, trained before the attack; `attack_seconds`;
+`wall_seconds` for the whole run), and its `victim_attacks_per_hour` counts only the
+attack steps run in this process (none when a resumed run found the attack finished).
+Progress on stderr counts each attempt's attack steps up to 100 %: a bar on a terminal,
+else a plain line every 30 s (`fljax.runs.Progress`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import optax
 from fljax import classifier, datasets, models
 from fljax import config as config_lib
 from fljax import federated as fed
-from fljax.train import check_workdir
+from fljax import runs
 from inversion import adaptive, attacks, engine, report
 from inversion import observation as ob
 from inversion.specs import ATTACKS, DEFENSES, AttackPlan, InversionConfig, declared_noise
@@ -55,7 +61,7 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
         progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes, or reports) the experiment; returns the summary in metrics.json."""
   workdir = Path(workdir)
-  check_workdir(workdir, config, overwrite, extendable=())
+  runs.check_workdir(workdir, config, overwrite, setup_files=("classifier",))
   if (workdir / "metrics.json").exists() and not overwrite:
     summary = json.loads((workdir / "metrics.json").read_text())["summary"]
     print(f"nothing to do: {workdir} already holds this experiment's results "
@@ -67,14 +73,29 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
   k_victims, k_model, k_train, k_clients, k_attack = jax.random.split(
       jax.random.key(config.seed), 5)
   spec = config.attack
-  ds, x, y, names = engine.load_victims(config.victims, config.threat.batch_size, key=k_victims)
+  victims = engine.load_victims(config.data, config.victims.num, config.threat.batch_size,
+                                key=k_victims)
+  ds, x, y = victims.dataset, victims.x, victims.y
+  for name, why in victims.skipped:
+    print(f"warning: skipped {Path(config.data.images) / name}: {why}", file=sys.stderr)
+  if victims.unused:
+    print(f"warning: {victims.unused} readable images of {config.data.images} are not "
+          f"attacked ({len(y)} victims x batch {config.threat.batch_size} use "
+          f"{y.size}); raise --victims.num or change --threat.batch_size to use them",
+          file=sys.stderr)
   model = models.make(config.model.name, num_classes=ds.num_classes,
                       input_shape=ds.image_shape, init=config.model.init)
+  seconds, t0 = {}, time.perf_counter()
+  if config.model.train_steps:
+    print(f"training the attacked {config.model.name} for {config.model.train_steps} steps",
+          flush=True)
   params = classifier.train(model, model.init(k_model), ds.x_train, ds.y_train,
                             steps=config.model.train_steps,
                             optimizer=optax.sgd(config.model.train_lr), key=k_train)
+  if config.model.train_steps:
+    seconds["model_training"] = time.perf_counter() - t0
   model_accuracy = classifier.accuracy(model, params, ds.x_test, ds.y_test)
-  reference, seconds = None, {}
+  reference = None
   if config.feature_metric:
     folder = config.classifier_dir or workdir / "classifier"
     print(f"reference classifier for the feature metric: loading it from {folder}, or "
@@ -99,13 +120,13 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
   plan = ATTACKS[spec.name](model, threat, spec, config.defense)
   mode = fed.resolve_batching(config.batching)
   print(f"{ds.describe()}; {len(y)} victims x batch {threat.batch_size} "
-        f"({'images from ' + config.victims.images if config.victims.images else 'test split'}); "
+        f"({'images from ' + config.data.images if config.data.images else 'test split'}); "
         f"{config.model.name} ({config.model.init} init, {config.model.train_steps} training "
         f"steps, test accuracy {model_accuracy:.3f}); {threat.algorithm}, defense "
         f"{config.defense.name}; attack {spec.name}, {plan.steps} steps x {spec.restarts} "
         f"restarts, batched by {mode} on {jax.default_backend()}", flush=True)
-  result = _attack(config, plan, obs, x, y, names, workdir, mode=mode, progress=progress,
-                   key=k_attack)
+  result = _attack(config, plan, obs, x, y, victims.names, workdir, mode=mode,
+                   progress=progress, key=k_attack)
   seconds = {**seconds, **result.seconds, "wall": time.perf_counter() - t_start}
   result = dataclasses.replace(result, seconds=seconds)
   summary = report.write(config, workdir, result, reference=reference,
@@ -145,52 +166,47 @@ def _attack(config: InversionConfig, plan: AttackPlan, obs: ob.Observation,
     if not pending.any() or first_attempt > spec.retries:
       print("resumed: the attack had finished; scoring its saved results", flush=True)
   attack_seconds, victim_attacks = 0.0, 0.0
-  bar = _Progress(enabled=progress)
-  try:
-    for attempt in range(first_attempt, spec.retries + 1):
-      ids = np.flatnonzero(pending)
-      if len(ids) == 0:
-        break
-      bar.extend(plan.steps, "attack steps" if attempt == 0 else
-                 f"attack steps (retry {attempt}: {len(ids)} victims)")
-      rows = jax.tree.map(lambda a: jnp.repeat(a[ids], r, axis=0), obs.update)
-      labels = None if obs.labels is None else jnp.repeat(obs.labels[ids], r, axis=0)
-      batch_obs = ob.Observation(update=rows, params=obs.params, labels=labels)
-      k_try = jax.random.fold_in(key, attempt)
-      keys = jax.vmap(lambda i: jax.random.fold_in(k_try, i))(
-          jnp.asarray((ids[:, None] * r + np.arange(r)).ravel()))
-      restored = [0]
-
-      def restore(like, attempt=attempt, restored=restored):
-        state = engine.load_state(state_path, like, attempt)
-        restored[0] = 0 if state is None else state[1]
-        return state
-
-      t0 = time.perf_counter()
+  for attempt in range(first_attempt, spec.retries + 1):
+    ids = np.flatnonzero(pending)
+    if len(ids) == 0:
+      break
+    if attempt > 0:
+      print(f"retry {attempt}: {len(ids)} victims none of whose restarts stayed healthy, "
+            f"attacked again with fresh keys", flush=True)
+    rows = jax.tree.map(lambda a: jnp.repeat(a[ids], r, axis=0), obs.update)
+    labels = None if obs.labels is None else jnp.repeat(obs.labels[ids], r, axis=0)
+    batch_obs = ob.Observation(update=rows, params=obs.params, labels=labels)
+    k_try = jax.random.fold_in(key, attempt)
+    keys = jax.vmap(lambda i: jax.random.fold_in(k_try, i))(
+        jnp.asarray((ids[:, None] * r + np.arange(r)).ravel()))
+    steps = _Steps(plan.steps, unit="attack steps" if attempt == 0 else f"retry {attempt} steps",
+                   enabled=progress)
+    t0 = time.perf_counter()
+    try:
       states = engine.attack_batched(
           plan, batch_obs, keys, mode=mode, map_batch_size=config.map_batch_size,
-          chunk=config.chunk, progress=bar.update, restore=restore,
-          checkpoint=lambda s, done, attempt=attempt: engine.save_state(state_path, s, done,
-                                                                        attempt))
-      attack_seconds += time.perf_counter() - t0
-      victim_attacks += len(ids) * (plan.steps - restored[0]) / plan.steps
-      states = jax.tree.map(lambda a: a.reshape((len(ids), r) + a.shape[1:]), states)
-      healthy = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
-      spent[ids] += np.asarray(states.counts).sum(axis=1)
-      diverged_restarts += int((~healthy).sum())
-      chosen = jax.vmap(attacks.best)(states, jnp.where(healthy, states.loss, jnp.inf))
-      ok = healthy.any(axis=1)
-      best_x[ids[ok]] = np.asarray(chosen.x)[ok]
-      best_y[ids[ok]] = np.asarray(plan.labels(chosen))[ok]
-      best_loss[ids[ok]] = np.asarray(chosen.loss)[ok]
-      attempts[ids] += 1
-      pending[ids[ok]] = False
-      np.savez(results_path, x=best_x, y=best_y, loss=best_loss, pending=pending,
-               attempts=attempts, spent=spent, diverged=diverged_restarts,
-               next_attempt=attempt + 1)
-      state_path.unlink(missing_ok=True)
-  finally:
-    bar.close()
+          chunk=config.chunk, progress=steps,
+          restore=lambda like, a=attempt: engine.load_state(state_path, like, a),
+          checkpoint=lambda s, done, a=attempt: engine.save_state(state_path, s, done, a))
+    finally:
+      steps.close()
+    attack_seconds += time.perf_counter() - t0
+    victim_attacks += len(ids) * (plan.steps - steps.restored) / plan.steps
+    states = jax.tree.map(lambda a: a.reshape((len(ids), r) + a.shape[1:]), states)
+    healthy = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
+    spent[ids] += np.asarray(states.counts).sum(axis=1)
+    diverged_restarts += int((~healthy).sum())
+    chosen = jax.vmap(attacks.best)(states, jnp.where(healthy, states.loss, jnp.inf))
+    ok = healthy.any(axis=1)
+    best_x[ids[ok]] = np.asarray(chosen.x)[ok]
+    best_y[ids[ok]] = np.asarray(plan.labels(chosen))[ok]
+    best_loss[ids[ok]] = np.asarray(chosen.loss)[ok]
+    attempts[ids] += 1
+    pending[ids[ok]] = False
+    np.savez(results_path, x=best_x, y=best_y, loss=best_loss, pending=pending,
+             attempts=attempts, spent=spent, diverged=diverged_restarts,
+             next_attempt=attempt + 1)
+    state_path.unlink(missing_ok=True)
   return report.AttackResult(
       truth=x, labels=y, names=names, reconstruction=best_x, inferred_labels=best_y,
       loss=best_loss, failed=pending, attempts=attempts, diverged_restarts=diverged_restarts,
@@ -198,34 +214,21 @@ def _attack(config: InversionConfig, plan: AttackPlan, obs: ob.Observation,
       victim_attacks=victim_attacks)
 
 
-class _Progress:
-  """Attack steps done of those planned: a tqdm bar on a terminal, else a plain line on
-  stderr every `every` seconds and at the end of each attempt (tqdm draws nothing when
-  the output is a file). Retries extend the total, named in the description."""
+class _Steps:
+  """One attempt's progress callback for `engine.attack_batched`, shown by
+  `fljax.runs.Progress` (a bar on a terminal, else a line every 30 s and at 100 %). The
+  first call reports the steps restored from a checkpoint (`restored`: not done here)."""
 
-  def __init__(self, *, enabled: bool, every: float = 30.0):
-    self.enabled, self.every = enabled, every
-    self.total = self.done = 0
-    self.desc, self.bar, self.last = "attack steps", None, time.monotonic()
+  def __init__(self, total: int, *, unit: str, enabled: bool):
+    self.total, self.unit, self.enabled = total, unit, enabled
+    self.bar, self.restored = None, 0
 
-  def extend(self, steps: int, desc: str) -> None:
-    self.total, self.desc = self.total + steps, desc
-    if self.enabled and self.bar is None and sys.stderr.isatty():
-      from tqdm import tqdm
-      self.bar = tqdm(total=0, dynamic_ncols=True, leave=False)
-    if self.bar is not None:
-      self.bar.total = self.total
-      self.bar.set_description(desc)
-
-  def update(self, n: int) -> None:
-    self.done += n
-    if self.bar is not None:
+  def __call__(self, n: int) -> None:
+    if self.bar is None:
+      self.restored = n
+      self.bar = runs.Progress(self.total, initial=n, unit=self.unit, enabled=self.enabled)
+    else:
       self.bar.update(n)
-    elif self.enabled and (self.done == self.total
-                           or time.monotonic() - self.last >= self.every):
-      self.last = time.monotonic()
-      print(f"{self.desc}: {self.done}/{self.total} ({100 * self.done // self.total}%)",
-            file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self.bar is not None:
@@ -280,23 +283,18 @@ def _surrogate_updates(model: models.Model, params: Any, ds: datasets.Dataset,
   xs = ds.x_train[idx].reshape((num, b) + ds.x_train.shape[1:])
   ys = ds.y_train[idx].reshape(num, b)
   return engine.observe_all(model, params, xs, ys, threat, fed.identity_defense,
-                     key=jax.random.fold_in(key, 1)).update
+                            key=jax.random.fold_in(key, 1)).update
 
 
 def main(argv: list[str] | None = None) -> None:
-  """The command line: one flag per config field, plus --workdir."""
-  def extra(parser):
-    parser.add_argument("--workdir", default="runs/invert",
-                        help="output folder (default: runs/invert)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard the results in --workdir and run again")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  config, ns = config_lib.parse(InversionConfig, argv, extra=extra,
-                                description="Gradient inversion (DLG, iDLG, Inverting Gradients) "
-                                            "on what fljax's clients send; resumable.")
+  """The command line: one flag per config field, plus --workdir, --overwrite, --progress."""
+  config, ns = config_lib.parse(
+      InversionConfig, argv, extra=lambda parser: runs.add_flags(parser, workdir="runs/invert"),
+      description="Gradient inversion (DLG, iDLG, Inverting Gradients, diffusion and GAN "
+                  "priors) on what fljax's clients send; resumable.")
   try:
-    run(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
-  except (datasets.DatasetError, ValueError) as e:
+    run(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)
+  except (datasets.DatasetError, ValueError) as e:  # runs.WorkdirError among them
     raise SystemExit(f"error: {e}") from None
   except KeyboardInterrupt:
     print(f"\ninterrupted: the attack state is saved every --chunk steps in {ns.workdir}; "

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 
 from fljax import federated as fed
+from fljax import models
 from inversion import adaptive, attacks, labels as label_inference
 from inversion import observation as ob
 from inversion.attacks import diffusion_guided, dlg, gifd, ig
@@ -176,26 +177,40 @@ CONTROLS = ("none", "random_observation")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VictimsConfig:
-  """Whose data is attacked.
+class DataSpec:
+  """The data: where the victims come from, and what the model is built for.
 
   Attributes:
-    dataset: an fljax dataset (victims come from its test split; the model's optional
-      training and the feature metric's classifier use its training split).
+    name: an fljax dataset: mnist (embedded), digits, fashion_mnist or tfds:<name>. The
+      victims come from its test split; the model's optional training and the feature
+      metric's classifier use its training split; it sets the classes and input shape.
     data_dir: the dataset's folder (fashion_mnist, tfds:<name>).
-    images: a folder of PNG/JPEG files to attack instead of the dataset's test split,
-      resized to the model's input; labels from integer-named subfolders, else 0.
+    images: a folder of PNG/JPEG files to attack instead of the test split, read in sorted
+      order and resized to the model's input. Images directly in it get label 0; with
+      class subfolders (torchvision's ImageFolder layout, images/<class>/<file>) an
+      image's label is its folder's index among the subfolders in sorted name order
+      (empty folders count: folders 0 ... 9 keep digit labels). Files that cannot be
+      read are named in a warning and skipped.
     image_size: square input size (pads or resizes the dataset; none: as stored).
     channels: input channels (1 -> 3 replicates; none: as stored).
-    num: number of victims V (observed updates); each holds a batch of
-      threat.batch_size images.
   """
 
-  dataset: str = "mnist"
+  name: str = "mnist"
   data_dir: str | None = None
   images: str | None = None
   image_size: int | None = 32
   channels: int | None = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VictimsConfig:
+  """Whose data is attacked.
+
+  Attributes:
+    num: number of victims V (observed updates); each holds a batch of
+      threat.batch_size images (from data.images: at most as many as it holds).
+  """
+
   num: int = 16
 
   def __post_init__(self):
@@ -215,7 +230,7 @@ class ModelSpec:
     train_lr: the learning rate of that training.
   """
 
-  name: str = "lenet"
+  name: str = dataclasses.field(default="lenet", metadata={"choices": tuple(models.MODELS)})
   init: str = "uniform"
   train_steps: int = 0
   train_lr: float = 0.1
@@ -234,7 +249,7 @@ class ThreatSpec:
     labels_known: the attacker is given the labels.
   """
 
-  algorithm: str = "fedsgd"
+  algorithm: str = dataclasses.field(default="fedsgd", metadata={"choices": ("fedsgd", "fedavg")})
   batch_size: int = 1
   local_epochs: int = 1
   local_batch_size: int = 1
@@ -289,13 +304,14 @@ class AttackSpec:
     pca_rank: principal components kept by 'pca'.
   """
 
-  name: str = "idlg"
-  optimizer: str = "lbfgs"
+  name: str = dataclasses.field(default="idlg", metadata={"choices": tuple(ATTACKS)})
+  optimizer: str = dataclasses.field(default="lbfgs", metadata={"choices": ("lbfgs", "adam")})
   steps: int | None = None
   budget: int | None = None
   lr: float | None = None
   objective: str | None = None
-  labels: str = "auto"
+  labels: str = dataclasses.field(default="auto",
+                                  metadata={"choices": ("auto", *label_inference.METHODS)})
   tv: float = 1e-4
   restarts: int = 1
   retries: int = 2
@@ -303,10 +319,10 @@ class AttackSpec:
   gradient_weight: float = 1.0
   features: float = 1.0
   guidance_weight: float = 0.0
-  sampler: str = "ddim"
+  sampler: str = dataclasses.field(default="ddim", metadata={"choices": ("ddim", "ddpm")})
   refine_steps: int = 0
   adaptive: bool = False
-  control: str = "none"
+  control: str = dataclasses.field(default="none", metadata={"choices": CONTROLS})
   prior: str | None = None
   gan: str | None = None
   denoise: str = "none"
@@ -354,7 +370,7 @@ class DefenseSpec:
     rescale: forward_noise: the upload is already divided by sqrt(abar).
   """
 
-  name: str = "none"
+  name: str = dataclasses.field(default="none", metadata={"choices": tuple(DEFENSES)})
   std: float = 1e-3
   fraction: float = 0.9
   quantize: str = "int8"
@@ -384,13 +400,15 @@ class InversionConfig:
       share one folder between runs to train it once.
   """
 
+  data: DataSpec = DataSpec()
   victims: VictimsConfig = VictimsConfig()
   model: ModelSpec = ModelSpec()
   threat: ThreatSpec = ThreatSpec()
   attack: AttackSpec = AttackSpec()
   defense: DefenseSpec = DefenseSpec()
   seed: int = 0
-  batching: str = "auto"
+  batching: str = dataclasses.field(default="auto",
+                                    metadata={"choices": ("auto", "vmap", "map")})
   map_batch_size: int = 0
   chunk: int = 100
   feature_metric: bool = True

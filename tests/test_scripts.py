@@ -51,10 +51,10 @@ def test_bench_inversion_quick_prints_result_line():
 
 def test_invert_script_end_to_end(tmp_path):
   stdout = run_script(
-      "invert.py", "--workdir", str(tmp_path / "run"), "--victims.dataset", "digits",
-      "--victims.image_size", "none", "--victims.channels", "none", "--victims.num", "2",
+      "invert.py", "--workdir", str(tmp_path / "run"), "--data.name", "digits",
+      "--data.image_size", "none", "--data.channels", "none", "--victims.num", "2",
       "--attack.optimizer", "adam", "--attack.steps", "20", "--feature_metric", "false",
-      "--no-progress")
+      "--progress", "false")
   assert "median PSNR" in stdout
   assert (tmp_path / "run" / "grid.png").exists() and (tmp_path / "run" / "metrics.json").exists()
 
@@ -121,7 +121,7 @@ def test_compare_attacks_writes_one_grid_and_one_table(tmp_path):
   _tiny_gan(tmp_path / "gan")
   _tiny_prior(tmp_path / "prior")
   run_script("compare_attacks.py", "--workdir", str(tmp_path / "cmp"), "--victims.num", "1",
-             "--feature_metric", "false", "--no-progress", "--attack.budget", "6",
+             "--feature_metric", "false", "--progress", "false", "--attack.budget", "6",
              "--attack.gan", str(tmp_path / "gan"), "--attack.prior", str(tmp_path / "prior"),
              "--attacks", "ig,gifd,dps[steps=2,control=random_observation]")
   table = (tmp_path / "cmp" / "comparison.md").read_text()

@@ -55,7 +55,7 @@ def to_victim(prior_shape: tuple[int, ...], victim_shape: tuple[int, ...]
   (ph, pw, pc), (vh, vw, vc) = tuple(prior_shape), tuple(victim_shape)
   if (ph, pw) != (vh, vw):
     raise ValueError(f"the prior makes {ph}x{pw} images but the victim model takes {vh}x{vw}; "
-                     f"attack {ph}x{pw} victims (--victims.image_size {ph}) or train a prior "
+                     f"attack {ph}x{pw} victims (--data.image_size {ph}) or train a prior "
                      f"of the victims' size")
   if pc == vc:
     channels = lambda x: x  # noqa: E731

@@ -95,3 +95,41 @@ def test_fashion_mnist_debian_package():
   ds = datasets.load("fashion_mnist", train_subset=100, test_subset=100)
   assert ds.x_train.shape == (100, 28, 28, 1) and ds.num_classes == 10
   np.testing.assert_array_equal(np.bincount(ds.y_train), [10] * 10)
+
+
+def _png(path, size, value):
+  from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full(size, value, np.uint8)).save(path)
+
+
+def test_image_folder_reads_class_folders_in_sorted_order_and_names_what_it_skips(tmp_path):
+  root = tmp_path / "imgs"
+  _png(root / "cat" / "a.png", (12, 20), 255)           # mixed sizes: all resized to 8x8
+  _png(root / "cat" / "deep" / "b.png", (30, 30), 0)    # nested inside a class: that class
+  _png(root / "ant" / "c.png", (8, 8), 128)
+  (root / "bee").mkdir()                                # an empty class still takes index 1
+  _png(root / "loose.png", (8, 8), 0)                   # beside the class folders
+  (root / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+  (root / "cat" / "notes.txt").write_text("not an image")
+  (root / ".DS_Store").write_bytes(b"")
+  folder = datasets.load_image_folder(root, (8, 8, 1))
+  assert folder.classes == ["ant", "bee", "cat"]
+  assert folder.names == ["ant/c.png", "cat/a.png", "cat/deep/b.png"]
+  assert folder.labels.tolist() == [0, 2, 2]
+  assert folder.images.shape == (3, 8, 8, 1)
+  np.testing.assert_allclose(folder.images[1], 1.0)
+  assert sorted(name for name, _ in folder.skipped) == ["cat/broken.png", "cat/notes.txt",
+                                                        "loose.png"]
+
+
+def test_image_folder_without_class_folders_labels_zero_and_refuses_empty(tmp_path):
+  _png(tmp_path / "flat" / "x.jpg", (5, 9), 10)
+  folder = datasets.load_image_folder(tmp_path / "flat", (4, 4, 3))
+  assert folder.labels.tolist() == [0] and folder.images.shape == (1, 4, 4, 3)
+  assert folder.classes == [] and folder.skipped == []
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(datasets.DatasetError, match="no readable PNG/JPEG image"):
+    datasets.load_image_folder(tmp_path / "empty", (4, 4, 1))
+  with pytest.raises(datasets.DatasetError, match="not a folder"):
+    datasets.load_image_folder(tmp_path / "missing", (4, 4, 1))

@@ -9,7 +9,8 @@ from inversion import experiment, specs
 
 @pytest.mark.slow
 def test_idlg_recovers_16_mnist_victims(tmp_path):
-  summary = experiment.run(specs.InversionConfig(feature_metric=False), tmp_path / "run", progress=False)
+  summary = experiment.run(specs.InversionConfig(feature_metric=False), tmp_path / "run",
+                           progress=False)
   assert summary["victims"] == 16 and summary["label_accuracy"] == 1.0
   assert summary["median_psnr"] >= 30
   assert summary["failed"] == 0  # any divergence was retried away, none left unhandled

@@ -16,8 +16,9 @@ from fljax import models
 from inversion import adaptive, engine, experiment, specs
 from privacy import forward_noise as fn
 
-TINY = dict(victims=specs.VictimsConfig(dataset="digits", image_size=None, channels=None, num=2),
-            attack=specs.AttackSpec(name="idlg", optimizer="adam", steps=60), chunk=60,
+TINY = dict(data=specs.DataSpec(name="digits", image_size=None, channels=None),
+            victims=specs.VictimsConfig(num=2),
+            attack=specs.AttackSpec(name="idlg", optimizer="adam", steps=5), chunk=5,
             feature_metric=False)
 
 
@@ -55,7 +56,7 @@ def test_a0_at_z0_reproduces_the_undefended_attack():
   # (same victims, same keys) sees exactly the undefended observation.
   cfg = specs.InversionConfig(**TINY, defense=specs.DefenseSpec(name="forward_noise",
                                                           noise_multiplier=0.0, clip_norm=1e6))
-  ds, x, y, _ = engine.load_victims(cfg.victims, 1, key=jax.random.key(0))
+  ds, x, y, *_ = engine.load_victims(cfg.data, cfg.victims.num, 1, key=jax.random.key(0))
   model = models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape)
   params = model.init(jax.random.key(1))
   threat = engine.threat_model(cfg.threat, ds, "forward_noise")
@@ -72,7 +73,7 @@ def test_a0_at_z0_reproduces_the_undefended_attack():
 
 def test_adaptive_pipeline_runs_in_the_experiment_and_reports_the_ceiling(tmp_path):
   cfg = specs.InversionConfig(
-      **{**TINY, "attack": specs.AttackSpec(name="idlg", optimizer="adam", steps=20,
+      **{**TINY, "attack": specs.AttackSpec(name="idlg", optimizer="adam", steps=5,
                                          denoise="rescale+average+pca", rounds=3, surrogates=8,
                                          pca_rank=4)},
       defense=specs.DefenseSpec(name="forward_noise", noise_multiplier=0.5, clip_norm=1.0))

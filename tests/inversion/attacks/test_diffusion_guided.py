@@ -162,5 +162,5 @@ def test_bad_configurations_are_refused():
   with pytest.raises(ValueError, match="features_fn"):
     dg.make(linear_apply, threat, GaussianPrior(), dg.DiffusionAttackConfig(labels="idlg"))
   wrong = dataclasses.replace(GaussianPrior(), image_shape=(8, 8, 1))
-  with pytest.raises(ValueError, match="victims.image_size"):
+  with pytest.raises(ValueError, match="data.image_size"):
     dg.make(linear_apply, threat, wrong, dg.DiffusionAttackConfig(feature_weight=0.0))
