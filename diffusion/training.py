@@ -31,8 +31,8 @@ import optax
 
 from diffusion import prior as prior_lib
 from diffusion import samplers, schedules, unet
-from fljax import datasets
 from fljax import config as config_lib
+from fljax import datasets, runs
 
 Params = Any
 
@@ -221,15 +221,18 @@ def sample_grid(prior: prior_lib.Prior, *, key: jax.Array, per_class: int = 8,
 
 def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) a training run in `workdir`; returns the last metrics record."""
+  """Runs (or resumes) a training run in `workdir`; returns the last metrics record.
+
+  Raises the faults of `fljax.runs` (WorkdirError, DivergenceError, CheckpointError,
+  Interrupted), datasets.DatasetError and unet.ConfigError.
+  """
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import check_workdir, resume_steps, run_steps
 
   workdir = Path(workdir)
-  check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "log_every",
-                                                        "checkpoint_every"))
+  runs.check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "log_every",
+                                                             "checkpoint_every"))
   ds = datasets.load(config.data.name, image_size=config.data.image_size,
                      channels=config.data.channels, train_subset=config.data.train_subset,
                      data_dir=config.data.data_dir)
@@ -242,12 +245,12 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=optimizer.init(params), key=k_train)
-  say = tqdm.write if progress else print
-  state, start, log, ckpt, finished = resume_steps(workdir, state, steps=config.steps, say=say)
-  if finished is not None:
-    return finished
-  say(f"UNet {unet.count_params(params):,} parameters; {ds.name} {ds.image_shape}, "
-      f"{len(ds.x_train)} training images")
+  state, ckpt, log = runs.resume(workdir, state)
+  start = int(state.step)
+  if start >= config.steps:
+    tqdm.write(f"{workdir} already finished {start} steps; pass a larger --steps to train on")
+  tqdm.write(f"UNet {unet.count_params(params):,} parameters; {ds.name} {ds.image_shape}, "
+             f"{len(ds.x_train)} training images" + (f"; resuming at step {start}" if start else ""))
 
   loss_fn = make_loss_fn(model, schedule, prediction=config.prediction,
                          label_dropout=config.label_dropout)
@@ -264,24 +267,18 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, overwrite: bool = 
                        num_steps=config.sample_steps)
     plots.save_image_grid(workdir / f"samples_{int(state.step):06d}.png", grid)
 
-  return run_steps(
-      state, step_fn, steps=config.steps, start=start, log=log, ckpt=ckpt, export=export,
-      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      sample_every=config.sample_every, say=say, progress=progress,
-      nonfinite=lambda m, step: (f"the loss is {m['loss']} at step {step}; lower --lr (now "
-                                 f"{config.lr}) or --grad_clip, and resume from the last checkpoint"),
-      postfix=lambda m: {"loss": f"{m['loss']:.4f}"})
+  _, record = runs.run_steps(
+      state, step_fn, steps=config.steps, ckpt=ckpt, log=log, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, export=export, export_every=config.sample_every,
+      progress=progress,
+      divergence=runs.Divergence(keys=("loss",), advice=f"lower --lr (now {config.lr:g}) or "
+                                                        f"--grad_clip (now {config.grad_clip:g})"))
+  return record
 
 
 def main(argv: list[str] | None = None) -> None:
-  def extra(parser):
-    parser.add_argument("--workdir", required=True, help="run folder (checkpoints, grids, prior)")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in --workdir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-  config, ns = config_lib.parse(TrainConfig, argv, description=__doc__.splitlines()[0], extra=extra)
-  try:
-    record = train(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
-  except (datasets.DatasetError, unet.ConfigError, FloatingPointError) as e:
-    raise SystemExit(f"error: {e}") from None
+  config, ns = config_lib.parse(TrainConfig, argv, description=__doc__.splitlines()[0],
+                                extra=lambda p: runs.add_flags(p, workdir=None))
+  with runs.cli_errors():
+    record = train(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)
   print(json.dumps(record))

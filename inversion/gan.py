@@ -59,8 +59,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from fljax import datasets
 from fljax import config as config_lib
+from fljax import datasets, runs
 
 MNIST_GAN = Path(__file__).resolve().parent / "priors" / "mnist_dcgan"
 NUM_STAGES = 4  # z, and the outputs of the three first blocks
@@ -193,13 +193,25 @@ def load(path: str | Path = MNIST_GAN) -> GAN:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """The training images (the training split, at 32x32).
+
+  Attributes:
+    name: an fljax dataset (mnist, digits, fashion_mnist, tfds:<name>).
+    data_dir: its folder or TFDS data_dir, where it needs one.
+  """
+
+  name: str = "mnist"
+  data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GANTrainConfig:
   """A DCGAN training run on an fljax dataset's training split (victims come from the
   test split, so the prior never sees them). See the module docstring for the recipe.
 
   Attributes:
-    dataset: an fljax dataset.
-    data_dir: its folder, where it needs one.
+    data: the training images.
     channels: generated channels (1: grayscale; attacks replicate to the victim's).
     latent_dim: z size.
     base: generator base channels.
@@ -222,8 +234,7 @@ class GANTrainConfig:
     sample_every: steps between sample grids.
   """
 
-  dataset: str = "mnist"
-  data_dir: str | None = None
+  data: DataConfig = DataConfig()
   channels: int = 1
   latent_dim: int = 100
   base: int = 32
@@ -342,12 +353,12 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
   from tqdm import tqdm
 
   from fljax import plots
-  from fljax.train import check_workdir, resume_steps, run_steps
 
   workdir = Path(workdir)
-  check_workdir(workdir, config, overwrite, extendable=("steps", "sample_every", "checkpoint_every"))
-  ds = datasets.load(config.dataset, image_size=32, channels=config.channels,
-                     data_dir=config.data_dir)
+  runs.check_workdir(workdir, config, overwrite,
+                     extendable=("steps", "sample_every", "checkpoint_every"))
+  ds = datasets.load(config.data.name, image_size=32, channels=config.channels,
+                     data_dir=config.data.data_dir)
   gcfg = GANConfig(latent_dim=config.latent_dim, base=config.base, channels=config.channels)
   g_optimizer = optax.adam(config.lr, b1=config.beta1)
   d_optimizer = optax.adam(config.d_lr or config.lr, b1=config.beta1)
@@ -361,10 +372,12 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
   state = GANTrainState(step=jnp.zeros((), jnp.int32), g_vars=g_vars, d_params=d_params,
                         g_opt=g_optimizer.init(g_vars["params"]),
                         d_opt=d_optimizer.init(d_params), key=k_train)
-  say = tqdm.write if progress else print
-  state, start, log, ckpt, finished = resume_steps(workdir, state, steps=config.steps, say=say)
-  if finished is not None:
-    return finished
+  state, ckpt, log = runs.resume(workdir, state)
+  if int(state.step) >= config.steps:
+    tqdm.write(f"{workdir} already finished {int(state.step)} steps; pass a larger --steps to "
+               f"train on")
+  elif int(state.step):
+    tqdm.write(f"resuming {workdir} at step {int(state.step)}")
   step_fn = jax.jit(make_train_step(gcfg, 2.0 * jnp.asarray(ds.x_train) - 1.0, train=config,
                                     g_optimizer=g_optimizer, d_optimizer=d_optimizer),
                     donate_argnums=0)
@@ -376,24 +389,18 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
     grid = np.asarray(to_unit(generate(gan, state.g_vars, z_grid))).reshape(8, 8, 32, 32, -1)
     plots.save_image_grid(workdir / f"samples_{int(state.step):06d}.png", grid)
 
-  return run_steps(
-      state, step_fn, steps=config.steps, start=start, log=log, ckpt=ckpt, export=export,
-      log_every=50, checkpoint_every=config.checkpoint_every, sample_every=config.sample_every,
-      say=say, progress=progress,
-      nonfinite=lambda m, step: (f"the GAN losses are {m} at step {step}; lower --lr and "
-                                 f"resume from the last checkpoint"),
-      postfix=lambda m: {"d": f"{m['d_loss']:.3f}", "g": f"{m['g_loss']:.3f}"})
+  _, record = runs.run_steps(
+      state, step_fn, steps=config.steps, ckpt=ckpt, log=log, log_every=50,
+      checkpoint_every=config.checkpoint_every, export=export, export_every=config.sample_every,
+      progress=progress,
+      divergence=runs.Divergence(keys=("d_loss", "g_loss"),
+                                 advice=f"lower --lr (now {config.lr:g}) and --d_lr"))
+  return record
 
 
 def main(argv: list[str] | None = None) -> None:
-  def extra(parser):
-    parser.add_argument("--workdir", required=True, help="run folder (checkpoints, grids, prior)")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in --workdir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-  config, ns = config_lib.parse(GANTrainConfig, argv, description=__doc__.splitlines()[0], extra=extra)
-  try:
-    record = train(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.no_progress)
-  except (datasets.DatasetError, FloatingPointError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+  config, ns = config_lib.parse(GANTrainConfig, argv, description=__doc__.splitlines()[0],
+                                extra=lambda p: runs.add_flags(p, workdir=None))
+  with runs.cli_errors():
+    record = train(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)
   print(json.dumps(record))

@@ -1,10 +1,10 @@
 """Centralized DP-SGD training (Abadi et al. 2016): the yardstick for the federated mechanisms.
 
 `train_and_evaluate(CentralConfig, workdir)` trains a classifier with DP-SGD (see
-`privacy.dpsgd`) on one fljax dataset, logs test accuracy and epsilon every epoch in
-metrics.jsonl, checkpoints every epoch and resumes. With `target_epsilon`, sigma is
-calibrated for the whole run first; `private=false` runs the non-private baseline with
-the same sampling and optimizer (epsilon = inf).
+`privacy.dpsgd`) on one fljax dataset with `fljax.runs`' step loop: it logs test accuracy
+and epsilon every epoch in metrics.jsonl, checkpoints every epoch and resumes. With
+`target_epsilon`, sigma is calibrated for the whole run first; `private=false` runs the
+non-private baseline with the same sampling and optimizer (epsilon = inf).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from fljax import config as config_lib
-from fljax import datasets, models
+from fljax import datasets, models, runs
 from fljax import federated as fed
 from fljax import train as fl_train
-from fljax.checkpoint import Checkpointer
 from fljax.partitions import Batch
 from privacy import accounting, dpsgd
 
@@ -36,12 +34,24 @@ OPTIMIZERS = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """The training data.
+
+  Attributes:
+    name: an fljax dataset (mnist is embedded; digits, fashion_mnist, tfds:<name>).
+    data_dir: its folder or TFDS data_dir, where it needs one.
+  """
+
+  name: str = "mnist"
+  data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CentralConfig:
   """A centralized (DP-)SGD run.
 
   Attributes:
-    dataset: fljax dataset name (mnist is embedded).
-    data_dir: folder for datasets that need one.
+    data: the training data.
     model: the classifier.
     dpsgd: sampling, clipping and noise (noise_multiplier is overridden by calibration).
     private: false trains without clipping or noise (the epsilon = inf baseline).
@@ -55,15 +65,14 @@ class CentralConfig:
     seed: seed of every random choice.
   """
 
-  dataset: str = "mnist"
-  data_dir: str | None = None
+  data: DataConfig = DataConfig()
   model: fl_train.ModelConfig = fl_train.ModelConfig()
   dpsgd: dpsgd.DPSGDConfig = dpsgd.DPSGDConfig()
   private: bool = True
   target_epsilon: float | None = None
   delta: float = 1e-5
   accountant: str = "pld"
-  optimizer: str = "momentum"
+  optimizer: str = dataclasses.field(default="momentum", metadata={"choices": tuple(OPTIMIZERS)})
   lr: float = 0.1
   momentum: float = 0.9
   epochs: int = 20
@@ -75,6 +84,18 @@ class CentralConfig:
       raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
     if self.epochs < 1:
       raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainState:
+  """A DP-SGD run's state: `step` DP-SGD steps done; step s draws its batch and noise from
+  `fold_in(key, s)` (the noise key of a private optimizer lives in `opt_state`)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array
 
 
 def _setup(config: CentralConfig, n: int) -> tuple[dpsgd.DPSGDConfig, int, str]:
@@ -90,13 +111,20 @@ def _setup(config: CentralConfig, n: int) -> tuple[dpsgd.DPSGDConfig, int, str]:
 
 def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
                        overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) a centralized DP-SGD run; returns the last metrics record."""
+  """Runs (or resumes) a centralized DP-SGD run; returns the last metrics record (one per
+  epoch: `step`, `epoch`, the epoch's mean step metrics, test accuracy, epsilon).
+
+  Raises the faults of `fljax.runs` (WorkdirError, DivergenceError, CheckpointError,
+  Interrupted) and datasets.DatasetError.
+  """
+  from tqdm import tqdm
+
   workdir = Path(workdir)
   # With a target epsilon, sigma depends on the run length, so the length is fixed too.
-  fl_train.check_workdir(workdir, config, overwrite,
-                         extendable=() if config.target_epsilon is not None else ("epochs",))
+  runs.check_workdir(workdir, config, overwrite,
+                     extendable=() if config.target_epsilon is not None else ("epochs",))
   k_init, k_run = jax.random.split(jax.random.key(config.seed))
-  ds = datasets.load(config.dataset, data_dir=config.data_dir)
+  ds = datasets.load(config.data.name, data_dir=config.data.data_dir)
   n = ds.x_train.shape[0]
   cfg, steps_per_epoch, accountant = _setup(config, n)
   model = models.make(config.model.name, num_classes=ds.num_classes, input_shape=ds.image_shape,
@@ -104,57 +132,48 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
   k_noise, k_steps = jax.random.split(k_run)
   base = OPTIMIZERS[config.optimizer](config)
   opt = dpsgd.dp_optimizer(cfg, base, key=k_noise) if config.private else base
-  step = jax.jit(dpsgd.make_step(fed.make_loss_fn(model.apply), cfg, opt, n,
-                                 private=config.private), donate_argnums=(0, 1))
+  dp_step = dpsgd.make_step(fed.make_loss_fn(model.apply), cfg, opt, n, private=config.private)
+
+  def step(state: TrainState, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    params, opt_state, metrics = dp_step(state.params, state.opt_state, data,
+                                         jax.random.fold_in(state.key, state.step))
+    return dataclasses.replace(state, step=state.step + 1, params=params,
+                               opt_state=opt_state), metrics
+
+  step = jax.jit(step, donate_argnums=0)
   evaluate = jax.jit(fed.make_evaluate(model.apply))
   data = Batch(x=jnp.asarray(ds.x_train), y=jnp.asarray(ds.y_train), mask=jnp.ones((n,)))
+  x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
 
   params = model.init(k_init)
-  state = fed.ServerState(params=params, opt_state=opt.init(params), round=jnp.zeros((), jnp.int32),
-                          key=k_steps, noise_key=k_steps)
-  ckpt = Checkpointer(workdir / "checkpoints")
-  start = ckpt.latest_round() or 0
-  if start:
-    state = ckpt.restore(state)
-  log = fl_train.MetricsLog(workdir / "metrics.jsonl", start)
-  say = print if progress else (lambda *_: None)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                     key=k_steps)
+  state, ckpt, log = runs.resume(workdir, state)
+  start = int(state.step) // steps_per_epoch
+  say = tqdm.write
   sigma_text = f"sigma={cfg.noise_multiplier:.4g}, C={cfg.clip_norm}" if config.private else "non-private"
   say(f"{ds.describe()}; {config.model.name}; DP-SGD {sigma_text}, B={cfg.batch_size} "
       f"({cfg.sampling}), {steps_per_epoch} steps/epoch x {config.epochs} epochs"
       + (f"; resuming at epoch {start}" if start else ""))
-  record: dict[str, Any] = {}
-  try:
-    for epoch in range(start, config.epochs):
-      t0 = time.perf_counter()
-      params, opt_state, key = state.params, state.opt_state, state.key
-      sums: dict[str, float] = {}
-      for s in range(steps_per_epoch):
-        params, opt_state, metrics = step(params, opt_state, data,
-                                          jax.random.fold_in(key, epoch * steps_per_epoch + s))
-        for k, v in jax.device_get(metrics).items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-      state = fed.ServerState(params=params, opt_state=opt_state, round=jnp.asarray(epoch + 1),
-                              key=key, noise_key=key)
-      ev = jax.device_get(evaluate(params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)))
-      steps_done = (epoch + 1) * steps_per_epoch
-      record = {"epoch": epoch + 1, "round": epoch + 1, "steps": steps_done,
-                **{k: v / steps_per_epoch for k, v in sums.items()},
-                "test_accuracy": float(ev["accuracy"])}
-      if config.private:  # a non-private run has no epsilon (infinite), so none is logged
-        record["epsilon"] = accounting.epsilon(cfg.event(n, steps_done, accountant),
-                                               config.delta, accountant=accountant)
-        record["noise_multiplier"] = cfg.noise_multiplier
-      record["epoch_seconds"] = time.perf_counter() - t0
-      log.append(record)
-      say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {record['loss']:.4f}  "
-          f"test_acc {record['test_accuracy']:.4f}  "
-          + (f"eps {record['epsilon']:.3g}  " if config.private else "")
-          + f"{record['epoch_seconds']:.1f}s")
-      ckpt.save(state)
-  finally:
-    ckpt.close()
-  if not record and log.records:
-    record = log.records[-1]
+
+  def on_log(state, record):
+    epoch = record["step"] // steps_per_epoch
+    ev = jax.device_get(evaluate(state.params, x_test, y_test))
+    more = {"epoch": epoch, "test_accuracy": float(ev["accuracy"])}
+    if config.private:  # a non-private run has no epsilon (infinite), so none is logged
+      more["epsilon"] = accounting.epsilon(cfg.event(n, record["step"], accountant),
+                                           config.delta, accountant=accountant)
+      more["noise_multiplier"] = cfg.noise_multiplier
+    say(f"epoch {epoch:3d}/{config.epochs}  loss {record['loss']:.4f}  "
+        f"test_acc {more['test_accuracy']:.4f}"
+        + (f"  eps {more['epsilon']:.3g}" if config.private else ""))
+    return more
+
+  _, record = runs.run_steps(
+      state, lambda s: step(s, data), steps=config.epochs * steps_per_epoch, ckpt=ckpt, log=log,
+      log_every=steps_per_epoch, checkpoint_every=steps_per_epoch, on_log=on_log,
+      progress=progress,
+      divergence=runs.Divergence(keys=("loss",), advice=f"lower --lr (now {config.lr:g})"))
   # epsilon null: not private (epsilon = infinity).
   (workdir / "result.json").write_text(json.dumps({
       "test_accuracy": record.get("test_accuracy"), "epsilon": record.get("epsilon"),
@@ -165,13 +184,8 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
 
 
 def main(argv: list[str] | None = None) -> None:
-  def extra(parser):
-    parser.add_argument("--workdir", default="runs/dpsgd", help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in --workdir")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-  config, ns = config_lib.parse(CentralConfig, argv, extra=extra,
+  config, ns = config_lib.parse(CentralConfig, argv,
+                                extra=lambda p: runs.add_flags(p, workdir="runs/dpsgd"),
                                 description="Centralized DP-SGD with exact accounting, resumable.")
-  try:
-    train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=not ns.quiet)
-  except (datasets.DatasetError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+  with runs.cli_errors():
+    train_and_evaluate(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)

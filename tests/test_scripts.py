@@ -74,7 +74,8 @@ def test_bench_diffusion_quick_prints_result_line():
 def test_train_then_evaluate_a_diffusion_prior(tmp_path):
   tiny = ["--data.name", "digits", "--data.image_size", "8", "--block_out_channels", "16",
           "--down_block_types", "AttnDownBlock2D", "--up_block_types", "AttnUpBlock2D",
-          "--norm_num_groups", "4", "--attention_head_dim", "8", "--sample_steps", "2", "--no-progress"]
+          "--norm_num_groups", "4", "--attention_head_dim", "8", "--sample_steps", "2",
+          "--progress", "false"]
   run_script("train_diffusion.py", "--workdir", str(tmp_path / "run"), "--steps", "3", *tiny)
   assert (tmp_path / "run" / "prior" / "params.msgpack").exists()
   assert (tmp_path / "run" / "samples_000003.png").exists()
@@ -99,7 +100,7 @@ def _tiny_gan(path):
 
 def test_train_gan_writes_a_loadable_prior(tmp_path):
   run_script("train_gan.py", "--workdir", str(tmp_path / "run"), "--steps", "2", "--base", "4",
-             "--latent_dim", "8", "--batch_size", "8", "--sample_every", "2", "--no-progress")
+             "--latent_dim", "8", "--batch_size", "8", "--sample_every", "2", "--progress", "false")
   from inversion import gan
   assert gan.load(tmp_path / "run" / "prior").config.base == 4
   assert list((tmp_path / "run").glob("samples_*.png"))
