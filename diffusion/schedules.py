@@ -22,8 +22,8 @@ xi, noise multiplier z = sqrt((1 - abar) / abar) relative to the scale of x_0.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,26 +56,44 @@ def from_betas(betas: np.ndarray | jax.Array) -> Schedule:
                   alpha_bars=jnp.asarray(np.cumprod(alphas), jnp.float32))
 
 
-def linear(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-  """DDPM's linear betas from `beta_start` to `beta_end`."""
+def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02) -> np.ndarray:
+  """DDPM's linear betas from `beta_start` to `beta_end`, float64 `[T]`."""
   _check_steps(num_steps)
-  return from_betas(np.linspace(beta_start, beta_end, num_steps))
+  return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_steps: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> np.ndarray:
+  """Betas linear in sqrt(beta) (latent diffusion; diffusers' 'scaled_linear'), float64 `[T]`."""
+  _check_steps(num_steps)
+  return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+
+
+def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+  """Nichol & Dhariwal's cosine schedule, float64 `[T]`: alpha_bar(t) = f(t) / f(0), f(t) =
+  cos^2(((t / T) + s) / (1 + s) pi / 2), betas clipped at `max_beta` (diffusers'
+  'squaredcos_cap_v2')."""
+  _check_steps(num_steps)
+  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+  i = np.arange(num_steps, dtype=np.float64)
+  return np.minimum(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta)
+
+
+def linear(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+  """DDPM's linear schedule (`linear_betas`)."""
+  return from_betas(linear_betas(num_steps, beta_start, beta_end))
 
 
 def scaled_linear(num_steps: int = 1000, beta_start: float = 0.00085,
                   beta_end: float = 0.012) -> Schedule:
-  """Linear in sqrt(beta) (latent diffusion; diffusers' 'scaled_linear')."""
-  _check_steps(num_steps)
-  return from_betas(np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps) ** 2)
+  """The scaled-linear schedule (`scaled_linear_betas`)."""
+  return from_betas(scaled_linear_betas(num_steps, beta_start, beta_end))
 
 
 def cosine(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
-  """Nichol & Dhariwal's cosine schedule: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t / T)
-  + s) / (1 + s) pi / 2), betas clipped at `max_beta` (diffusers' 'squaredcos_cap_v2')."""
-  _check_steps(num_steps)
-  f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
-  betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
-  return from_betas(betas)
+  """The cosine schedule (`cosine_betas`)."""
+  return from_betas(cosine_betas(num_steps, s, max_beta))
 
 
 def _check_steps(num_steps: int) -> None:
@@ -88,6 +106,20 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "scaled_linear": scaled_linear,
     "cosine": cosine,
 }
+BETAS: dict[str, Callable[..., np.ndarray]] = {
+    "linear": linear_betas,
+    "scaled_linear": scaled_linear_betas,
+    "cosine": cosine_betas,
+}
+
+
+def alpha_bars(name: str, num_steps: int = 1000) -> np.ndarray:
+  """alpha_bar_t = prod_{s <= t} (1 - beta_s), t = 0 .. T-1, of the schedule `name` with
+  its default parameters, in float64 on the host (a `Schedule` stores float32; privacy
+  accounting reads these)."""
+  if name not in BETAS:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(BETAS)}")
+  return np.cumprod(1.0 - BETAS[name](num_steps))
 
 
 def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -128,11 +160,18 @@ def convert(prediction: jax.Array, x_t: jax.Array, alpha_bar: jax.Array, *, sour
   return {"epsilon": eps, "x0": x0, "v": a * eps - b * x0}[target]
 
 
-def noise_multiplier(alpha_bar: float | jax.Array) -> jax.Array:
+def noise_multiplier(alpha_bar: float | np.ndarray | jax.Array) -> np.ndarray | jax.Array:
   """z = sqrt((1 - abar) / abar): x_t / sqrt(abar) = x_0 + z xi, a Gaussian mechanism with
-  noise multiplier z relative to the scale (the clip norm) of x_0."""
-  alpha_bar = jnp.asarray(alpha_bar)
-  return jnp.sqrt((1.0 - alpha_bar) / alpha_bar)
+  noise multiplier z relative to the scale (the clip norm) of x_0. NumPy input (such as
+  `alpha_bars`' float64) is computed in NumPy, anything else in jax.numpy."""
+  xp = np if isinstance(alpha_bar, (np.ndarray, np.generic)) else jnp
+  alpha_bar = xp.asarray(alpha_bar)
+  return xp.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def alpha_bar_of(z: Any) -> Any:
+  """abar = 1 / (1 + z^2), the inverse of `noise_multiplier` (any array type or a float)."""
+  return 1.0 / (1.0 + z * z)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,5 +9,5 @@
   train        federated runs with a mechanism and epsilon logged every round
   centralized  centralized DP-SGD runs
 
-Imports only from `fljax`.
+Imports from `fljax`, and `diffusion.schedules` (forward noise reads its schedules).
 """

@@ -75,6 +75,8 @@ import numpy as np
 from dp_accounting import dp_event
 from scipy import stats as scipy_stats
 
+from diffusion import schedules
+from diffusion.schedules import alpha_bar_of
 from fljax.federated import DefenseFn
 from privacy import accounting
 from privacy.clipping import clip_update
@@ -99,19 +101,11 @@ def _check(ok: bool, message: str) -> None:
 
 
 def alpha_bars(kind: str, num_steps: int = 1000) -> np.ndarray:
-  """`[T]` float64 alpha_bar_t for t = 1..T: DDPM's linear betas (1e-4..0.02) or the cosine
-  schedule (s = 0.008, betas capped at 0.999), as in `diffusion.schedules`."""
+  """`[T]` float64 alpha_bar_t for t = 1..T of `diffusion.schedules`' linear (DDPM's betas
+  1e-4..0.02) or cosine (s = 0.008, betas capped at 0.999) schedule."""
   _check(kind in DIFFUSION_KINDS, f"diffusion schedule must be one of {DIFFUSION_KINDS}, "
                                   f"got {kind!r}")
-  _check(num_steps >= 1, f"num_steps must be >= 1, got {num_steps}")
-  if kind == "linear":
-    betas = np.linspace(1e-4, 0.02, num_steps, dtype=np.float64)
-  else:
-    s = 0.008
-    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
-    i = np.arange(num_steps, dtype=np.float64)
-    betas = np.minimum(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999)
-  return np.cumprod(1.0 - betas)
+  return schedules.alpha_bars(kind, num_steps)
 
 
 def z_of_t(kind: str, t: Any, num_steps: int = 1000) -> np.ndarray:
@@ -119,19 +113,13 @@ def z_of_t(kind: str, t: Any, num_steps: int = 1000) -> np.ndarray:
   t = np.asarray(t)
   _check(np.all(t == np.round(t)) and np.all((t >= 1) & (t <= num_steps)),
          f"diffusion time t must be an integer in [1, {num_steps}], got {t}")
-  abar = alpha_bars(kind, num_steps)[t.astype(int) - 1]
-  return np.sqrt((1.0 - abar) / abar)
+  return schedules.noise_multiplier(alpha_bars(kind, num_steps)[t.astype(int) - 1])
 
 
 def t_of_z(kind: str, z: float, num_steps: int = 1000) -> int:
   """The first diffusion time whose z_t reaches `z` (T if none does)."""
   zs = z_of_t(kind, np.arange(1, num_steps + 1), num_steps)
   return int(min(np.searchsorted(zs, z) + 1, num_steps))
-
-
-def alpha_bar_of(z: Any) -> Any:
-  """abar = 1 / (1 + z^2), the diffusion time's signal level for noise multiplier z."""
-  return 1.0 / (1.0 + z * z)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -513,7 +501,7 @@ class ForwardNoise:
 
     def defense(update, key, round_=0):
       z = zs[jnp.clip(round_, 0, last)]
-      abar = 1.0 / (1.0 + z * z)
+      abar = alpha_bar_of(z)
       signal, noise_scale = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
       if self.rescale:  # y / sqrt(abar): the clipped update plus z-scaled noise
         signal, noise_scale = jnp.ones_like(z), z

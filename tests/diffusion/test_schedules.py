@@ -97,6 +97,18 @@ def test_noise_to_is_a_gaussian_mechanism_with_the_stated_multiplier():
     sch.noise_to(x, 0.0, key=jax.random.key(1))
 
 
+def test_host_alpha_bars_are_the_schedules_in_float64():
+  for name in sch.SCHEDULES:
+    host = sch.alpha_bars(name, 100)
+    assert host.dtype == np.float64
+    np.testing.assert_array_equal(host.astype(np.float32), sch.SCHEDULES[name](100).alpha_bars)
+  z = sch.noise_multiplier(host)  # NumPy in, float64 NumPy out
+  assert z.dtype == np.float64 and isinstance(z, np.ndarray)
+  np.testing.assert_allclose(sch.alpha_bar_of(z), host, rtol=1e-12)
+  with pytest.raises(ValueError, match="unknown schedule"):
+    sch.alpha_bars("sigmoid")
+
+
 def test_bad_schedules_are_refused():
   with pytest.raises(ValueError, match="at least one step"):
     sch.linear(0)
