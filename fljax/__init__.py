@@ -2,7 +2,8 @@
 
 The bottom layer of the project: `privacy`, `diffusion` and `inversion` build on it, and
 it imports none of them. Modules: `datasets`, `partitions`, `models`, `federated`,
-`checkpoint`, `train`, `config`, `plots`.
+`checkpoint`, `runs` (the run infrastructure every trainer shares), `train`, `config`,
+`plots`.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,9 @@ killed at any moment keeps its last complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,18 @@ def _to_tree(state: ServerState) -> dict[str, Any]:
           for f in dataclasses.fields(state)}
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Silences orbax's (absl) log lines for a while: the callers report damage themselves."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    absl.setLevel(level)
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read (the message names it and says what to do)."""
 
@@ -42,10 +56,10 @@ class Checkpointer:
   def __init__(self, directory: str | Path, *, max_to_keep: int = 2, step_field: str = "round"):
     self.directory = Path(directory).absolute()
     self.step_field = step_field
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False)
+    with _orbax_quiet():  # its complaints about damaged checkpoints: see restore_newest_valid
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_round(self) -> int | None:
     """The round of the newest checkpoint, or None when there is none."""
@@ -87,17 +101,20 @@ class Checkpointer:
   def restore_newest_valid(self, template: Any, *, warn: Callable[[str], Any] = print) -> Any | None:
     """The newest readable checkpoint restored into `template`, or None when none is.
 
-    An unreadable one is moved aside to `<step>.corrupt` (kept for inspection), with a
-    warning, and the previous one is tried: a run killed or damaged mid-save resumes
-    from its last good checkpoint.
+    An unreadable one is moved aside to `<step>.corrupt` (kept for inspection), with one
+    warning line (orbax's own log lines about it are silenced), and the previous one is
+    tried: a run killed or damaged mid-save resumes from its last good checkpoint.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        return self.restore(template, step)
-      except CheckpointError as e:
-        warn(f"warning: {e}; moved it to {step}.corrupt and trying the previous checkpoint")
-        shutil.move(str(self.directory / str(step)), str(self.directory / f"{step}.corrupt"))
-        self._manager.reload()
+    with _orbax_quiet():
+      for step in sorted(self._manager.all_steps(), reverse=True):
+        try:
+          return self.restore(template, step)
+        except CheckpointError as e:
+          warn(f"warning: {e}; moved it to {step}.corrupt and trying the previous checkpoint")
+          shutil.move(str(self.directory / str(step)), str(self.directory / f"{step}.corrupt"))
+          # a fresh manager: a failed restore can leave the old one unable to read the rest
+          self._manager.close()
+          self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     return None
 
   def close(self) -> None:

@@ -9,8 +9,10 @@ evaluates on the test split and writes to `workdir`:
   label_histogram.txt  labels per client (and .png)
   checkpoints/         orbax checkpoints of the server state every `checkpoint_every` rounds
 
-Rerunning the same command resumes from the newest checkpoint; the resumed run ends with
-parameters bit-identical to an uninterrupted one. Ctrl-C saves a checkpoint first.
+Rerunning the same command resumes from the newest readable checkpoint; the resumed run
+ends with parameters bit-identical to an uninterrupted one. Ctrl-C saves a checkpoint
+first; a diverging loss stops the run with advice (see `fljax.runs`, whose step loop and
+workdir rules this uses).
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None, *, config_cls: type = ExperimentConfig,
     # CPU devices of several processes talk through gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
-  with runs.cli_errors(datasets.DatasetError):
+  with runs.cli_errors():
     (run or train_and_evaluate)(config, ns.workdir, overwrite=ns.overwrite, progress=ns.progress)
 
 

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import types
 
@@ -68,20 +69,26 @@ def test_on_log_adds_fields(tmp_path):
   assert [r["x"] for r in records(tmp_path)] == [2.0, 4.0]
 
 
-def test_resume_skips_a_corrupt_checkpoint_and_truncates_the_log(tmp_path):
-  run(tmp_path, steps=4)  # checkpoints at 2 and 4, a record per step
-  for f in (tmp_path / "checkpoints" / "4").rglob("*"):
+def damage(folder, how):
+  if how == "emptied":
+    shutil.rmtree(folder)
+    folder.mkdir()
+  for f in folder.rglob("*"):
     if f.is_file():
-      f.write_bytes(b"\0")
+      f.write_bytes(f.read_bytes()[:5])
+
+
+@pytest.mark.parametrize("how", ["truncated", "emptied"])
+def test_resume_skips_a_damaged_checkpoint_and_truncates_the_log(tmp_path, how):
+  run(tmp_path, steps=4)  # checkpoints at 2 and 4, a record per step
+  damage(tmp_path / "checkpoints" / "4", how)
   warnings = []
   state, ckpt, log = runs.resume(tmp_path, fresh(), warn=warnings.append)
   ckpt.close()
   assert int(state.step) == 2 and float(state.x) == 4
   assert len(warnings) == 1 and "4.corrupt" in warnings[0]
   assert [r["step"] for r in log.records] == [1, 2]
-  for f in (tmp_path / "checkpoints" / "2").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"\0")
+  damage(tmp_path / "checkpoints" / "2", how)
   with pytest.raises(CheckpointError, match="no checkpoint"):
     runs.resume(tmp_path, fresh(), warn=warnings.append)
 
