@@ -23,7 +23,7 @@ from diffusion import schedules, unet
 
 Params = Any
 
-#: The MNIST prior that ships with fljax (see README: how it was trained, its quality).
+#: The MNIST prior that ships with fljax (see docs/diffusion.md: how it was trained, its quality).
 MNIST_PRIOR = Path(__file__).parent / "priors" / "mnist32"
 
 

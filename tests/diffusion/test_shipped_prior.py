@@ -1,4 +1,4 @@
-"""The MNIST prior that ships in the repository (see README: how it was trained)."""
+"""The MNIST prior that ships in the repository (see docs/diffusion.md: how it was trained)."""
 
 import jax
 import jax.numpy as jnp
