@@ -310,11 +310,12 @@ class Progress:
 
   def line(self, now: float | None = None) -> str:
     """`rounds 40/100 (40%)  2.1 rounds/s  eta 0:00:29  train_loss 0.31`."""
-    elapsed = (now or time.perf_counter()) - self.t0
+    elapsed = (time.perf_counter() if now is None else now) - self.t0
     rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
     eta = "?" if rate <= 0 else _clock((self.total - self.done) / rate)
-    return (f"{self.unit} {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
-            f"  {rate:.3g} {self.unit}/s  eta {eta}" + (f"  {self.postfix}" if self.postfix else ""))
+    percent = 100 * self.done / max(self.total, 1)
+    return (f"{self.unit} {self.done}/{self.total} ({percent:.0f}%)  {rate:.3g} {self.unit}/s  "
+            f"eta {eta}" + (f"  {self.postfix}" if self.postfix else ""))
 
   def close(self) -> None:
     if self.bar is not None:
