@@ -79,12 +79,12 @@ def test_train_then_evaluate_a_diffusion_prior(tmp_path):
   run_script("train_diffusion.py", "--workdir", str(tmp_path / "run"), "--steps", "3", *tiny)
   assert (tmp_path / "run" / "prior" / "params.msgpack").exists()
   assert (tmp_path / "run" / "samples_000003.png").exists()
-  out = run_script("eval_diffusion.py", "--prior", str(tmp_path / "run" / "prior"), "--dataset", "digits",
-                   "--num", "40", "--steps", "2", "--cache_dir", str(tmp_path / "cache"),
-                   "--grid", str(tmp_path / "grid.png"))
-  result = json.loads(out.strip().splitlines()[-1])
+  run_script("eval_diffusion.py", "--prior", str(tmp_path / "run" / "prior"), "--data.name", "digits",
+             "--num", "40", "--steps", "2", "--cache_dir", str(tmp_path / "cache"),
+             "--workdir", str(tmp_path / "eval"), "--grid")
+  result = json.loads((tmp_path / "eval" / "eval.json").read_text())
   assert 0 <= result["class_accuracy"] <= 1 and result["frechet_distance"] > 0
-  assert (tmp_path / "grid.png").exists()
+  assert (tmp_path / "eval" / "samples.png").exists()
   # A folder that is not a prior is one clear error.
   bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_diffusion.py"), "--prior",
                         str(tmp_path / "run")], capture_output=True, text=True)
@@ -118,6 +118,7 @@ def _tiny_prior(path):
                                  schedule_config={"name": "linear", "num_train_steps": 1000}), path)
 
 
+@pytest.mark.slow  # GIFD and DPS through a subprocess (about 35 s); tests/inversion/test_compare.py runs the driver in process
 def test_compare_attacks_writes_one_grid_and_one_table(tmp_path):
   _tiny_gan(tmp_path / "gan")
   _tiny_prior(tmp_path / "prior")

@@ -53,6 +53,7 @@ def _params(workdir):
   return prior_lib.load(workdir / "prior").params
 
 
+@pytest.mark.slow  # four training runs (about 40 s); fljax's checkpoint and runs tests cover resume and damaged checkpoints
 def test_resume_is_bit_identical_and_a_corrupted_checkpoint_falls_back(tmp_path, capsys):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   training.train(training.TrainConfig(**TINY, steps=10), straight, progress=False)

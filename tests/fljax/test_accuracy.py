@@ -14,6 +14,7 @@ def _run(tmp_path, partition, alpha=0.5):
   return train.train_and_evaluate(config, tmp_path, progress=False)
 
 
+@pytest.mark.slow  # 50 rounds on MNIST (about 40 s)
 def test_fedavg_iid_reaches_90_percent_in_50_rounds(tmp_path):
   record = _run(tmp_path, "iid")
   assert record["round"] == 50 and record["test_accuracy"] >= 0.90

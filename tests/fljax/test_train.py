@@ -120,6 +120,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
     train.train_and_evaluate(dataclasses.replace(cfg, rounds=4), workdir, progress=False)
 
 
+@pytest.mark.slow  # a real SIGTERM to a subprocess (about 30 s); tests/fljax/test_runs.py stops a run in process
 def test_interrupt_checkpoints_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   env = {**os.environ, "XLA_FLAGS": ""}
@@ -153,6 +154,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two jax.distributed processes (about 35 s)
 def test_two_processes_with_jax_distributed_equal_one(tmp_path):
   # 2 processes x 4 CPU devices (gloo collectives over loopback) against 1 process, 1 device.
   args = ["--rounds", "2", "--data.num_clients", "16", *SMALL]
