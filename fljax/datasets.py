@@ -27,7 +27,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -309,6 +309,24 @@ LOADERS: dict[str, Callable[[str | None], Dataset]] = {
     "digits": _load_digits,
     "fashion_mnist": _load_fashion_mnist,
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Source:
+  """Which dataset, and where it lives: the `--data.name` / `--data.data_dir` flags of the
+  entry points that need nothing more.
+
+  Attributes:
+    name: an fljax dataset (mnist is embedded; digits, fashion_mnist, tfds:<name>).
+    data_dir: its folder or TFDS data_dir, where it needs one.
+  """
+
+  name: str = "mnist"
+  data_dir: str | None = None
+
+  def load(self, **kwargs: Any) -> Dataset:
+    """`load(name, data_dir=data_dir, **kwargs)`."""
+    return load(self.name, data_dir=self.data_dir, **kwargs)
 
 
 def load(name: str, *, image_size: int | None = None, channels: int | None = None,

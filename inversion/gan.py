@@ -193,19 +193,6 @@ def load(path: str | Path = MNIST_GAN) -> GAN:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-  """The training images (the training split, at 32x32).
-
-  Attributes:
-    name: an fljax dataset (mnist, digits, fashion_mnist, tfds:<name>).
-    data_dir: its folder or TFDS data_dir, where it needs one.
-  """
-
-  name: str = "mnist"
-  data_dir: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class GANTrainConfig:
   """A DCGAN training run on an fljax dataset's training split (victims come from the
   test split, so the prior never sees them). See the module docstring for the recipe.
@@ -234,7 +221,7 @@ class GANTrainConfig:
     sample_every: steps between sample grids.
   """
 
-  data: DataConfig = DataConfig()
+  data: datasets.Source = datasets.Source()
   channels: int = 1
   latent_dim: int = 100
   base: int = 32
@@ -357,8 +344,7 @@ def train(config: GANTrainConfig, workdir: str | os.PathLike, *, overwrite: bool
   workdir = Path(workdir)
   runs.check_workdir(workdir, config, overwrite,
                      extendable=("steps", "sample_every", "checkpoint_every"))
-  ds = datasets.load(config.data.name, image_size=32, channels=config.channels,
-                     data_dir=config.data.data_dir)
+  ds = config.data.load(image_size=32, channels=config.channels)
   gcfg = GANConfig(latent_dim=config.latent_dim, base=config.base, channels=config.channels)
   g_optimizer = optax.adam(config.lr, b1=config.beta1)
   d_optimizer = optax.adam(config.d_lr or config.lr, b1=config.beta1)

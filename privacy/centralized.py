@@ -34,19 +34,6 @@ OPTIMIZERS = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-  """The training data.
-
-  Attributes:
-    name: an fljax dataset (mnist is embedded; digits, fashion_mnist, tfds:<name>).
-    data_dir: its folder or TFDS data_dir, where it needs one.
-  """
-
-  name: str = "mnist"
-  data_dir: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class CentralConfig:
   """A centralized (DP-)SGD run.
 
@@ -65,7 +52,7 @@ class CentralConfig:
     seed: seed of every random choice.
   """
 
-  data: DataConfig = DataConfig()
+  data: datasets.Source = datasets.Source()
   model: fl_train.ModelConfig = fl_train.ModelConfig()
   dpsgd: dpsgd.DPSGDConfig = dpsgd.DPSGDConfig()
   private: bool = True
@@ -124,7 +111,7 @@ def train_and_evaluate(config: CentralConfig, workdir: str | os.PathLike, *,
   runs.check_workdir(workdir, config, overwrite,
                      extendable=() if config.target_epsilon is not None else ("epochs",))
   k_init, k_run = jax.random.split(jax.random.key(config.seed))
-  ds = datasets.load(config.data.name, data_dir=config.data.data_dir)
+  ds = config.data.load()
   n = ds.x_train.shape[0]
   cfg, steps_per_epoch, accountant = _setup(config, n)
   model = models.make(config.model.name, num_classes=ds.num_classes, input_shape=ds.image_shape,

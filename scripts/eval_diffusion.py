@@ -23,19 +23,6 @@ from fljax import datasets
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-  """The dataset the prior was trained on; its test split is the reference.
-
-  Attributes:
-    name: an fljax dataset (mnist, digits, fashion_mnist, tfds:<name>).
-    data_dir: its folder or TFDS data_dir, where it needs one.
-  """
-
-  name: str = "mnist"
-  data_dir: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
   """One evaluation of a prior.
 
@@ -52,7 +39,7 @@ class EvalConfig:
   """
 
   prior: str = str(prior_lib.MNIST_PRIOR)
-  data: DataConfig = DataConfig()
+  data: datasets.Source = datasets.Source()
   num: int = 1000
   steps: int = 50
   guidance_weight: float = 0.0
@@ -76,7 +63,7 @@ def main(argv=None):
       workdir.mkdir(parents=True, exist_ok=True)
     prior = prior_lib.load(config.prior)
     h, w, c = prior.unet_config.input_shape
-    ds = datasets.load(config.data.name, image_size=h, channels=c, data_dir=config.data.data_dir)
+    ds = config.data.load(image_size=h, channels=c)
     result = evaluation.evaluate(prior, ds, key=jax.random.key(config.seed), num=config.num,
                                  num_steps=config.steps, guidance_weight=config.guidance_weight,
                                  cache_dir=config.cache_dir)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from fljax import runs
+from fljax import datasets, runs
 from fljax import train as fl_train
 from privacy import centralized, dpsgd
 
 # Fixed-size batches of 64: accounted by RDP (PLD takes seconds per epsilon).
-DIGITS = centralized.CentralConfig(data=centralized.DataConfig(name="digits"),
+DIGITS = centralized.CentralConfig(data=datasets.Source(name="digits"),
                                    model=fl_train.ModelConfig(name="mlp"),
                                    dpsgd=dpsgd.DPSGDConfig(batch_size=64, sampling="fixed"),
                                    lr=0.1, epochs=2)
