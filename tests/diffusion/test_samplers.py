@@ -134,7 +134,7 @@ def test_every_sampler_runs_a_unet_prior_with_guidance_through_the_denoiser():
   from diffusion import prior as prior_lib
   from diffusion import unet
   micro = unet.UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
-                          down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",),
+                          down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
                           layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
   prior = prior_lib.Prior(unet_config=micro, params=unet.init(micro, key=jax.random.key(0)),
                           schedule=schedules.linear(1000), num_classes=10)

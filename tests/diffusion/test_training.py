@@ -10,10 +10,10 @@ from diffusion import prior as prior_lib
 from diffusion import schedules, training, unet
 from fljax import datasets, runs
 
-# One resolution level (ResNet, attention, middle block, class embedding): small to compile.
+# One resolution level (ResNet blocks, the middle block, class embedding): small to compile.
 TINY = dict(data=training.DataConfig(name="digits", image_size=8, channels=1, train_subset=200),
-            block_out_channels=(16,), down_block_types=("AttnDownBlock2D",),
-            up_block_types=("AttnUpBlock2D",), norm_num_groups=4, attention_head_dim=8,
+            block_out_channels=(16,), down_block_types=("DownBlock2D",),
+            up_block_types=("UpBlock2D",), norm_num_groups=4, attention_head_dim=8,
             batch_size=16, warmup=5, log_every=5, checkpoint_every=5, sample_every=0, sample_steps=2)
 
 
