@@ -1,7 +1,8 @@
 """Test set-up, before any jax import.
 
 - 8 fake CPU devices for the sharding tests;
-- JAX's persistent compilation cache in one folder for the whole session, inherited by the
+- JAX's persistent compilation cache in one folder for the whole session (shared by the
+  xdist workers, which `-n auto` in pyproject.toml starts), inherited by the
   subprocess tests through the environment, so that a function compiled by one test (or one
   script launch) is loaded, not recompiled, by the next.
 """
@@ -15,3 +16,10 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fljax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject's addopts): one worker per core, at most 4 (each holds a JAX
+  runtime with 8 fake devices; more workers mostly add compilation memory)."""
+  del config
+  return max(1, min(os.cpu_count() or 1, 4))

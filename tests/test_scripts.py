@@ -20,6 +20,7 @@ def run_script(name: str, *args: str) -> str:
   return out.stdout
 
 
+@pytest.mark.slow  # a benchmark's smoke test (about 20 s)
 def test_bench_fl_round_quick_prints_result_line():
   stdout = run_script("bench_fl_round.py", "--quick", "--clients", "20", "--repeats", "1")
   last = stdout.strip().splitlines()[-1]
@@ -65,6 +66,7 @@ def test_eval_labels_script_runs():
   assert len(rows) == 6 and rows[0][2] == "1.000"  # iDLG at B = 1
 
 
+@pytest.mark.slow  # a benchmark's smoke test (about 30 s)
 def test_bench_diffusion_quick_prints_result_line():
   last = run_script("bench_diffusion.py", "--quick", "--images", "4", "--single", "1").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_diffusion ratio=")

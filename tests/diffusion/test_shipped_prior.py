@@ -21,5 +21,5 @@ def test_shipped_prior_loads_and_denoises():
   noise = jax.random.normal(jax.random.key(0), x0.shape)
   t = jnp.array([100, 300, 500, 700])
   x_t = schedules.q_sample(p.schedule, x0, t, noise)
-  eps = p.denoiser(jnp.asarray(ds.y_test[:4]))(x_t, t)
+  eps = jax.jit(p.denoiser(jnp.asarray(ds.y_test[:4])))(x_t, t)
   assert float(jnp.mean((eps - noise) ** 2)) < 0.1

@@ -13,16 +13,16 @@ TINY = unet.UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_c
 
 def test_output_shape_time_and_label_dependence():
   params = unet.init(TINY, key=jax.random.key(0))
-  model = unet.UNet(TINY)
+  apply = jax.jit(unet.UNet(TINY).apply)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-  out = jax.jit(model.apply)({"params": params}, x, jnp.array([0, 10, 999]), jnp.array([0, 1, 10]))
+  out = apply({"params": params}, x, jnp.array([0, 10, 999]), jnp.array([0, 1, 10]))
   assert out.shape == (3, 8, 8, 1) and bool(jnp.all(jnp.isfinite(out)))
-  other_t = model.apply({"params": params}, x, jnp.array([5, 10, 999]), jnp.array([0, 1, 10]))
-  other_y = model.apply({"params": params}, x, jnp.array([0, 10, 999]), jnp.array([3, 1, 10]))
+  other_t = apply({"params": params}, x, jnp.array([5, 10, 999]), jnp.array([0, 1, 10]))
+  other_y = apply({"params": params}, x, jnp.array([0, 10, 999]), jnp.array([3, 1, 10]))
   assert not np.allclose(out[0], other_t[0]) and np.allclose(out[1:], other_t[1:], atol=1e-6)
   assert not np.allclose(out[0], other_y[0]) and np.allclose(out[1:], other_y[1:], atol=1e-6)
   # Per-example: no statistic is shared across the batch.
-  np.testing.assert_allclose(model.apply({"params": params}, x[:1], jnp.array([0]), jnp.array([0])),
+  np.testing.assert_allclose(apply({"params": params}, x[:1], jnp.array([0]), jnp.array([0])),
                              out[:1], atol=1e-5)
 
 
