@@ -385,7 +385,11 @@ def _pair_info(kind: bytes, session: bytes, u: int, v: int) -> bytes:
 # ----------------------------------------------------------------------------- messages
 
 
-def _pack(**fields) -> bytes:
+def pack(**fields) -> bytes:
+  """One protocol message on the wire: JSON, bytes as base64, maps keyed by client id.
+
+  Public, like `unpack`, because the wire format is what a malicious party controls: the
+  tests forge messages with it."""
   def enc(x):
     if isinstance(x, bytes):
       return {"b": base64.b64encode(x).decode()}
@@ -436,9 +440,10 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # every field of ever
 }
 
 
-def _unpack(data: bytes, where: str, *fields: str) -> dict:
-  """The message's `fields`, each decoded and checked against `_FIELDS`. `where` names the
-  receiver and stage; a valid 'id' field names the sender in every later error."""
+def unpack(data: bytes, where: str, *fields: str) -> dict:
+  """The message's `fields`, each decoded and checked against `_FIELDS` (otherwise a
+  `SecAggError` naming the field). `where` names the receiver and stage; a valid 'id'
+  field names the sender in every later error."""
   def dec(x):
     if isinstance(x, dict):
       if "b" in x:
@@ -492,11 +497,11 @@ class Client:
 
   # round 0
   def advertise(self) -> bytes:
-    return _pack(id=self.id, c_pk=_public(self._c_sk), s_pk=_public(self._s_sk))
+    return pack(id=self.id, c_pk=_public(self._c_sk), s_pk=_public(self._s_sk))
 
   # round 1
   def share_keys(self, roster: bytes) -> bytes:
-    msg = _unpack(roster, f"client {self.id}: ShareKeys roster", "session", "keys")
+    msg = unpack(roster, f"client {self.id}: ShareKeys roster", "session", "keys")
     self._session, keys = msg["session"], msg["keys"]
     if self.id not in keys:
       raise SecAggError(f"client {self.id} is not in the roster")
@@ -511,9 +516,9 @@ class Client:
     for v in peers:
       key = _agree(self._c_sk, self._keys[v][0], _pair_info(b"enc", self._session, self.id, v))
       nonce = os.urandom(12)
-      plain = _pack(u=self.id, v=v, s=shamir.to_bytes(s_shares[v]), b=shamir.to_bytes(b_shares[v]))
+      plain = pack(u=self.id, v=v, s=shamir.to_bytes(s_shares[v]), b=shamir.to_bytes(b_shares[v]))
       out[v] = nonce + AESGCM(key).encrypt(nonce, plain, self._aad(self.id, v))
-    return _pack(id=self.id, ciphertexts=out)
+    return pack(id=self.id, ciphertexts=out)
 
   def _aad(self, sender: int, recipient: int) -> bytes:
     return self._session + struct.pack(">II", sender, recipient)
@@ -525,7 +530,7 @@ class Client:
 
   # round 2
   def masked_input(self, inbox: bytes) -> bytes:
-    msg = _unpack(inbox, f"client {self.id}: MaskedInput inbox", "u2", "ciphertexts")
+    msg = unpack(inbox, f"client {self.id}: MaskedInput inbox", "u2", "ciphertexts")
     u2, self._inbox = set(msg["u2"]), msg["ciphertexts"]
     if self.id not in u2 or not u2 <= set(self._keys):
       raise SecAggError(f"client {self.id}: the declared U2 must contain it and lie within "
@@ -545,11 +550,11 @@ class Client:
                  self.cfg.dimension, self.cfg.bits)
       y = y + mask if self.id < v else y - mask
     self._u2, self._mine = u2, peers | {self.id}
-    return _pack(id=self.id, y=self.cfg.reduce(y).astype("<u8").tobytes())
+    return pack(id=self.id, y=self.cfg.reduce(y).astype("<u8").tobytes())
 
   # round 4
   def unmask(self, request: bytes) -> bytes:
-    msg = _unpack(request, f"client {self.id}: Unmask request", "survivors", "dropped")
+    msg = unpack(request, f"client {self.id}: Unmask request", "survivors", "dropped")
     survivors, dropped = set(msg["survivors"]), set(msg["dropped"])
     if survivors & dropped:
       raise SecAggError(f"clients {sorted(survivors & dropped)} cannot be both survivors and dropped")
@@ -576,7 +581,7 @@ class Client:
       else:
         share = self._decrypt(v)[kind]
       (b_out if kind == "b" else s_out)[v] = shamir.to_bytes(share)
-    return _pack(id=self.id, b_shares=b_out, s_shares=s_out)
+    return pack(id=self.id, b_shares=b_out, s_shares=s_out)
 
   def _decrypt(self, v: int) -> dict[str, int]:
     data = self._inbox[v]
@@ -586,7 +591,7 @@ class Client:
     except (InvalidTag, ValueError):
       raise SecAggError(f"ciphertext from client {v} to client {self.id} failed authentication "
                         f"(tampered, replayed or misdirected)") from None
-    msg = _unpack(plain, f"client {self.id}: shares from client {v}", "u", "v", "s", "b")
+    msg = unpack(plain, f"client {self.id}: shares from client {v}", "u", "v", "s", "b")
     if (msg["u"], msg["v"]) != (v, self.id):
       raise SecAggError(f"ciphertext from client {v} names the wrong sender or recipient")
     return {"s": shamir.from_bytes(msg["s"]), "b": shamir.from_bytes(msg["b"])}
@@ -620,7 +625,7 @@ class Server:
                ) -> dict[int, dict]:
     out = {}
     for data in messages:
-      msg = _unpack(data, stage, "id", *fields)
+      msg = unpack(data, stage, "id", *fields)
       u = msg["id"]
       if u not in allowed:
         raise SecAggError(f"{stage}: message from unknown or excluded client {u}")
@@ -636,7 +641,7 @@ class Server:
   def advertise(self, messages: Iterable[bytes]) -> bytes:
     msgs = self._senders(messages, "U1", set(range(1, self.cfg.num_clients + 1)), "c_pk", "s_pk")
     self._keys = {u: [m["c_pk"], m["s_pk"]] for u, m in msgs.items()}
-    return _pack(session=self.session, keys=self._keys)
+    return pack(session=self.session, keys=self._keys)
 
   def share_keys(self, messages: Iterable[bytes]) -> dict[int, bytes]:
     msgs = self._senders(messages, "U2", set(self._keys), "ciphertexts")
@@ -651,7 +656,7 @@ class Server:
         raise SecAggError(f"U2: client {u}'s ShareKeys message lacks ciphertexts for its "
                           f"neighbours {sorted(missing)}")
     self._u2 = set(u2)
-    return {v: _pack(u2=u2, ciphertexts={u: msgs[u]["ciphertexts"][v] for u in u2
+    return {v: pack(u2=u2, ciphertexts={u: msgs[u]["ciphertexts"][v] for u in u2
                                          if v in msgs[u]["ciphertexts"]})
             for v in u2}
 
@@ -664,7 +669,7 @@ class Server:
       self.view.masked[u] = np.frombuffer(m["y"], dtype="<u8").astype(self.cfg.dtype)
     self._u3 = set(msgs)
     self._dropped = self._u2 - self._u3
-    return _pack(survivors=sorted(self._u3), dropped=sorted(self._dropped))
+    return pack(survivors=sorted(self._u3), dropped=sorted(self._dropped))
 
   def unmask(self, messages: Iterable[bytes]) -> np.ndarray:
     msgs = self._senders(messages, "U5", self._u3, "b_shares", "s_shares")

@@ -71,7 +71,7 @@ def test_late_client_declared_dropped_stays_masked_by_its_self_mask():
   np.testing.assert_array_equal(total, 0)
   # The server now knows client 5's mask key (it was declared dropped), so it can strip the
   # pairwise masks from the late y_5, but never its self-mask: what is left is uniform.
-  y5 = np.frombuffer(sa._unpack(late, "test", "y")["y"], "<u8").astype(cfg.dtype)
+  y5 = np.frombuffer(sa.unpack(late, "test", "y")["y"], "<u8").astype(cfg.dtype)
   s_shares = {u: clients[u]._decrypt(5)["s"] for u in (1, 2, 3, 4)}
   s_sk = X25519PrivateKey.from_private_bytes(shamir.reconstruct(s_shares, 3))
   stripped = y5
@@ -81,7 +81,7 @@ def test_late_client_declared_dropped_stays_masked_by_its_self_mask():
   np.testing.assert_array_equal(cfg.reduce(stripped - sa.prg(clients[5]._b, d, bits)), 0)
   # and no client reveals client 5's self-mask share, even if asked again as a survivor
   with pytest.raises(sa.SecAggError, match="refusing to reveal both"):
-    clients[1].unmask(sa._pack(survivors=[1, 2, 3, 4, 5], dropped=[]))
+    clients[1].unmask(sa.pack(survivors=[1, 2, 3, 4, 5], dropped=[]))
 
 
 def _rounds_to_masked_input(cfg, xs):
@@ -93,7 +93,7 @@ def _rounds_to_masked_input(cfg, xs):
 
 
 def _box(inbox):
-  return sa._unpack(inbox, "test", "u2", "ciphertexts")
+  return sa.unpack(inbox, "test", "u2", "ciphertexts")
 
 
 def test_tampered_and_replayed_ciphertexts_are_rejected():
@@ -103,15 +103,15 @@ def test_tampered_and_replayed_ciphertexts_are_rejected():
   msg = _box(inboxes[1])
   ct = bytearray(msg["ciphertexts"][2])
   ct[-1] ^= 1
-  clients[1].masked_input(sa._pack(u2=msg["u2"], ciphertexts={**msg["ciphertexts"], 2: bytes(ct)}))
-  request = sa._pack(survivors=[1, 2, 3, 4], dropped=[])
+  clients[1].masked_input(sa.pack(u2=msg["u2"], ciphertexts={**msg["ciphertexts"], 2: bytes(ct)}))
+  request = sa.pack(survivors=[1, 2, 3, 4], dropped=[])
   with pytest.raises(sa.SecAggError, match="failed authentication"):
     clients[1].unmask(request)
   # replay: client 2's ciphertext for client 3, redirected to client 1
   other = _box(inboxes[3])["ciphertexts"][2]
   clients2, _, inboxes2 = _rounds_to_masked_input(cfg, xs)
   msg2 = _box(inboxes2[1])
-  clients2[1].masked_input(sa._pack(u2=msg2["u2"], ciphertexts={**msg2["ciphertexts"], 2: other}))
+  clients2[1].masked_input(sa.pack(u2=msg2["u2"], ciphertexts={**msg2["ciphertexts"], 2: other}))
   with pytest.raises(sa.SecAggError, match="failed authentication"):
     clients2[1].unmask(request)
 
@@ -125,17 +125,17 @@ def test_share_keys_message_missing_a_neighbours_ciphertext_is_refused():
   server = sa.Server(cfg)
   roster = server.advertise([c.advertise() for c in clients.values()])
   shared = [c.share_keys(roster) for c in clients.values()]
-  crafted = sa._unpack(shared[0], "test", "id", "ciphertexts")
+  crafted = sa.unpack(shared[0], "test", "id", "ciphertexts")
   del crafted["ciphertexts"][3]
   with pytest.raises(sa.SecAggError, match=r"client 1's ShareKeys message lacks ciphertexts "
                                            r"for its neighbours \[3\]"):
-    server.share_keys([sa._pack(**crafted)] + shared[1:])
+    server.share_keys([sa.pack(**crafted)] + shared[1:])
   # defence in depth: a client whose inbox lacks a U2 neighbour refuses to mask
   inboxes = server.share_keys(shared)
   msg = _box(inboxes[3])
   del msg["ciphertexts"][1]
   with pytest.raises(sa.SecAggError, match=r"client 3 lacks the shares of its U2 neighbours \[1\]"):
-    clients[3].masked_input(sa._pack(**msg))
+    clients[3].masked_input(sa.pack(**msg))
 
 
 def _server_at(stage, cfg, xs):
@@ -184,7 +184,7 @@ def test_malformed_messages_to_the_server_name_the_client_and_field(stage, messa
   receive, sent, _ = _server_at(stage, cfg, _inputs(4, 8, 16))
   who = "" if field == "id" else "client 1's message"
   with pytest.raises(sa.SecAggError, match=f"{who}.*'{field}'"):
-    receive([sa._pack(**message)] + sent[1:])
+    receive([sa.pack(**message)] + sent[1:])
 
 
 MALFORMED_TO_CLIENT = [  # (round the client is in, message from the server, field)
@@ -204,13 +204,13 @@ def test_malformed_messages_to_a_client_name_it_and_the_field(stage, message, fi
   if stage == "unmask":
     server.masked_input([clients[u].masked_input(inboxes[u]) for u in clients])
   with pytest.raises(sa.SecAggError, match=f"client 1.*'{field}'"):
-    getattr(clients[1], stage)(sa._pack(**message))
+    getattr(clients[1], stage)(sa.pack(**message))
 
 
 def test_unknown_clients_and_malformed_messages_are_rejected():
   cfg = sa.SecAggConfig(num_clients=4, threshold=3, dimension=8, bits=16)
   receive, answers, _ = _server_at("unmask", cfg, _inputs(4, 8, 16))
-  forged = sa._pack(id=9, b_shares={}, s_shares={})
+  forged = sa.pack(id=9, b_shares={}, s_shares={})
   with pytest.raises(sa.SecAggError, match="unknown or excluded client 9"):
     receive(answers[:3] + [forged])
   for garbage in (b"not json", b"[1, 2]", None):
@@ -347,7 +347,7 @@ def test_a_disconnecting_dropout_pattern_makes_clients_refuse_to_unmask(k, t, mo
   monkeypatch.setattr(sa, "components", lambda cfg, members: [sorted(members)])
   clients, server, inboxes = _rounds_to_masked_input(cfg, xs)
   request = server.masked_input([clients[u].masked_input(inboxes[u]) for u in sorted(survivors)])
-  answers = [sa._unpack(clients[u].unmask(request), "test", "id", "b_shares", "s_shares")
+  answers = [sa.unpack(clients[u].unmask(request), "test", "id", "b_shares", "s_shares")
              for u in sorted(survivors)]
   shares = {"b": {}, "s": {}}
   for a in answers:
