@@ -50,6 +50,7 @@ def test_bench_inversion_quick_prints_result_line():
   assert float(last.split("ratio=")[1].split()[0]) > 0
 
 
+@pytest.mark.slow  # invert.py through a subprocess (about 17 s); tests/inversion/test_experiment.py runs the driver in process
 def test_invert_script_end_to_end(tmp_path):
   stdout = run_script(
       "invert.py", "--workdir", str(tmp_path / "run"), "--data.name", "digits",
@@ -60,6 +61,7 @@ def test_invert_script_end_to_end(tmp_path):
   assert (tmp_path / "run" / "grid.png").exists() and (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a subprocess (about 20 s); tests/inversion/test_labels.py tests the estimators
 def test_eval_labels_script_runs():
   stdout = run_script("eval_labels.py", "--batches", "2", "--sizes", "1,4")
   rows = [line.split() for line in stdout.strip().splitlines()[1:]]
@@ -73,6 +75,7 @@ def test_bench_diffusion_quick_prints_result_line():
   assert float(last.split("ratio=")[1].split()[0]) > 0
 
 
+@pytest.mark.slow  # two subprocesses (about 35 s); tests/diffusion/test_training.py trains in process
 def test_train_then_evaluate_a_diffusion_prior(tmp_path):
   tiny = ["--data.name", "digits", "--data.image_size", "8", "--block_out_channels", "16",
           "--down_block_types", "AttnDownBlock2D", "--up_block_types", "AttnUpBlock2D",
@@ -100,6 +103,7 @@ def _tiny_gan(path):
   gan.save(gan.GAN(cfg, gan.init(cfg, key=jax.random.key(0))[0]), path)
 
 
+@pytest.mark.slow  # a subprocess (about 25 s); tests/inversion/attacks/test_gifd.py covers the GAN in process
 def test_train_gan_writes_a_loadable_prior(tmp_path):
   run_script("train_gan.py", "--workdir", str(tmp_path / "run"), "--steps", "2", "--base", "4",
              "--latent_dim", "8", "--batch_size", "8", "--sample_every", "2", "--progress", "false")
