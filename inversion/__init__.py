@@ -8,6 +8,8 @@
                distinct labels for batches
   attacks/     DLG / iDLG, Inverting Gradients, as init/step pairs
   metrics      MSE, PSNR, SSIM, feature distance, Hungarian matching, label accuracy
+  stats        bootstrap medians, paired differences and verdicts for "A beats B"
+  baselines    blank, mean-image, nearest-training, prior-only and GAN-sample baselines
   specs        an experiment's config dataclasses and the DEFENSES / ATTACKS registries
   engine       victims, observations, the batched attack engine, attack-state save/restore
   report       scoring an `AttackResult`: metrics.json, reconstructions.npz, grid.png

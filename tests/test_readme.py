@@ -76,6 +76,12 @@ def test_inversion_example_runs():
   assert namespace["label"] == int(namespace["ds"].y_test[0])
 
 
+def test_baselines_example_runs():
+  namespace = run_example("inversion.md", "baselines.evaluate")
+  assert namespace["blank"].n == 16 and namespace["blank"].defined
+  assert namespace["diff"].estimate > 0  # the nearest training digit beats the mean digit
+
+
 def documented_commands() -> list[tuple[str, str, str]]:
   """(page, script, arguments) of every `scripts/X.py` or `.sh` command line in the README
   and docs/*.md: code blocks line by line (continuations joined, comments dropped), and
