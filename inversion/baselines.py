@@ -116,17 +116,19 @@ class PriorSample(NamedTuple):
 
 def prior_only(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, prior: Any,
                obs: Observation, *, key: jax.Array,
-               cfg: DiffusionAttackConfig = DiffusionAttackConfig(), mode: str = "vmap",
+               cfg: DiffusionAttackConfig = DiffusionAttackConfig(), mode: str = "auto",
                map_batch_size: int = 0) -> PriorSample:
   """The diffusion prior's sample at the labels the attack infers, for V victims.
 
   Runs the diffusion-guided attack `cfg` (its sampler, `num_steps`, label method and
   classifier-free guidance weight) with `gradient_weight = 0`, `feature_weight = 0` and no
   refinement on the observations `obs` (updates stacked `[V, ...]`, params shared), one
-  key per victim from `key`, batched by `mode` ('vmap' or 'map', `fljax.federated.batch_over`).
+  key per victim from `key`, batched by `mode` (`fljax.federated.batch_over`: 'auto' is
+  lax.map on CPU and vmap elsewhere, as the attacks' `--batching auto`).
 
   Args:
-    apply_fn: the victim model (it is used only to infer the labels).
+    apply_fn: the victim model (to infer the labels and to report each sample's
+      matching loss; it never guides the sampler).
     threat: the threat model of the observations.
     prior: a `diffusion.prior.Prior` (or anything `diffusion_guided.make` accepts).
     obs: the V observations.

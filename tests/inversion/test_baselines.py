@@ -121,7 +121,7 @@ def test_prior_only_samples_at_the_inferred_labels_and_spends_no_double_backward
   obs = ob.Observation(update=updates, params=params)
   cfg = dg.DiffusionAttackConfig(num_steps=6, labels="idlg", scale=50.0, refine_steps=3)
   out = baselines.prior_only(linear_apply, threat, ClassGaussianPrior(), obs,
-                             key=jax.random.key(2), cfg=cfg)
+                             key=jax.random.key(2), cfg=cfg, mode="vmap")
   assert out.x.shape == (3, 1) + SHAPE
   assert out.y.tolist() == y.tolist()  # iDLG's labels, as the attack infers them
   expected = (ClassGaussianPrior.mean(np.asarray(y, np.float32)) + 1) / 2
