@@ -6,11 +6,25 @@ FedSGD gradient, or FedAvg's unrolled local steps) matches the observed one (L2 
 default). iDLG first reads a single example's label from the last layer's gradient
 (`inversion.labels.idlg`; for FedAvg the delta is read as a negative gradient, which holds
 for one local step) and optimises the input only; batches take their labels from the
-batch estimators of `inversion.labels` the same way. Optimisers: Adam, or L-BFGS with
-a zoom line search (optax.lbfgs), the original DLG's choice.
+batch estimators of `inversion.labels` the same way.
+
+Every evaluation of the matching loss (its value and its gradient with respect to the
+dummy variables: one double-backward evaluation) is made once and charged once: `init`
+makes the first, and the state keeps the loss and gradient at its iterate for the next
+step. The optimisers (`OPTIMIZERS`):
+
+  lbfgs       the original DLG's: torch.optim.LBFGS with torch's defaults (no line search,
+              a fixed step lr = 1, history 100; `inversion.lbfgs`). One step is one
+              iteration and costs one evaluation; torch's convergence tests end the run.
+  lbfgs_zoom  optax.lbfgs with its zoom (strong-Wolfe) line search; a step costs the line
+              search's trials (1 to 20 evaluations), whose last value and gradient the next
+              step reuses (as `optax.value_and_grad_from_state` would).
+  adam        Adam at `lr`; one evaluation per step.
 
 A step whose loss is not finite, or whose iterate is not finite or explodes
-(`attacks.healthy`), keeps the previous iterate and sets `diverged`; the driver reports such a victim as failed (or restarts it), never scores it silently.
+(`attacks.healthy`), keeps the previous iterate and sets `diverged`; a diverged state is
+not stepped again (a deterministic step would repeat the failure). The driver reports such
+a victim as failed (or restarts it), never scores it silently.
 """
 
 from __future__ import annotations
@@ -24,12 +38,14 @@ import jax.numpy as jnp
 import optax
 
 from inversion import labels as label_inference
-from inversion import objectives
+from inversion import lbfgs, objectives
 from inversion.attacks import Attack, counted, guard, healthy, no_counts
 from inversion.observation import Observation, ThreatModel, forward
 
 
 LABELS = ("optimise", "known") + label_inference.METHODS
+OPTIMIZERS = ("lbfgs", "lbfgs_zoom", "adam")
+DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.1}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,22 +53,29 @@ class DLGConfig:
   """DLG settings.
 
   Attributes:
-    optimizer: 'adam' or 'lbfgs'.
-    lr: Adam's learning rate (L-BFGS uses its line search).
+    optimizer: 'lbfgs' (torch's, DLG's), 'lbfgs_zoom' (optax's, zoom line search) or
+      'adam' (module docstring).
+    lr: lbfgs's fixed step or Adam's learning rate (none: 1 for lbfgs, 0.1 for Adam);
+      lbfgs_zoom takes its step from the line search and refuses one.
     objective: 'l2', 'cosine' or 'layer_cosine'.
     labels: 'optimise' (DLG: soft labels learned jointly), 'known' (from the
       observation), or inferred from the update first: 'idlg' (batch size 1),
       'bias_corrected' or 'yin' (batches; `inversion.labels`).
   """
 
-  optimizer: str = "adam"
-  lr: float = 0.1
+  optimizer: str = "lbfgs"
+  lr: float | None = None
   objective: str = "l2"
   labels: str = "idlg"
 
   def __post_init__(self):
-    if self.optimizer not in ("adam", "lbfgs"):
-      raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if self.lr is not None and self.optimizer == "lbfgs_zoom":
+      raise ValueError("lbfgs_zoom takes its step from its line search; leave lr unset or "
+                       "choose optimizer 'lbfgs' or 'adam'")
+    if self.lr is not None and self.lr <= 0:
+      raise ValueError(f"lr must be > 0, got {self.lr}")
     if self.objective not in objectives.OBJECTIVES:
       raise ValueError(f"objective must be one of {sorted(objectives.OBJECTIVES)}")
     if self.labels not in LABELS:
@@ -62,10 +85,56 @@ class DLGConfig:
 class DLGState(NamedTuple):
   x: jax.Array             # [B, H, W, C] current reconstruction
   label_logits: jax.Array  # [B, K] (fixed one-hot logits when labels are not optimised)
-  opt_state: Any
-  loss: jax.Array
+  opt_state: Any           # the optimiser's state (lbfgs: `inversion.lbfgs.LBFGSState`)
+  loss: jax.Array          # the matching loss at (x, label_logits)
+  grad: Any                # its gradient with respect to the optimised variables
   diverged: jax.Array
   counts: jax.Array
+
+
+class _Optimizer(NamedTuple):
+  """`init(variables, loss, grad) -> opt_state`; `step(opt_state, variables, loss, grad,
+  value_and_grad) -> (variables, loss, grad, opt_state, evaluations made)`."""
+
+  init: Callable[..., Any]
+  step: Callable[..., tuple[Any, jax.Array, Any, Any, jax.Array]]
+
+
+def _adam(lr: float) -> _Optimizer:
+  opt = optax.adam(lr)
+
+  def step(opt_state, variables, loss, grad, value_and_grad):
+    updates, opt_state = opt.update(grad, opt_state, variables)
+    variables = optax.apply_updates(variables, updates)
+    loss, grad = value_and_grad(variables)
+    return variables, loss, grad, opt_state, jnp.ones((), jnp.int32)
+
+  return _Optimizer(lambda v, loss, g: opt.init(v), step)
+
+
+def _lbfgs(lr: float) -> _Optimizer:
+  cfg = lbfgs.LBFGSConfig(lr=lr)
+
+  def step(opt_state, variables, loss, grad, value_and_grad):
+    new = lbfgs.update(opt_state, value_and_grad, cfg)
+    return new.params, new.value, new.grad, new, new.evaluations - opt_state.evaluations
+
+  return _Optimizer(lambda v, loss, g: lbfgs.init(v, loss, g, cfg), step)
+
+
+def _lbfgs_zoom() -> _Optimizer:
+  opt = optax.lbfgs()
+
+  def step(opt_state, variables, loss, grad, value_and_grad):
+    fn = lambda v: value_and_grad(v)[0]  # noqa: E731  (differentiated by the line search)
+    updates, opt_state = opt.update(grad, opt_state, variables, value=loss, grad=grad,
+                                    value_fn=fn)
+    variables = optax.apply_updates(variables, updates)
+    trials = optax.tree.get(opt_state, "num_linesearch_steps")
+    return (variables, optax.tree.get(opt_state, "value"), optax.tree.get(opt_state, "grad"),
+            opt_state, trials)
+
+  return _Optimizer(lambda v, loss, g: opt.init(v), step)
 
 
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
@@ -75,12 +144,22 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
   update_of = forward(apply_fn, threat)
   match = objectives.OBJECTIVES[cfg.objective]
   learn_labels = cfg.labels == "optimise"
-  opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.lbfgs()
+  lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer)
+  opt = {"adam": lambda: _adam(lr), "lbfgs": lambda: _lbfgs(lr),
+         "lbfgs_zoom": _lbfgs_zoom}[cfg.optimizer]()
 
-  def objective(variables, obs: Observation):
-    x, logits = variables
-    probs = jax.nn.softmax(logits)
-    return match(update_of(obs.params, x, probs), obs.update)
+  # The optimised variables: the input, and the label logits when they are learned.
+  def variables_of(x, logits):
+    return (x, logits) if learn_labels else x
+
+  def split(variables, logits):
+    return variables if learn_labels else (variables, logits)
+
+  def value_and_grad_at(obs: Observation, logits: jax.Array):
+    def objective(variables):
+      x, lg = split(variables, logits)
+      return match(update_of(obs.params, x, jax.nn.softmax(lg)), obs.update)
+    return jax.value_and_grad(objective)
 
   def init(key: jax.Array, obs: Observation) -> DLGState:
     kx, ky = jax.random.split(key)
@@ -90,30 +169,25 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     else:
       y = label_inference.from_observation(cfg.labels, apply_fn, obs, threat, key=ky)
       logits = 1e3 * jax.nn.one_hot(y, threat.num_classes)  # softmax = one-hot
-    variables = (x, logits)
-    return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables),
-                    loss=objective(variables, obs), diverged=jnp.zeros((), bool),
-                    counts=counted(no_counts(), grad=1))
+    variables = variables_of(x, logits)
+    loss, grad = value_and_grad_at(obs, logits)(variables)
+    return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables, loss, grad),
+                    loss=loss, grad=grad, diverged=~jnp.isfinite(loss),
+                    counts=counted(no_counts(), double_backward=1))
+
+  def advance(state: DLGState, obs: Observation) -> DLGState:
+    variables, loss, grad, opt_state, evals = opt.step(
+        state.opt_state, variables_of(state.x, state.label_logits), state.loss, state.grad,
+        value_and_grad_at(obs, state.label_logits))
+    x, logits = split(variables, state.label_logits)
+    counts = counted(state.counts, double_backward=evals)  # spent whether or not kept
+    new = DLGState(x=x, label_logits=logits, opt_state=opt_state, loss=loss, grad=grad,
+                   diverged=state.diverged, counts=counts)
+    return guard(new, state, healthy(loss, x))._replace(counts=counts)
 
   def step(state: DLGState, obs: Observation) -> tuple[DLGState, dict[str, jax.Array]]:
-    variables = (state.x, state.label_logits)
-    fn = lambda v: objective(v, obs)  # noqa: E731
-    loss, grads = jax.value_and_grad(fn)(variables)
-    if not learn_labels:
-      grads = (grads[0], jnp.zeros_like(grads[1]))
-    if cfg.optimizer == "lbfgs":
-      updates, opt_state = opt.update(grads, state.opt_state, variables, value=loss,
-                                      grad=grads, value_fn=fn)
-    else:
-      updates, opt_state = opt.update(grads, state.opt_state, variables)
-    new_x, new_logits = optax.apply_updates(variables, updates)
-    ok = healthy(loss, new_x)
-    # L-BFGS's zoom line search evaluates the objective (and its gradient) again per trial.
-    extra = optax.tree.get(opt_state, "num_linesearch_steps") if cfg.optimizer == "lbfgs" else 0
-    counts = counted(state.counts, double_backward=1 + extra)
-    new = guard(DLGState(x=new_x, label_logits=new_logits, opt_state=opt_state, loss=loss,
-                         diverged=state.diverged, counts=counts), state, ok)._replace(counts=counts)
-    return new, {"loss": loss, "diverged": new.diverged}
+    new = jax.lax.cond(state.diverged, lambda s: s, lambda s: advance(s, obs), state)
+    return new, {"loss": new.loss, "diverged": new.diverged}
 
   return Attack(init, step)
 

@@ -9,7 +9,7 @@ import pytest
 from fljax import federated as fed
 from fljax import models
 from fljax.partitions import Batch
-from inversion import metrics
+from inversion import engine, metrics, specs
 from inversion import observation as ob
 from inversion.attacks import dlg
 
@@ -29,7 +29,7 @@ def _setup(batch_size=1, victims=1):
   return model, threat, xs, ys, obs
 
 
-@pytest.mark.parametrize("optimizer,steps", [("adam", 300), ("lbfgs", 60)])
+@pytest.mark.parametrize("optimizer,steps", [("adam", 300), ("lbfgs", 60), ("lbfgs_zoom", 60)])
 def test_idlg_converges_to_the_victim(optimizer, steps):
   model, threat, xs, ys, (obs,) = _setup()
   attack = dlg.make(model.apply, threat, dlg.DLGConfig(optimizer=optimizer))
@@ -53,16 +53,17 @@ def test_dlg_with_optimised_labels_reduces_the_matching_loss():
   assert float(state.loss) < 0.1 * first
 
 
-@pytest.mark.parametrize("mode", ["vmap", "map"])
-def test_batched_victims_equal_one_at_a_time(mode):
+@pytest.mark.parametrize("mode,optimizer,steps",
+                         [("vmap", "adam", 20), ("map", "adam", 20), ("vmap", "lbfgs", 5)])
+def test_batched_victims_equal_one_at_a_time(mode, optimizer, steps):
   model, threat, _, _, obs = _setup(victims=3)
-  attack = dlg.make(model.apply, threat)
+  attack = dlg.make(model.apply, threat, dlg.DLGConfig(optimizer=optimizer))
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *obs)
   keys = jax.random.split(jax.random.key(7), 3)
 
   def run(key, o):
     state = attack.init(key, o)
-    state, _ = jax.lax.scan(lambda s, _: attack.step(s, o), state, None, length=20)
+    state, _ = jax.lax.scan(lambda s, _: attack.step(s, o), state, None, length=steps)
     return state.x
 
   batched = jax.jit(fed.batch_over(run, mode))(keys, stacked)
@@ -71,14 +72,59 @@ def test_batched_victims_equal_one_at_a_time(mode):
     np.testing.assert_allclose(batched[i], single(keys[i], obs[i]), rtol=1e-4, atol=1e-5)
 
 
-def test_divergence_is_flagged_and_the_iterate_kept():
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])  # lbfgs_zoom's line search steps 0
+def test_divergence_is_flagged_the_iterate_kept_and_not_stepped_again(optimizer):
   model, threat, _, _, (obs,) = _setup()
-  attack = dlg.make(model.apply, threat)
+  attack = dlg.make(model.apply, threat, dlg.DLGConfig(optimizer=optimizer))
   state = attack.init(jax.random.key(2), obs)
   bad = ob.Observation(update=jax.tree.map(lambda u: u * jnp.nan, obs.update), params=obs.params)
   new, m = attack.step(state, bad)
   assert bool(m["diverged"])
   np.testing.assert_array_equal(new.x, state.x)
+  again, _ = attack.step(new, obs)
+  np.testing.assert_array_equal(again.counts, new.counts)
+
+
+def counting_forward(module, calls):
+  """`module.forward` whose update records every evaluation's input (`calls`)."""
+  real = module.forward
+
+  def forward(apply_fn, threat):
+    update_of = real(apply_fn, threat)
+
+    def update(params, x, probs):
+      jax.debug.callback(lambda v: calls.append(np.asarray(v).tobytes()), x)
+      return update_of(params, x, probs)
+    return update
+  return forward
+
+
+@pytest.mark.parametrize("labels", ["idlg", "optimise"])
+@pytest.mark.parametrize("optimizer", dlg.OPTIMIZERS)
+def test_every_evaluation_is_charged_once_and_none_repeated(monkeypatch, optimizer, labels):
+  model, threat, _, _, (obs,) = _setup()
+  calls = []
+  monkeypatch.setattr(dlg, "forward", counting_forward(dlg, calls))
+  attack = dlg.make(model.apply, threat, dlg.DLGConfig(optimizer=optimizer, labels=labels))
+  state = attack.init(jax.random.key(2), obs)
+  step = jax.jit(attack.step)
+  for _ in range(6):
+    state, _ = step(state, obs)
+  jax.effects_barrier()
+  grad, double_backward, prior = (int(c) for c in state.counts)
+  assert len(calls) == grad + double_backward >= 7  # init's and at least one per step
+  assert len(set(calls)) == len(calls)  # no point evaluated twice (a recomputation)
+  assert prior == 0
+
+
+def test_budget_stops_each_restart_at_its_evaluations():
+  model, threat, _, _, obs = _setup(victims=2)
+  stacked = ob.Observation(update=jax.tree.map(lambda *a: jnp.stack(a), *[o.update for o in obs]),
+                           params=obs[0].params)
+  plan = specs.AttackPlan(dlg.make(model.apply, threat), dlg.labels, steps=40, budget=12)
+  states = engine.attack_batched(plan, stacked, jax.random.split(jax.random.key(2), 2),
+                                 mode="map")
+  np.testing.assert_array_equal(np.asarray(states.counts)[:, 1], [12, 12])
 
 
 def test_bad_observations_are_refused():

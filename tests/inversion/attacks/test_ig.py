@@ -10,6 +10,7 @@ from fljax.partitions import Batch
 from inversion import metrics
 from inversion import observation as ob
 from inversion.attacks import best, ig
+from tests.inversion.attacks.test_dlg import counting_forward
 
 SHAPE = (8, 8, 1)
 
@@ -62,3 +63,18 @@ def test_best_skips_non_finite_losses():
   assert float(best(states, jnp.array([jnp.nan, 2.0, 1.0]))["x"]) == 2.0
   with pytest.raises(ValueError, match="labels='known'"):
     ig.make(lambda p, x: x, ob.ThreatModel(batch_size=2))
+
+
+def test_every_evaluation_is_charged_once(monkeypatch):
+  model, threat, _, obs = _observation(1)
+  calls = []
+  monkeypatch.setattr(ig, "forward", counting_forward(ig, calls))
+  attack = ig.make(model.apply, threat, ig.IGConfig(steps=5))
+  state = attack.init(jax.random.key(3), obs)
+  step = jax.jit(attack.step)
+  for _ in range(5):
+    state, _ = step(state, obs)
+  jax.effects_barrier()
+  grad, double_backward, prior = (int(c) for c in state.counts)
+  assert (grad, double_backward, prior) == (1, 5, 0)  # the initial loss, one per step
+  assert len(calls) == grad + double_backward
