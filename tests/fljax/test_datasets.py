@@ -27,6 +27,25 @@ def test_digits():
   assert 0.0 <= ds.x_train.min() and ds.x_train.max() == 1.0
 
 
+def test_photos_are_deterministic_crops_with_a_disjoint_split():
+  ds = datasets.load("photos")
+  assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
+  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert 0.0 <= min(ds.x_train.min(), ds.x_test.min())
+  assert max(ds.x_train.max(), ds.x_test.max()) <= 1.0
+  assert len(ds.y_train) > 3 * len(ds.y_test) > 600  # about a fifth is test
+  # Every photo in both splits; labels 0-7 of 10 classes.
+  np.testing.assert_array_equal(np.unique(ds.y_train), np.arange(len(datasets.PHOTOS)))
+  np.testing.assert_array_equal(np.unique(ds.y_test), np.arange(len(datasets.PHOTOS)))
+  # No test crop is (nearly) a training crop: the split is by region, at every scale.
+  a, b = ds.x_test.reshape(len(ds.y_test), -1), ds.x_train.reshape(len(ds.y_train), -1)
+  mse = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T) / a.shape[1]
+  assert mse.min() > 1e-4  # 40 dB (the rocket's clear sky is left out: near-copies)
+  again = datasets.load("photos")
+  np.testing.assert_array_equal(ds.x_test, again.x_test)
+  np.testing.assert_array_equal(ds.y_train, again.y_train)
+
+
 def test_pad_channels_and_subsets():
   base = datasets.load("mnist")
   ds = datasets.load("mnist", image_size=32, channels=3, train_subset=50, test_subset=20)
