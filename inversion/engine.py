@@ -192,7 +192,9 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
   `row_params`, stacked `[N, ...]` like the updates (observations of different models,
   e.g. a study's cells, attacked in one computation).
   `checkpoint(states, steps_done)` is called between chunks; `restore(initial_states)`
-  may return `(states, steps_done)` saved by an earlier, interrupted call.
+  may return `(states, steps_done)` saved by an earlier, interrupted call. With a
+  `plan.budget`, a restart's steps are skipped once it has spent that many double-backward
+  evaluations, except those of the phases marked `always` (scoring, stage transitions).
   """
   params = None if row_params else obs.params
   rows = ob.Observation(update=obs.update, params=obs.params if row_params else None,
@@ -207,24 +209,25 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
     one = lambda k, o: plan.attack.init(k, with_params(o, params))
     return fed.batch_over(one, mode, map_batch_size)(keys, rows)
 
-  phases = plan.attack.phases or ((plan.attack.step, plan.steps),)
-  ends = np.cumsum([n for _, n in phases])
+  phases = plan.attack.phases or (attacks.Phase(plan.attack.step, plan.steps),)
+  ends = np.cumsum([p.steps for p in phases])
   if ends[-1] != plan.steps:
     raise ValueError(f"the attack's phases take {ends[-1]} steps, its plan {plan.steps}")
-  cap = plan.budget
+  # The cap is an argument, not a constant: runs that differ only in budget compile alike.
+  cap = None if plan.budget is None else np.int32(plan.budget)
 
-  def capped(step):
-    if cap is None:
-      return step
+  def capped(phase, cap):
+    if cap is None or phase.always:
+      return phase.step
     def run(s, o):  # a restart that has spent its double-backward budget stops where it is
       spent = s.counts[attacks.COUNTERS.index("double_backward_evals")] >= cap
       # lax.cond skips the step under lax.map (one restart at a time); vmap evaluates both.
-      return jax.lax.cond(spent, lambda s: s, lambda s: step(s, o)[0], s), {}
+      return jax.lax.cond(spent, lambda s: s, lambda s: phase.step(s, o)[0], s), {}
     return run
 
-  @functools.partial(jax.jit, static_argnums=(3, 4))
-  def advance(states, rows, params, n, phase):
-    step = capped(phases[phase][0])
+  @functools.partial(jax.jit, static_argnums=(4, 5))
+  def advance(states, rows, params, cap, n, phase):
+    step = capped(phases[phase], cap)
 
     def one(s, o):
       o = with_params(o, params)
@@ -239,7 +242,7 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
   while done < plan.steps:
     phase = int(np.searchsorted(ends, done, side="right"))
     n = min(chunk, plan.steps - done, int(ends[phase]) - done)
-    states = advance(states, rows, params, n, phase)
+    states = advance(states, rows, params, cap, n, phase)
     jax.block_until_ready(states)
     done += n
     progress(n)

@@ -11,10 +11,14 @@ Many victims, or several restarts of one, are batched at the call site with
 `fljax.federated.batch_over(run, 'vmap' | 'map')`; `best` keeps each victim's restart with
 the lowest final matching loss (the ground truth is never looked at).
 
-Every attack state carries `counts` `[3]`: the victim-model evaluations it has spent,
-first-order gradients and double-backward gradients (the gradient of a matching loss of
-a gradient), and prior network evaluations (`COUNTERS`); the driver reports them and
-sizes every attack to the same double-backward budget.
+Every attack state carries `counts` `[3]` (`COUNTERS`): the victim-model evaluations it
+has spent, first-order gradients (a matching loss's value) and double-backward gradients
+(a matching loss of a gradient, differentiated with respect to the trial input), each
+evaluation counted once, and the prior network's forward evaluations (a diffusion UNet
+call, twice under classifier-free guidance; a generator run, whole or from one of its
+stages on; backpropagating through it is not counted again). The driver reports them and
+sizes every attack to the same double-backward budget; phases marked `always` spend
+none of it and run after it is spent.
 """
 
 from collections.abc import Callable
@@ -24,14 +28,30 @@ import jax
 import jax.numpy as jnp
 
 
+Step = Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+
+
+class Phase(NamedTuple):
+  """`steps` steps of `step`, one part of an attack in phases.
+
+  `always`: the step spends no double-backward evaluation (it scores the iterate or moves
+  to the next stage), so it runs even after the restart's budget is spent: the result of
+  the last optimised stage is always scored.
+  """
+
+  step: Step
+  steps: int
+  always: bool = False
+
+
 class Attack(NamedTuple):
   """`init(key, obs) -> state`, `step(state, obs) -> (state, metrics)`. An attack in
-  phases (a sampler, then a refinement; GIFD's stages) also lists `phases`: pairs of a
-  step function and its number of steps, run in order (then `step` is the first)."""
+  phases (a sampler, then a refinement; GIFD's stages) also lists its `Phase`s, run in
+  order (then `step` is the first phase's)."""
 
   init: Callable[[jax.Array, Any], Any]
-  step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
-  phases: tuple[tuple[Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], int], ...] = ()
+  step: Step
+  phases: tuple[Phase, ...] = ()
 
 
 COUNTERS = ("grad_evals", "double_backward_evals", "prior_nfe")

@@ -55,7 +55,7 @@ from diffusion.prior import Prior
 from inversion import features as feature_recovery
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, counted, guard, healthy, no_counts, to_victim
+from inversion.attacks import Attack, Phase, counted, guard, healthy, no_counts, to_victim
 from inversion.observation import Observation, ThreatModel, forward, gradient_signal
 
 MODES = ("dps", "dps_nojac", "ggdm")
@@ -268,9 +268,9 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, p
     new = guard(state._replace(x=x, opt_state=opt_state, loss=loss, counts=counts), state, ok)
     return new._replace(counts=counts), {"loss": loss, "diverged": new.diverged}
 
-  phases = ((sample_step, sampler.num_steps),)
+  phases = (Phase(sample_step, sampler.num_steps),)
   if cfg.refine_steps:
-    phases += ((refine_step, cfg.refine_steps),)
+    phases += (Phase(refine_step, cfg.refine_steps),)
   return Attack(init, sample_step, phases)
 
 

@@ -34,7 +34,7 @@ import optax
 from inversion import gan as gan_lib
 from inversion import labels as label_inference
 from inversion import objectives
-from inversion.attacks import Attack, counted, guard, healthy, no_counts, to_victim
+from inversion.attacks import Attack, Phase, counted, guard, healthy, no_counts, to_victim
 from inversion.observation import Observation, ThreatModel, forward
 from inversion.projection import l1_ball_batch
 
@@ -198,11 +198,12 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     def step(state: GIFDState, obs: Observation):
       state = close_stage(state, obs, k - 1)
       f = gan_lib.generate(gan, gan.variables, state.domains[k - 1], start=k - 1, upto=k)
+      counts = counted(state.counts, prior=1)
       domains = state.domains[:k] + (f,) + state.domains[k + 1:]
       anchors = state.anchors[:k - 1] + (f,) + state.anchors[k:]
       opt_states = state.opt_states[:k] + (optimisers[k].init(f),) + state.opt_states[k + 1:]
       state = state._replace(domains=domains, anchors=anchors, opt_states=opt_states,
-                             stage=jnp.asarray(k, jnp.int32))
+                             stage=jnp.asarray(k, jnp.int32), counts=counts)
       return state, {"loss": state.loss, "diverged": state.diverged}
     return step
 
@@ -210,11 +211,12 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     state = close_stage(state, obs, cfg.stages)
     return state, {"loss": state.loss, "diverged": state.diverged}
 
-  phases = ((optimise(0), cfg.latent_steps),)
+  # Closing a stage spends no double-backward evaluation: it runs after the budget is spent.
+  phases = (Phase(optimise(0), cfg.latent_steps),)
   for k in range(1, cfg.stages + 1):
-    phases += ((advance(k), 1), (optimise(k), cfg.feature_steps))
-  phases += ((finish, 1),)
-  return Attack(init, phases[0][0], phases)
+    phases += (Phase(advance(k), 1, always=True), Phase(optimise(k), cfg.feature_steps))
+  phases += (Phase(finish, 1, always=True),)
+  return Attack(init, phases[0].step, phases)
 
 
 def labels(state: GIFDState) -> jax.Array:

@@ -67,7 +67,7 @@ def _attack(threat, obs, key, **kw):
                                  labels=kw.pop("labels", "idlg"), **kw)
   attack = dg.make(linear_apply, threat, GaussianPrior(), cfg, features_fn=flat_features)
   state = attack.init(key, obs)
-  for step, n in attack.phases:
+  for step, n, _ in attack.phases:
     state = jax.lax.scan(lambda s, _: step(s, obs), state, None, length=n)[0]
   return state
 

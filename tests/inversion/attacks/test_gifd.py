@@ -8,10 +8,12 @@ import pytest
 from fljax import federated as fed
 from fljax import models
 from fljax.partitions import Batch
+from inversion import engine
 from inversion import gan as gan_lib
 from inversion import objectives
 from inversion import observation as ob
 from inversion.attacks import gifd
+from inversion.specs import AttackPlan
 
 SHAPE = (32, 32, 1)
 TINY = gan_lib.GANConfig(latent_dim=8, base=4, channels=1)
@@ -60,7 +62,7 @@ def test_save_and_load_round_trip(gan, tmp_path):
 def _run(attack, obs, key):
   state = attack.init(key, obs)
   trace = []
-  for step, n in attack.phases:
+  for step, n, _ in attack.phases:
     state, metrics = jax.lax.scan(lambda s, _: step(s, obs), state, None, length=n)
     trace.append(metrics["loss"])
   return state, trace
@@ -82,6 +84,38 @@ def test_stage_zero_loss_decreases_and_the_best_stage_is_selected(gan, victim):
   recomputed = match(update_of(obs.params, state.x, jax.nn.one_hot(state.y, 10)), obs.update)
   np.testing.assert_allclose(recomputed, state.loss, rtol=1e-4)
   assert int(state.counts[1]) == 60 + 2 * 20
+
+
+def test_the_last_stage_is_scored_when_the_budget_ends(gan, victim):
+  model, threat, obs = victim
+  # Kernels 10x DCGAN's N(0, 0.02) init, whose untrained image barely depends on its input.
+  gan = gan_lib.GAN(TINY, {**gan.variables, "params": jax.tree.map(
+      lambda w: 10 * w if w.ndim > 1 else w, gan.variables["params"])})
+  cfg = gifd.GIFDConfig(latent_steps=12, feature_steps=6, stages=1, radii=(0.5,), lr=0.3,
+                        labels="idlg")
+  attack = gifd.make(model.apply, threat, gan, cfg)
+  key = jax.random.key(4)
+  rows = ob.Observation(update=jax.tree.map(lambda a: a[None], obs.update), params=obs.params,
+                        labels=None)
+  update_of, match = ob.forward(model.apply, threat), objectives.matching("cosine")
+
+  def score(state, k):  # stage k's final iterate, rendered and matched afresh
+    x = (gan_lib.generate(gan, gan.variables, state.domains[k], start=k) + 1) / 2
+    return float(match(update_of(obs.params, x, jax.nn.one_hot(state.y, 10)), obs.update))
+
+  initial = float(attack.init(key, obs).loss)
+  # The budget ends with the last optimisation step, then inside stage 0.
+  for budget in (cfg.latent_steps + cfg.feature_steps, 3):
+    plan = AttackPlan(attack, gifd.labels, cfg.num_steps, budget)
+    state = jax.tree.map(lambda a: a[0], engine.attack_batched(plan, rows, key[None], mode="map"))
+    assert int(state.counts[1]) == budget and int(state.stage) == cfg.stages
+    scores = [score(state, k) for k in range(cfg.stages + 1)]
+    # The last stage's final iterate was scored, and the best of all stages kept.
+    np.testing.assert_allclose(float(state.current_loss), scores[-1], rtol=1e-5)
+    np.testing.assert_allclose(float(state.loss), min([initial] + scores), rtol=1e-5)
+    best = int(state.best_stage)  # stage 0 is best when nothing beat the initial image
+    assert np.isclose(float(state.loss), scores[best], rtol=1e-5) or (
+        best == 0 and np.isclose(float(state.loss), initial, rtol=1e-5))
 
 
 def test_feature_deviation_stays_in_its_l1_ball(gan, victim):
