@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -80,13 +81,23 @@ def _label_method(spec: AttackSpec, threat: ob.ThreatModel) -> str:
   return spec.labels
 
 
-def _per_restart(spec: AttackSpec) -> int | None:
-  """The double-backward budget of one restart (the victim's budget split evenly)."""
+def _per_restart(spec: AttackSpec, need: int = 1, *, one: str = "one step",
+                 lower: tuple[str, ...] = ()) -> int | None:
+  """The double-backward budget of one restart (the victim's budget split evenly).
+
+  Raises a ValueError naming the attack, the smallest budget and the flags to change when
+  a restart would get fewer than `need` evaluations, what `one` step of the attack takes.
+  """
   if spec.budget is None:
     return None
   per = spec.budget // spec.restarts
-  if per < 1:
-    raise ValueError(f"attack.budget {spec.budget} is smaller than attack.restarts {spec.restarts}")
+  if per < need:
+    lower += ("--attack.restarts",) if spec.restarts > 1 else ()
+    raise ValueError(
+        f"attack {spec.name} needs --attack.budget >= {need * spec.restarts} ({need} per "
+        f"restart for {one}, {spec.restarts} restart{'s' * (spec.restarts > 1)}), got "
+        f"{spec.budget}; raise --attack.budget" + "".join(f" or lower {f}" for f in lower[:1])
+        + "".join(f" or {f}" for f in lower[1:]))
   return per
 
 
@@ -127,11 +138,19 @@ def _ig_plan(model, threat, spec, defense, labels):
 def _diffusion_plan(model, threat, spec, defense, mode):
   from diffusion import prior as prior_lib
   adapt, loss, std, clip = _adaptation(spec, defense)
-  budget = _per_restart(spec)
   refine = spec.refine_steps
+  budget = _per_restart(spec, refine + 1, lower=("--attack.refine_steps",) if refine else (),
+                        one=f"one sampler step and {refine} refinement step"
+                        + "s" * (refine > 1) if refine else "one sampler step")
   steps = spec.steps or ((budget - refine) if budget else 100)
-  if steps < 1:
-    raise ValueError(f"attack.budget leaves no sampler steps after {refine} refinement steps")
+  prior = prior_lib.load(prior_folder(spec))
+  most = prior.schedule.num_steps
+  if steps > most:
+    raise ValueError(
+        f"attack {spec.name} takes at most {most} sampler steps (its prior's schedule), got "
+        f"{steps}" + (f" from --attack.budget {spec.budget}; lower --attack.budget to "
+                      f"{(most + refine) * spec.restarts} or spend the rest on "
+                      f"--attack.refine_steps" if not spec.steps else "; lower --attack.steps"))
   defaults = diffusion_guided.DiffusionAttackConfig()
   cfg = diffusion_guided.DiffusionAttackConfig(
       mode=mode, sampler="ddpm" if mode == "ggdm" else spec.sampler, num_steps=steps,
@@ -141,7 +160,6 @@ def _diffusion_plan(model, threat, spec, defense, mode):
       feature_weight=spec.features if mode != "ggdm" else 0.0,
       guidance_weight=spec.guidance_weight, labels=_label_method(spec, threat),
       refine_steps=refine, refine_tv=spec.tv)
-  prior = prior_lib.load(spec.prior) if spec.prior else prior_lib.load()
   attack = diffusion_guided.make(model.apply, threat, prior, cfg, features_fn=model.features)
   return AttackPlan(attack, diffusion_guided.labels, steps + refine, budget)
 
@@ -149,16 +167,33 @@ def _diffusion_plan(model, threat, spec, defense, mode):
 def _gifd_plan(model, threat, spec, defense):
   from inversion import gan as gan_lib
   adapt, loss, std, clip = _adaptation(spec, defense)
-  budget = _per_restart(spec)
   defaults = gifd.GIFDConfig()
+  need = 1 + defaults.stages
+  one = f"one latent step and one step in each of its {defaults.stages} feature stages"
+  budget = _per_restart(spec, need, one=one)
+  if spec.steps is not None and spec.steps < need:
+    raise ValueError(f"attack gifd needs --attack.steps >= {need} ({one}), got {spec.steps}; "
+                     f"raise --attack.steps")
   total = spec.steps or budget or defaults.latent_steps + defaults.stages * defaults.feature_steps
   feature = max(1, int(total * 0.55) // defaults.stages)  # stages 1..3 share 55%,
   latent = max(1, total - defaults.stages * feature)      # the latent search the rest
   cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
                         tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
                         adaptive=adapt, clip_norm=clip, labels=_label_method(spec, threat))
-  g = gan_lib.load(spec.gan) if spec.gan else gan_lib.load()
+  g = gan_lib.load(prior_folder(spec))
   return AttackPlan(gifd.make(model.apply, threat, g, cfg), gifd.labels, cfg.num_steps, budget)
+
+
+def prior_folder(spec: AttackSpec) -> Path | None:
+  """The folder of the generative prior the attack samples (`--attack.prior`, `--attack.gan`,
+  else the shipped one); None for the attacks without one (dlg, idlg, ig)."""
+  if spec.name in diffusion_guided.MODES:
+    from diffusion import prior as prior_lib
+    return Path(spec.prior) if spec.prior else prior_lib.MNIST_PRIOR
+  if spec.name == "gifd":
+    from inversion import gan as gan_lib
+    return Path(spec.gan) if spec.gan else gan_lib.MNIST_GAN
+  return None
 
 
 ATTACKS: dict[str, Callable[..., AttackPlan]] = {

@@ -207,7 +207,7 @@ def test_budget_sizes_every_attack_and_caps_lbfgs_line_searches():
   spent = np.asarray(states.counts)[:, 1]
   # Each L-BFGS step costs 1 + its line-search trials; a restart stops once it reaches 12.
   assert (spent >= 12).all() and (spent < 12 + 25).all()
-  with pytest.raises(ValueError, match="smaller than attack.restarts"):
+  with pytest.raises(ValueError, match="needs --attack.budget >= 2 "):
     specs.ATTACKS["ig"](model, threat, specs.AttackSpec(budget=1, restarts=2),
                         specs.DefenseSpec())
 
