@@ -45,9 +45,10 @@ from fljax import classifier, datasets, models
 from fljax import config as config_lib
 from fljax import federated as fed
 from fljax import runs
-from inversion import adaptive, attacks, engine, report
+from inversion import adaptive, attacks, engine, held_out, report
 from inversion import observation as ob
-from inversion.specs import ATTACKS, DEFENSES, AttackPlan, InversionConfig, declared_noise
+from inversion.specs import (ATTACKS, DEFENSES, AttackPlan, InversionConfig, declared_noise,
+                             prior_folder)
 from privacy import forward_noise as fn
 
 
@@ -85,6 +86,11 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
           file=sys.stderr)
   model = models.make(config.model.name, num_classes=ds.num_classes,
                       input_shape=ds.image_shape, init=config.model.init)
+  threat = engine.threat_model(config.threat, ds, config.defense.name)
+  plan = ATTACKS[spec.name](model, threat, spec, config.defense)  # a bad budget fails here
+  if prior_folder(spec) is not None and config.data.images is None:  # victims: the test split
+    held_out.check(held_out.training_data(prior_folder(spec)), dataset=config.data.name,
+                   split="test")
   seconds, t0 = {}, time.perf_counter()
   if config.model.train_steps:
     print(f"training the attacked {config.model.name} for {config.model.train_steps} steps",
@@ -106,7 +112,6 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
     seconds["classifier"] = time.perf_counter() - t0
     print(f"reference classifier ready in {seconds['classifier']:.1f} s, test accuracy "
           f"{reference.test_accuracy:.3f}", flush=True)
-  threat = engine.threat_model(config.threat, ds, config.defense.name)
   defense = DEFENSES[config.defense.name](config.defense)
   obs = engine.observe_all(model, params, x, y, threat, defense, key=k_clients)
   obs, extra = adaptive_processing(config, model, params, ds, x, y, threat, defense, obs,
@@ -117,7 +122,6 @@ def run(config: InversionConfig, workdir: str | os.PathLike, *, overwrite: bool 
     ob.check(ob.Observation(update=row.update, params=params, labels=row.labels), threat)
   if spec.control == "random_observation":
     obs = engine.random_observation(obs, key=jax.random.fold_in(k_clients, 1 << 20))
-  plan = ATTACKS[spec.name](model, threat, spec, config.defense)
   mode = fed.resolve_batching(config.batching)
   print(f"{ds.describe()}; {len(y)} victims x batch {threat.batch_size} "
         f"({'images from ' + config.data.images if config.data.images else 'test split'}); "

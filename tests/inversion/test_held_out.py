@@ -1,0 +1,56 @@
+"""Tests of inversion/held_out.py: what the shipped priors were trained on, what the trainers
+record, and the check that refuses victims from a prior's training data."""
+
+import json
+
+import jax
+import pytest
+
+from diffusion import prior as prior_lib
+from diffusion import training
+from fljax import config as config_lib
+from fljax import datasets
+from inversion import gan as gan_lib
+from inversion import held_out
+
+
+@pytest.mark.parametrize("folder", [prior_lib.MNIST_PRIOR, gan_lib.MNIST_GAN])
+def test_both_shipped_priors_saw_all_of_the_embedded_mnist_training_split(folder):
+  seen = held_out.training_data(folder)
+  assert seen == held_out.TrainingData(name="mnist", split="train", image_size=32, channels=1,
+                                       subset=None)
+  held_out.check(seen, dataset="mnist", split="test")
+  held_out.check(seen, dataset="fashion_mnist", split="train")
+  with pytest.raises(held_out.HeldOutError) as e:
+    held_out.check(seen, dataset="mnist", split="train")
+  assert str(e.value) == ("the victims would come from mnist's train split, which the prior "
+                          "was trained on (all of it); draw the victims from the test split")
+
+
+def test_what_the_trainers_write_is_what_is_read(tmp_path):
+  diffusion_run = training.TrainConfig(data=training.DataConfig(name="digits", image_size=16,
+                                                                train_subset=500))
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "config.json").write_text(json.dumps(config_lib.to_dict(diffusion_run)))
+  seen = held_out.training_data(tmp_path / "d")
+  assert seen == held_out.TrainingData(name="digits", image_size=16, channels=1, subset=500)
+  with pytest.raises(held_out.HeldOutError, match=r"\(a 500-image subset\); draw"):
+    held_out.check(seen, dataset="digits", split="train")
+
+  gan_run = gan_lib.GANTrainConfig(data=datasets.Source(name="fashion_mnist"), channels=3)
+  shape = gan_lib.GANConfig(latent_dim=4, base=4, channels=3)
+  gan = gan_lib.GAN(shape, gan_lib.init(shape, key=jax.random.key(0))[0])
+  gan_lib.save(gan, tmp_path / "g", run_config=config_lib.to_dict(gan_run))
+  assert held_out.training_data(tmp_path / "g") == held_out.TrainingData(
+      name="fashion_mnist", image_size=32, channels=3)
+
+
+def test_unrecorded_priors_are_not_checked_and_broken_records_are_named(tmp_path):
+  assert held_out.training_data(tmp_path) is None  # e.g. a diffusers checkpoint
+  held_out.check(None, dataset="mnist", split="train")
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(held_out.HeldOutError, match="config.json cannot be read"):
+    held_out.training_data(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"steps": 5}))
+  with pytest.raises(held_out.HeldOutError, match="names no training dataset"):
+    held_out.training_data(tmp_path)
