@@ -69,7 +69,9 @@ class DiffusionAttackConfig:
   Attributes:
     mode: dps, dps_nojac or ggdm.
     sampler: ddim or ddpm (ggdm always uses DDPM steps).
-    num_steps: sampler steps (one double-backward evaluation each).
+    num_steps: sampler steps (one double-backward evaluation each with gradient guidance,
+      and one prior evaluation: the UNet's forward, its backward not counted again; two
+      under classifier-free guidance).
     eta: DDIM's stochasticity (1: DDPM-like; the spec's default).
     scale: zeta (dps modes; 32 was the best of 0.5..512 on 4 MNIST victims of an untrained
       LeNet, B = 1, seed 0) or gamma (ggdm; LeakPro's 100).
