@@ -117,14 +117,18 @@ def test_every_evaluation_is_charged_once_and_none_repeated(monkeypatch, optimiz
   assert prior == 0
 
 
-def test_budget_stops_each_restart_at_its_evaluations():
+def test_a_budget_is_spent_exactly_in_budget_minus_one_steps():
   model, threat, _, _, obs = _setup(victims=2)
   stacked = ob.Observation(update=jax.tree.map(lambda *a: jnp.stack(a), *[o.update for o in obs]),
                            params=obs[0].params)
-  plan = specs.AttackPlan(dlg.make(model.apply, threat), dlg.labels, steps=40, budget=12)
+  plan = specs.ATTACKS["idlg"](model, threat, specs.AttackSpec(optimizer="lbfgs", budget=12),
+                               specs.DefenseSpec())
+  assert (plan.steps, plan.budget) == (11, 12)  # the first evaluation is init's
   states = engine.attack_batched(plan, stacked, jax.random.split(jax.random.key(2), 2),
                                  mode="map")
   np.testing.assert_array_equal(np.asarray(states.counts)[:, 1], [12, 12])
+  with pytest.raises(ValueError, match="needs --attack.budget >= 2 .* first evaluation and "):
+    specs.ATTACKS["idlg"](model, threat, specs.AttackSpec(budget=1), specs.DefenseSpec())
 
 
 def test_bad_observations_are_refused():
