@@ -308,6 +308,9 @@ class AttackSpec:
       else 4000 for dlg/idlg, 2000 for ig, 100 for the diffusion attacks, 1100 for gifd).
     budget: double-backward evaluations per victim, restarts included: sizes every
       attack to the same count (DLG's L-BFGS line searches included: it stops there).
+      Each restart needs enough for one step (dlg/idlg 2, gifd 4: a step per stage, the
+      diffusion attacks refine_steps + 1), and the diffusion attacks take at most their
+      prior's sampler steps (1000) plus refine_steps.
     lr: Adam's learning rate (none: the attack's default, 0.1).
     objective: l2, cosine or layer_cosine (none: l2 for dlg/idlg, cosine otherwise).
     labels: auto (idlg for B = 1, bias_corrected otherwise), idlg, bias_corrected or
