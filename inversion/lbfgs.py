@@ -11,12 +11,14 @@ iteration and lr afterwards, then evaluates the loss and its gradient once at th
 first, so over a run it too makes one evaluation per iteration. Here one `update` is one
 iteration.
 
-torch's convergence tests end the run here (`done`, the iterate is kept and nothing more is
-evaluated): the largest gradient entry <= tolerance_grad (also checked at `init`), a
-direction whose slope g.d > -tolerance_change (tested before moving: nothing is
-evaluated), the largest entry of the step |t d| <= tolerance_change, or a loss change
-below tolerance_change. (torch ends only the current `step()` and calls the loss again on
-the next; with no line search it then repeats the same test, or barely moves.)
+torch's tests end a `step()` early; the two after which torch can never move again end
+the run here (`done`: the iterate is kept and nothing more is evaluated): every gradient
+entry at most tolerance_grad in magnitude (also checked at `init`; torch's next `step()`
+returns at once), and a direction whose slope g.d > -tolerance_change (tested before
+moving, so nothing is evaluated; the next `step()` finds the same gradient, adds no pair
+and takes the same direction). After the other two, a step |t d| or a loss change below
+tolerance_change, torch's next `step()` evaluates the same point again and goes on with the
+same history: here the run goes on without that repeated evaluation.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class LBFGSConfig:
     lr: the fixed step along the direction (the first scaled by min(1, 1 / |g|_1)).
     history_size: the (s, y) pairs kept.
     tolerance_grad: converged when every gradient entry is at most this in magnitude.
-    tolerance_change: converged when the slope, the step or the loss change is this small.
+    tolerance_change: the run ends when the slope along the direction is above
+      -tolerance_change.
   """
 
   lr: float = 1.0
@@ -137,15 +140,13 @@ def update(state: LBFGSState, value_and_grad: ValueAndGrad,
     ys = jnp.vdot(dg, step)
     keep = ys > CURVATURE_EPS
     push = lambda h, row: jnp.where(keep, jnp.roll(h, -1, axis=0).at[-1].set(row), h)  # noqa: E731
-    done = ((jnp.max(jnp.abs(g_new)) <= cfg.tolerance_grad)
-            | (jnp.max(jnp.abs(step)) <= cfg.tolerance_change)
-            | (jnp.abs(value - state.value) < cfg.tolerance_change))
     return LBFGSState(
         params=params, value=jnp.asarray(value, x.dtype), grad=grad,
         s=push(state.s, step), y=push(state.y, dg),
         rho=push(state.rho, 1.0 / jnp.where(keep, ys, 1.0)),
         h_diag=jnp.where(keep, ys / jnp.vdot(dg, dg), state.h_diag),
-        iteration=state.iteration + 1, evaluations=state.evaluations + 1, done=done)
+        iteration=state.iteration + 1, evaluations=state.evaluations + 1,
+        done=jnp.max(jnp.abs(g_new)) <= cfg.tolerance_grad)
 
   return jax.lax.cond(state.done, lambda s: s,
                       lambda s: jax.lax.cond(flat_slope, stop, move, s), state)

@@ -25,7 +25,7 @@ def torch_lbfgs(f_grad, x0, steps, *, lr=1.0, max_iter=20, history_size=100,
     loss, g = f_grad(x)
     calls += 1
     if np.abs(g).max() <= tolerance_grad:
-      break
+      continue  # step() returns at once
     n_iter = 0
     while n_iter < max_iter:
       n_iter += 1
@@ -96,7 +96,7 @@ def run(value_and_grad, params, iterations, cfg, jit=True):
 def test_iterates_equal_torch_on_a_quadratic(history_size, jit):
   cfg = lbfgs.LBFGSConfig(lr=0.7, history_size=history_size)
   x0 = np.array([4.0, -3.0, 2.0, 5.0])
-  expected, _ = torch_lbfgs(quadratic_np, x0, 1, lr=0.7, history_size=history_size)
+  expected, _ = torch_lbfgs(quadratic_np, x0, 3, lr=0.7, history_size=history_size)
   params = {"a": jnp.asarray(x0[:2], jnp.float32), "b": jnp.asarray(x0[2:], jnp.float32)}
   states = run(jax.value_and_grad(quadratic), params, 12, cfg, jit)
   for k in range(12):
@@ -133,11 +133,26 @@ def test_one_evaluation_per_iteration_and_none_after_convergence():
 
   params = {"a": jnp.array([4.0, -3.0]), "b": jnp.array([2.0, 5.0])}
   states = run(value_and_grad, params, 60, lbfgs.LBFGSConfig())
-  assert bool(states[-1].done)  # converged (a loss change below 1e-9) and stopped
+  assert bool(states[-1].done)  # converged (a gradient or a slope below torch's tolerances)
   done_at = next(k for k, s in enumerate(states) if bool(s.done))
   assert len(calls) == int(states[-1].evaluations) == int(states[done_at].evaluations)
   assert int(states[-1].iteration) == int(states[done_at].iteration) < 60
   np.testing.assert_array_equal(states[-1].params["a"], states[done_at].params["a"])
+
+
+def test_an_unchanged_loss_ends_torchs_step_not_the_run():
+  """The first step jumps across the bowl to a point of the same loss: torch's step() ends
+  there (a loss change below 1e-9) and the next one evaluates that point again, adds the
+  pair and lands on the minimum. The same iterates here, without the repeated evaluation."""
+  f_np = lambda x: (np.sum((x - 3.0) ** 2), 2.0 * (x - 3.0))  # noqa: E731
+  expected, calls = torch_lbfgs(f_np, np.full(2, 2.8), 5)
+  np.testing.assert_allclose(expected, [[3.2, 3.2], [3.0, 3.0]])
+  assert calls == 7  # 2 in each of the first two step()s, then 1 per step() at the minimum
+  f = lambda x: jnp.sum((x - 3.0) ** 2)  # noqa: E731
+  states = run(jax.value_and_grad(f), jnp.full(2, 2.8), 5, lbfgs.LBFGSConfig())
+  np.testing.assert_allclose(states[1].params, expected[0], rtol=1e-6)
+  np.testing.assert_allclose(states[-1].params, expected[1], rtol=1e-6)
+  assert bool(states[2].done) and int(states[-1].evaluations) == 3
 
 
 def test_a_zero_gradient_is_converged_at_init():
