@@ -2,6 +2,7 @@
 every documented command line of a script uses flags that script has, and parses."""
 
 import io
+import os
 import re
 import runpy
 import shlex
@@ -184,3 +185,20 @@ def test_documented_commands_parse():
     if code != 0:
       bad.append(f"{page}: scripts/{script} {args}: {err.strip() or code}")
   assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow  # three subprocesses, about 3 minutes
+def test_quick_start_runs_as_written_and_writes_the_files_it_lists(tmp_path):
+  section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+  commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # as a user's
+  for line in commands:
+    argv = shlex.split(line.split("#")[0])
+    argv = [str(tmp_path / a) if a.startswith("runs/") else a for a in argv]
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+  # every file the section lists under "What appears" exists
+  for folder, listing in re.findall(r"- `runs/(\w+)/`: (.*?)(?=\n- `runs/|\n\n)", section, re.S):
+    for name in re.findall(r"`([\w.]+/?)`", listing):
+      assert (tmp_path / "runs" / folder / name.rstrip("/")).exists(), f"runs/{folder}/{name}"
