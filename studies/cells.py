@@ -230,7 +230,8 @@ def _clients(data_json: str, seed: int):
   return ds, clients
 
 
-def _data(cell: dict[str, Any]):
+def load_partition(cell: dict[str, Any]):
+  """The dataset and the FL run's clients of the cell's partition."""
   return _clients(json.dumps(cell["data"], sort_keys=True), cell["partition_seed"])
 
 
@@ -242,11 +243,16 @@ def _cell_key(cell: dict[str, Any]) -> jax.Array:
   return jax.random.fold_in(jax.random.key(cell["partition_seed"]), int(config_hash(what)[:7], 16))
 
 
-def _victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.ndarray]:
-  """`count` clients of the partition holding >= B examples, the first B of each: images
-  `[count, B, H, W, C]`, labels `[count, B]`. The clients are a prefix of one permutation,
-  so victim 0 is the same client for every defense (an aggregate's first client too)."""
-  _, clients = _data(cell)
+def victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.ndarray]:
+  """`count` victims of B images each: images `[count, B, H, W, C]`, labels `[count, B]`.
+
+  A victim is a client of the partition holding >= B examples (a prefix of one
+  permutation, so victim 0 is the same client for every defense, an aggregate's first
+  client too) whose B examples are replaced by held-out images of the same labels: images
+  of the test split, which neither the FL run nor the shipped priors trained on (DESIGN.md:
+  victims never come from a prior's training data). The client keeps its partition's
+  label mix; every test image serves at most one victim of the cell."""
+  ds, clients = load_partition(cell)
   b = cell["batch"]
   sizes = np.asarray(clients.mask.sum(axis=1))
   eligible = np.flatnonzero(sizes >= b)
@@ -254,11 +260,19 @@ def _victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.nd
     raise ValueError(f"only {len(eligible)} clients hold >= {b} examples; {count} are needed "
                      f"(lower the batch size or the victims)")
   pick = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 1), eligible))[:count]
-  return np.asarray(clients.x)[pick, :b], np.asarray(clients.y)[pick, :b]
+  y = np.asarray(clients.y)[pick, :b]
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 3), len(ds.y_test)))
+  pools = {c: list(order[ds.y_test[order] == c]) for c in np.unique(y)}
+  short = {int(c): int((y == c).sum()) - len(pools[c]) for c in pools if (y == c).sum() > len(pools[c])}
+  if short:
+    raise ValueError(f"the test split lacks held-out images of classes {short} (missing "
+                     f"counts) for {count} victims of batch {b}: lower --victims or the batch size")
+  index = np.asarray([[pools[c].pop(0) for c in row] for row in y])
+  return ds.x_test[index], y
 
 
 def _model(cell: dict[str, Any]) -> models.Model:
-  ds, _ = _data(cell)
+  ds, _ = load_partition(cell)
   return models.make(cell["model"]["name"], num_classes=ds.num_classes, input_shape=ds.image_shape)
 
 
@@ -274,7 +288,7 @@ def _params(cell: dict[str, Any], cells_dir: Path) -> Any:
 
 
 def _threat(cell: dict[str, Any], batch: int, observes: str) -> ob.ThreatModel:
-  ds, _ = _data(cell)
+  ds, _ = load_partition(cell)
   s = cell["local_steps"]
   return ob.ThreatModel(algorithm="fedsgd" if s == 1 else "fedavg", batch_size=batch,
                         input_shape=ds.image_shape, num_classes=ds.num_classes,
@@ -334,7 +348,7 @@ def prepare(cell: dict[str, Any], h: str, cells_dir: Path) -> Prepared:
   spec = specs.AttackSpec(name=name, budget=cell["budget"], retries=0, **overrides)
   if view["kind"] == "aggregate":
     n = view["clients"]
-    x, y = _victim_batches(cell, v * n)
+    x, y = victim_batches(cell, v * n)
     client_threat = _threat(cell, b, "client")
     one = engine.observe_all(model, params, x, y, client_threat, specs.DEFENSES[d.name](d), key=key)
     update = jax.tree.map(lambda a: a.reshape((v, n) + a.shape[1:]).mean(axis=1), one.update)
@@ -343,7 +357,7 @@ def prepare(cell: dict[str, Any], h: str, cells_dir: Path) -> Prepared:
     threat = _threat(cell, n * b, "aggregate")
     obs = ob.Observation(update=update, params=params, labels=None)
   else:
-    x, y = _victim_batches(cell, v)
+    x, y = victim_batches(cell, v)
     threat = _threat(cell, b, "client")
     obs = engine.observe_all(model, params, x, y, threat, specs.DEFENSES[d.name](d), key=key)
     steps = adaptive.parse(spec.denoise)

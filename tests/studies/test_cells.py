@@ -3,6 +3,8 @@ files) and cell hashes."""
 
 import json
 
+import numpy as np
+
 import pytest
 
 from studies import cells, grid
@@ -40,3 +42,21 @@ def test_cells_that_see_the_same_upload_share_one_hash():
   assert json.loads(json.dumps(none)) == none  # JSON as it is hashed and stored
   with pytest.raises(ValueError, match="not modelled"):
     cells.attack_cell(cfg, "iid", "pfdm", 0, "ig", 1, 1, "untrained", "h", None)
+
+
+def test_victims_are_held_out_test_images_with_their_clients_labels():
+  cfg = grid.make(grid.StudyConfig, grid.PRESETS["tiny"])
+  cell = cells.attack_cell(cfg, "iid", "none", 0, "ig", 4, 1, "untrained", "h", None)
+  x, y = cells.victim_batches(cell, 3)
+  ds, clients = cells.load_partition(cell)
+  assert x.shape == (3, 4) + ds.image_shape and y.shape == (3, 4)
+  flat = x.reshape(12, -1)
+  test = ds.x_test.reshape(len(ds.x_test), -1)
+  train = ds.x_train.reshape(len(ds.x_train), -1)
+  for image, label in zip(flat, y.reshape(-1)):
+    in_test = np.flatnonzero((test == image).all(axis=1))
+    assert len(in_test) and label in ds.y_test[in_test]  # a test image of the victim's label
+    assert not (train == image).all(axis=1).any()        # never a training image
+  assert len({row.tobytes() for row in flat}) == 12       # each test image serves one victim
+  client_labels = {tuple(sorted(r)) for r in np.asarray(clients.y)[:, :4]}
+  assert all(tuple(sorted(r)) in client_labels for r in y)  # a client's label mix
