@@ -32,6 +32,11 @@ Modes (`mode`):
              -gamma sigma_t^2 clip(grad_{x_t} D, +-1), D the cosine distance (`scale` is
              gamma, default 100), evaluated on x0_hat through the denoiser (LeakPro's
              'corrected' default) or on the noisy x_t (`ggdm_on='x_t'`, the original).
+             As in LeakPro (and diffusers' DDPM), x0_hat is clamped to [-1, 1], in the
+             step's mean and where the loss reads it: unclamped, a pixel pushed out of
+             range keeps its gradient and the shift feeds on itself (shipped MNIST prior,
+             100 steps, untrained CNN: gamma 1e3 diverged on 2 of 4 victims, 1e4 on all;
+             clamped, 19.9 and 28.5 dB; docs/generative_attacks.md, GGDM at this scale).
 
 With `refine_steps > 0` a short pixel-space Inverting-Gradients refinement (Adam on the
 signed gradient, TV prior, box [0, 1]) follows the sampler (the driver reports it as its
@@ -74,7 +79,8 @@ class DiffusionAttackConfig:
       under classifier-free guidance).
     eta: DDIM's stochasticity (1: DDPM-like; the spec's default).
     scale: zeta (dps modes; 32 was the best of 0.5..512 on 4 MNIST victims of an untrained
-      LeNet, B = 1, seed 0) or gamma (ggdm; LeakPro's 100).
+      LeNet, B = 1, seed 0) or gamma (ggdm; LeakPro's 100, too weak for the shipped
+      MNIST prior at 100 steps, where 1e4 was the best of 1e1..1e5 on 4 victims).
     gradient_weight: lambda_g of the gradient-matching term (0: no gradient guidance).
     loss: cosine, layer_cosine, l2 or l2_noise_aware.
     noise_std: the declared noise std, for l2_noise_aware.
@@ -191,9 +197,10 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, p
   match = objectives.matching(cfg.loss, noise_std=cfg.noise_std, adapt_to=cfg.adaptive,
                                  clip_norm=cfg.clip_norm)
   ggdm = cfg.mode == "ggdm"
+  clamp = ggdm and cfg.ggdm_on == "x0_hat"  # LeakPro's x0_pred.clamp(-1, 1)
   if ggdm or cfg.sampler == "ddpm":
     sampler = samplers.ddpm(prior.schedule, num_steps=cfg.num_steps, prediction=prior.prediction,
-                            clip=None)
+                            clip=1.0 if ggdm else None)
   else:
     sampler = samplers.ddim(prior.schedule, num_steps=cfg.num_steps, eta=cfg.eta,
                             prediction=prior.prediction)
@@ -216,7 +223,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel, p
     reference = jnp.maximum(match(jax.tree.map(jnp.zeros_like, obs.update), obs.update), 1e-20)
 
     def loss(x0_hat, t):
-      x = image_of(x0_hat)
+      x = image_of(jnp.clip(x0_hat, -1.0, 1.0) if clamp else x0_hat)
       total = jnp.zeros(())
       if cfg.uses_gradient:
         total = total + cfg.gradient_weight * matching_loss(x, y, obs) / reference

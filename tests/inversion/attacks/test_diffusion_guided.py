@@ -122,6 +122,23 @@ def test_ggdm_mode_clips_the_guidance_and_stays_in_the_box():
   assert int(state.counts[1]) == 50
 
 
+def test_ggdm_reads_the_x0_estimate_clamped_to_the_image_range():
+  # Every image of this prior lies above 1, so every x0 estimate is clamped and ggdm's
+  # guidance, read through the clamp as LeakPro's, has no gradient: sampling is unguided.
+  threat, x, obs = _victim()
+  prior = GaussianPrior(mu=3.0, s=0.1)
+
+  def sample(weight):
+    cfg = dg.DiffusionAttackConfig(mode="ggdm", num_steps=20, scale=1e4, gradient_weight=weight,
+                                   feature_weight=0.0, labels="idlg")
+    attack = dg.make(linear_apply, threat, prior, cfg)
+    state = attack.init(jax.random.key(0), obs)
+    return jax.lax.scan(lambda s, _: attack.step(s, obs), state, None, length=20)[0].sample.x
+
+  np.testing.assert_allclose(jax.jit(sample, static_argnums=0)(1.0),
+                             jax.jit(sample, static_argnums=0)(0.0), atol=1e-6)
+
+
 def test_budget_counters_and_refinement_phase():
   threat, x, obs = _victim()
   state = jax.jit(lambda k: _attack(threat, obs, k, num_steps=8, refine_steps=5))(jax.random.key(0))
