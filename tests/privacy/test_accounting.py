@@ -1,6 +1,7 @@
 """Tests of privacy/accounting.py: dp-accounting 0.6.0 reference values, calibration,
 heterogeneous composition, the running accountant, bad input."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -161,3 +162,26 @@ def test_participation_visible_rdp_is_the_visible_mixture():
   pld = acc.epsilon(visible, 1e-5, accountant="pld", neighbouring="replace_one")
   assert pld <= rdp < 1.3 * pld
   assert acc.event_from_json(acc.event_to_json(visible)) == visible
+
+
+@pytest.mark.parametrize("q", [1.0, 0.1])
+@pytest.mark.parametrize("kind", ["ADD", "REMOVE", "REPLACE"])
+def test_vectorised_gaussian_divergence_equals_dp_accountings(q, kind):
+  from dp_accounting.pld import privacy_loss_mechanism as plm
+  args = dict(sensitivity=1.0, sampling_prob=q, adjacency_type=plm.AdjacencyType[kind])
+  eps = np.linspace(-4, 4, 801)
+  if q < 1:  # the subsampling boundaries themselves, where the library returns limits
+    eps = np.concatenate([eps, [math.log1p(-q), -math.log1p(-q)]])
+    eps = eps[eps <= -math.log1p(-q)] if kind == "ADD" else eps
+  for sd in (0.5, 2.0):
+    np.testing.assert_array_equal(
+        acc._VectorGaussianLoss(sd, **args).get_delta_for_epsilon(eps),
+        plm.GaussianPrivacyLoss(sd, **args).get_delta_for_epsilon(eps))
+
+
+def test_pld_epsilon_is_dp_accountings_own(monkeypatch):
+  event = dp_event.SelfComposedDpEvent(
+      dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0)), 20)
+  fast = acc.epsilon(event, 1e-5)
+  monkeypatch.setattr(acc, "_vector_gaussian", contextlib.nullcontext)
+  assert fast == acc.epsilon(event, 1e-5)
