@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -184,7 +185,7 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
                    progress: Callable[[int], Any] = lambda n: None,
                    checkpoint: Callable[[Any, int], None] | None = None,
                    restore: Callable[[Any], tuple[Any, int] | None] | None = None,
-                   row_params: bool = False) -> Any:
+                   row_params: bool = False, timings: dict[str, float] | None = None) -> Any:
   """Runs `plan` on N observations stacked on their leading axis (keys `[N]`), all in one
   compiled computation per `chunk` steps; returns the final states stacked `[N, ...]`.
 
@@ -195,7 +196,14 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
   may return `(states, steps_done)` saved by an earlier, interrupted call. With a
   `plan.budget`, a restart's steps are skipped once it has spent that many double-backward
   evaluations, except those of the phases marked `always` (scoring, stage transitions).
+  `timings`, when given, receives `compile_seconds` (tracing and XLA compilation of every
+  program, ahead of time) and `run_seconds` (running them), added to what it holds.
   """
+  clock = {"compile_seconds": 0.0, "run_seconds": 0.0}
+  if timings is not None:
+    clock = timings
+    for k in ("compile_seconds", "run_seconds"):
+      clock.setdefault(k, 0.0)
   params = None if row_params else obs.params
   rows = ob.Observation(update=obs.update, params=obs.params if row_params else None,
                         labels=obs.labels)
@@ -234,7 +242,21 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
       return jax.lax.scan(lambda s, _: (step(s, o)[0], None), s, None, length=n)[0]
     return fed.batch_over(one, mode, map_batch_size)(states, rows)
 
-  states, done = init(keys, rows, params), 0
+  programs: dict[tuple[int, int], Any] = {}
+
+  def program(states, n, phase):  # compiled ahead of time, so that compiling is timed apart
+    if (n, phase) not in programs:
+      t0 = time.perf_counter()
+      programs[(n, phase)] = advance.lower(states, rows, params, cap, n, phase).compile()
+      clock["compile_seconds"] += time.perf_counter() - t0
+    return programs[(n, phase)]
+
+  t0 = time.perf_counter()
+  start = init.lower(keys, rows, params).compile()
+  clock["compile_seconds"] += time.perf_counter() - t0
+  t0 = time.perf_counter()
+  states, done = jax.block_until_ready(start(keys, rows, params)), 0
+  clock["run_seconds"] += time.perf_counter() - t0
   restored = None if restore is None else restore(states)
   if restored is not None:
     states, done = restored
@@ -242,8 +264,10 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
   while done < plan.steps:
     phase = int(np.searchsorted(ends, done, side="right"))
     n = min(chunk, plan.steps - done, int(ends[phase]) - done)
-    states = advance(states, rows, params, cap, n, phase)
-    jax.block_until_ready(states)
+    run = program(states, n, phase)
+    t0 = time.perf_counter()
+    states = jax.block_until_ready(run(states, rows, params, cap))
+    clock["run_seconds"] += time.perf_counter() - t0
     done += n
     progress(n)
     if checkpoint is not None and done < plan.steps:

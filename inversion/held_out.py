@@ -24,6 +24,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import ArrayLike
+
 GAN_IMAGE_SIZE = 32  # the DCGAN of inversion.gan makes 32x32 images
 
 
@@ -91,3 +94,32 @@ def check(training: TrainingData | None, *, dataset: str, split: str) -> None:
   used = "all of it" if training.subset is None else f"a {training.subset}-image subset"
   raise HeldOutError(f"the victims would come from {dataset}'s {split} split, which the prior "
                      f"was trained on ({used}); draw the victims from the test split")
+
+
+# ----------------------------------------------------------------------------- tuning split
+
+TUNING_EVERY = 4  # test image i is in the tuning split when i % TUNING_EVERY == TUNING_EVERY - 1
+
+
+def split_indices(n_test: int, split: str) -> np.ndarray:
+  """The test-split indices of the `tuning` split (every 4th image: a quarter, on which the
+  attacks' hyperparameters are tuned, `studies.tuning`) or of the `evaluation` split (the
+  other three quarters, from which the study draws its victims). Disjoint by construction;
+  `check_disjoint` guards victims chosen otherwise."""
+  index = np.arange(n_test)
+  tuning = index % TUNING_EVERY == TUNING_EVERY - 1
+  if split == "tuning":
+    return index[tuning]
+  if split == "evaluation":
+    return index[~tuning]
+  raise ValueError(f"split must be 'tuning' or 'evaluation', got {split!r}")
+
+
+def check_disjoint(tuning: ArrayLike, evaluation: ArrayLike) -> None:
+  """Raises a HeldOutError when tuning victims (test-split indices) include evaluation
+  victims: hyperparameters tuned on the victims they are scored on flatter the attack."""
+  both = np.intersect1d(np.asarray(tuning).ravel(), np.asarray(evaluation).ravel())
+  if both.size:
+    raise HeldOutError(f"the tuning victims overlap the evaluation victims at {both.size} "
+                       f"test images (e.g. index {int(both[0])}): tune on "
+                       f"held_out.split_indices(n, 'tuning') only")

@@ -73,7 +73,7 @@ class AttackPlan(NamedTuple):
   budget: int | None = None  # double-backward evaluations allowed per restart (None: no cap)
 
 
-def _label_method(spec: AttackSpec, threat: ob.ThreatModel) -> str:
+def label_method(spec: AttackSpec, threat: ob.ThreatModel) -> str:
   if threat.labels_known:
     return "known"
   if spec.labels == "auto":
@@ -158,7 +158,7 @@ def _diffusion_plan(model, threat, spec, defense, mode):
       gradient_weight=spec.gradient_weight, loss=loss or spec.objective or defaults.loss,
       noise_std=std, adaptive=adapt, clip_norm=clip,
       feature_weight=spec.features if mode != "ggdm" else 0.0,
-      guidance_weight=spec.guidance_weight, labels=_label_method(spec, threat),
+      guidance_weight=spec.guidance_weight, labels=label_method(spec, threat),
       refine_steps=refine, refine_tv=spec.tv)
   attack = diffusion_guided.make(model.apply, threat, prior, cfg, features_fn=model.features)
   return AttackPlan(attack, diffusion_guided.labels, steps + refine, budget)
@@ -179,7 +179,7 @@ def _gifd_plan(model, threat, spec, defense):
   latent = max(1, total - defaults.stages * feature)      # the latent search the rest
   cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
                         tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
-                        adaptive=adapt, clip_norm=clip, labels=_label_method(spec, threat))
+                        adaptive=adapt, clip_norm=clip, labels=label_method(spec, threat))
   g = gan_lib.load(prior_folder(spec))
   return AttackPlan(gifd.make(model.apply, threat, g, cfg), gifd.labels, cfg.num_steps, budget)
 
@@ -198,8 +198,8 @@ def prior_folder(spec: AttackSpec) -> Path | None:
 
 ATTACKS: dict[str, Callable[..., AttackPlan]] = {
     "dlg": lambda m, t, s, d: _dlg_plan(m, t, s, d, "known" if t.labels_known else "optimise"),
-    "idlg": lambda m, t, s, d: _dlg_plan(m, t, s, d, _label_method(s, t)),
-    "ig": lambda m, t, s, d: _ig_plan(m, t, s, d, _label_method(s, t)),
+    "idlg": lambda m, t, s, d: _dlg_plan(m, t, s, d, label_method(s, t)),
+    "ig": lambda m, t, s, d: _ig_plan(m, t, s, d, label_method(s, t)),
     "dps": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "dps"),
     "dps_nojac": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "dps_nojac"),
     "ggdm": lambda m, t, s, d: _diffusion_plan(m, t, s, d, "ggdm"),

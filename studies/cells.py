@@ -39,7 +39,7 @@ import numpy as np
 from fljax import federated as fed
 from fljax import models
 from fljax import train as fl_train
-from inversion import adaptive, attacks, engine, metrics, specs
+from inversion import adaptive, attacks, cost, engine, held_out, metrics, specs
 from inversion import observation as ob
 from inversion.compare import parse_variant
 from privacy import train as ptrain
@@ -181,10 +181,10 @@ def _server_z(defense: grid.Defense, fl: dict[str, Any] | None) -> float | None:
 
 
 def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, attack: str,
-                batch: int, steps: int, state: str, fl_hash: str, fl: dict[str, Any] | None
-                ) -> dict[str, Any]:
-  """The JSON config of an attack cell, given its FL cell's hash and outcome (None if
-  not run). The hash covers what determines the result only (the view, the model, the
+                batch: int, steps: int, state: str, fl_hash: str, fl: dict[str, Any] | None,
+                budget: int) -> dict[str, Any]:
+  """The JSON config of an attack cell at `budget` double-backward evaluations per victim,
+  given its FL cell's hash and outcome (None if not run). The hash covers what determines the result only (the view, the model, the
   victims, the attack), so cells that coincide (e.g. DP-FedAvg at every epsilon on the
   untrained model: the server sees the same clear update) run once."""
   d = grid.DEFENSES[defense]
@@ -211,7 +211,7 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
     # noised updates is not one clipped update): the dps attack itself, one shared cell
     variant = grid.ATTACKS["dps"][0]
   return {"kind": "attack", "attack": attack, "variant": variant,
-          "budget": cfg.budget, "view": view, "model": model,
+          "budget": budget, "view": view, "model": model,
           "data": {"name": cfg.data.name, "image_size": cfg.data.image_size,
                    "channels": cfg.data.channels, "num_clients": cfg.clients,
                    **grid.PARTITIONS[partition]},
@@ -219,6 +219,28 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
           # an aggregate already holds n B images: one per cell keeps its cost near the others'
           "victims": 1 if d.view == "aggregate" else cfg.victims,
           "local_lr": 0.1}
+
+
+def check_budgets(cfg: grid.StudyConfig) -> None:
+  """Raises a ValueError (one sentence) when an attack's smallest budget in the grid is
+  below what it needs for one step: checked before any cell runs, by building each
+  attack's plan at that budget (no computation)."""
+  from fljax import datasets
+  ds = datasets.load(cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  model = models.make(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape)
+  for attack in cfg.attacks:
+    budget = min(min(cfg.rungs(attack, d), default=math.inf) for d in cfg.defenses)
+    if not math.isfinite(budget):
+      continue
+    name, overrides = parse_variant(grid.ATTACKS[attack][0])
+    for b in sorted(set(cfg.batch_sizes) | set(cfg.defense_batch_sizes)):
+      threat = ob.ThreatModel(batch_size=b, input_shape=ds.image_shape, num_classes=ds.num_classes)
+      spec = specs.AttackSpec(name=name, budget=int(budget), retries=0, **overrides)
+      try:
+        specs.ATTACKS[name](model, threat, spec, specs.DefenseSpec(name="none"))
+      except ValueError as e:
+        raise ValueError(f"attack {attack} cannot run at the ladder's budget {budget} "
+                         f"(B = {b}): {e}") from None
 
 
 @functools.lru_cache(maxsize=4)  # a grid's cells are prepared partition by partition
@@ -249,9 +271,11 @@ def victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.nda
   A victim is a client of the partition holding >= B examples (a prefix of one
   permutation, so victim 0 is the same client for every defense, an aggregate's first
   client too) whose B examples are replaced by held-out images of the same labels: images
-  of the test split, which neither the FL run nor the shipped priors trained on (DESIGN.md:
-  victims never come from a prior's training data). The client keeps its partition's
-  label mix; every test image serves at most one victim of the cell."""
+  of the test split's evaluation part (`inversion.held_out.split_indices`: not the
+  quarter the attacks are tuned on), which neither the FL run nor the shipped priors
+  trained on (DESIGN.md: victims never come from a prior's training data). The client
+  keeps its partition's label mix; every test image serves at most one victim of the
+  cell."""
   ds, clients = load_partition(cell)
   b = cell["batch"]
   sizes = np.asarray(clients.mask.sum(axis=1))
@@ -261,7 +285,8 @@ def victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.nda
                      f"(lower the batch size or the victims)")
   pick = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 1), eligible))[:count]
   y = np.asarray(clients.y)[pick, :b]
-  order = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 3), len(ds.y_test)))
+  pool = held_out.split_indices(len(ds.y_test), "evaluation")  # the tuning quarter never
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(_cell_key(cell), 3), pool))
   pools = {c: list(order[ds.y_test[order] == c]) for c in np.unique(y)}
   short = {int(c): int((y == c).sum()) - len(pools[c]) for c in pools if (y == c).sum() > len(pools[c])}
   if short:
@@ -425,24 +450,42 @@ def attack_group(group: list[Prepared], *, mode: str, progress: Callable[[int], 
   labels = None if first.obs.labels is None else jnp.concatenate([p.obs.labels for p in group])
   keys = jnp.stack([jax.random.fold_in(_cell_key(p.cell), 2 + i) for p in group for i in range(v)])
   updates, params, labels, keys = shard_rows((updates, params, labels, keys), len(group) * v)
-  t0 = time.perf_counter()
+  timings: dict[str, float] = {}
   states = engine.attack_batched(plan, ob.Observation(update=updates, params=params, labels=labels),
-                                 keys, mode=mode, chunk=chunk, progress=progress, row_params=True)
-  jax.block_until_ready(states)
-  seconds = time.perf_counter() - t0
+                                 keys, mode=mode, chunk=chunk, progress=progress, row_params=True,
+                                 timings=timings)
   xs = np.clip(np.asarray(states.x), 0.0, 1.0)
   ys = np.asarray(plan.labels(states))
   ok = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
   counts = np.asarray(states.counts)
   rows = [slice(j * v, (j + 1) * v) for j in range(len(group))]
-  return [score_cell(p, xs[r], ys[r], ok[r], counts[r], seconds / len(group), plan.steps)
-          for p, r in zip(group, rows)]
+  cost_ = {"seconds_per_victim": timings["run_seconds"] / (len(group) * v),
+           "compile_seconds": timings["compile_seconds"], "flops_per": unit_flops(first)}
+  return [score_cell(p, xs[r], ys[r], ok[r], counts[r], timings["run_seconds"] / len(group),
+                     plan.steps, cost_) for p, r in zip(group, rows)]
+
+
+_UNIT_FLOPS: dict[str, dict[str, float]] = {}
+
+
+def unit_flops(p: Prepared) -> dict[str, float]:
+  """The unit costs (`inversion.cost`) of the cell's evaluations, per victim (one estimate
+  per model, threat and prior)."""
+  key = config_hash({"model": p.cell["model"]["name"], "data": p.cell["data"],
+                     "threat": dataclasses.asdict(p.threat), "attack": p.spec.name,
+                     "prior": str(specs.prior_folder(p.spec))})
+  if key not in _UNIT_FLOPS:
+    unit = cost.victim_flops(_model(p.cell), p.threat, p.params)
+    unit["prior"] = cost.prior_flops(p.spec.name, specs.prior_folder(p.spec), p.threat.batch_size)
+    _UNIT_FLOPS[key] = unit
+  return _UNIT_FLOPS[key]
 
 
 def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
-               counts: np.ndarray, seconds: float, steps: int
+               counts: np.ndarray, seconds: float, steps: int, cost_: dict[str, Any]
                ) -> tuple[dict[str, Any], np.ndarray]:
-  """The cell's scores (after Hungarian matching) and its matched reconstructions."""
+  """The cell's scores (after Hungarian matching) and its matched reconstructions, with
+  its compute: evaluations, seconds (compilation apart) and estimated FLOPs per victim."""
   matched = np.zeros_like(p.x, dtype=np.float32)
   psnr, ssim, label_acc, failed = [], [], [], []
   for i in range(len(p.y)):
@@ -462,7 +505,10 @@ def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
       "mean_label_accuracy": float(np.mean(label_acc)),
       "steps": steps, **{f"{c}_per_victim": float(counts[:, i].mean())
                          for i, c in enumerate(attacks.COUNTERS)},
-      "wall_seconds": seconds, "environment": environment()}
+      "wall_seconds": seconds, "seconds_per_victim": cost_["seconds_per_victim"],
+      "compile_seconds": cost_["compile_seconds"], "unit_flops": cost_["flops_per"],
+      "environment": environment()}
+  result["flops_per_victim"] = cost.total(result, cost_["flops_per"])
   if result["status"] == "failed":
     result["reason"] = "every victim's attack diverged (non-finite loss or iterate)"
   return result, matched
@@ -484,3 +530,65 @@ def attack_and_write(group: list[Prepared], cells_dir: Path, *, mode: str, chunk
       np.savez_compressed(folder / "reconstructions.npz", truth=p.x, reconstruction=matched)
     write_cell(folder, result)
   return [result for result, _ in scored]
+
+
+# ----------------------------------------------------------------------------- baseline cells
+
+def baseline_cell(attack: dict[str, Any], prior_steps: int) -> dict[str, Any]:
+  """The baselines of the victims an attack cell sees (on the clear update): what an
+  attacker gets without the gradient. Their hash covers the victims and the model (the
+  prior-only sample's labels are inferred from the update; `prior_steps` 0: no prior
+  baselines)."""
+  return {**{k: attack[k] for k in ("view", "model", "data", "partition_seed", "batch",
+                                    "local_steps", "victims", "local_lr")},
+          "kind": "baseline", "variant": grid.ATTACKS["dps"][0], "budget": max(prior_steps, 1),
+          "prior_steps": prior_steps}
+
+
+def plan_baselines(attack_plan: dict[tuple, tuple[str, dict[str, Any]]], prior_steps: int
+                   ) -> dict[str, dict[str, Any]]:
+  """hash -> config of the baseline cells: one per victim set and model of the ladder (the
+  attack cells on the clear update, defense `none`; keys as `studies.runner.plan_attacks`)."""
+  out = {}
+  for key, (_, cell) in attack_plan.items():
+    if key[1] == "none":
+      b = baseline_cell(cell, prior_steps)
+      out[config_hash(b)] = b
+  return out
+
+
+def run_baseline_cell(cell: dict[str, Any], h: str, cells_dir: Path) -> dict[str, Any]:
+  """Scores the baselines (`inversion.baselines.evaluate`: blank image, the training
+  split's mean image, the victim's nearest training image, the diffusion prior's sample
+  at the labels inferred from the update, a GAN sample) on the cell's victims; writes and
+  returns its outcome (a failure is recorded, not raised)."""
+  from diffusion import prior as prior_lib
+  from inversion import baselines, gan as gan_lib
+  from inversion.attacks import diffusion_guided
+  folder = cells_dir / "baseline" / h
+  t0 = time.perf_counter()
+  try:
+    p = prepare(cell, h, cells_dir)
+    ds, _ = load_partition(cell)
+    key = jax.random.fold_in(_cell_key(cell), 5)
+    samples, skipped, nfe = {}, {}, None
+    try:  # the shipped priors make 32x32 images: other victims get no prior baselines
+      if not cell["prior_steps"]:
+        raise ValueError("not asked for (prior_only_steps 0)")
+      cfg = diffusion_guided.DiffusionAttackConfig(num_steps=cell["prior_steps"],
+                                                   labels=specs.label_method(p.spec, p.threat))
+      sample = baselines.prior_only(_model(cell).apply, p.threat, prior_lib.load(
+          specs.prior_folder(p.spec)), p.obs, key=key, cfg=cfg)
+      samples["prior_only"], nfe = np.clip(sample.x, 0.0, 1.0), float(sample.counts[:, 2].mean())
+      samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan_lib.MNIST_GAN), p.threat,
+                                                   len(p.x), key=jax.random.fold_in(key, 1))
+    except ValueError as e:
+      skipped["prior_only"] = skipped["gan_sample"] = str(e)
+    scores = baselines.evaluate(p.x, ds.x_train, samples=samples)
+    result = {"status": "done", "config": cell, "baselines": scores, "skipped": skipped,
+              "prior_only_nfe_per_victim": nfe,
+              "wall_seconds": time.perf_counter() - t0, "environment": environment()}
+  except Exception as e:  # recorded with its reason; the study goes on
+    result = failure(cell, e, wall_seconds=time.perf_counter() - t0)
+  write_cell(folder, result)
+  return result

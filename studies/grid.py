@@ -55,9 +55,13 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "gifd": ("gifd", "Fang et al. 2023, GIFD (GAN prior, feature domain)"),
     "dps": ("dps[features=1]", "Chung et al. 2023 DPS as gradient inversion, with feature "
                                "matching (GI-DDPM style)"),
+    "ggdm": ("ggdm", "Gu et al. 2024, GGDM (gradient-similarity guidance of DDPM sampling)"),
     "adaptive": ("dps[adaptive=true,denoise=rescale]", "diffusion-guided, noise-aware and "
                                                         "clip-aware (A1 of issue 8)"),
 }
+
+# attacks with a generative prior: each evaluation costs a prior network's pass too
+GENERATIVE = ("gifd", "dps", "adaptive", "ggdm")
 
 LOCAL_Z = 0.3  # forward noise's z per upload (empirically protective at issue 8's grid)
 TARGET_EPSILON = 8.0  # the calibrated defenses' epsilon, at DELTA
@@ -196,25 +200,39 @@ class StudyConfig:
     rounds: FedAvg rounds.
     model: the model (fljax.models).
     victims: attacked uploads per attack cell.
-    budget: double-backward evaluations per victim for every attack.
+    budgets: the budget ladder (double-backward evaluations of the victim model per
+      victim, strictly increasing): on the clear update (defense `none`) every attack runs
+      at each rung up to its cap, each rung a run of its own (an attack's schedule is sized
+      to its budget), so that quality is read against evaluations and seconds.
+    generative_budget: the cap of the attacks with a generative prior (gifd, dps,
+      adaptive, ggdm), whose evaluations cost a prior network's pass too.
+    defense_budget: under every other defense an attack runs once, at its largest rung
+      not above this, for the batch sizes `defense_batch_sizes`.
+    defense_batch_sizes: B of the attack cells under defenses other than `none`.
+    prior_only_steps: sampler steps of the prior-only baseline (the diffusion prior's
+      sample at the labels inferred from the update; 0: no prior baselines).
     eval_every: test accuracy every this many rounds.
   """
 
-  partitions: tuple[str, ...] = _names(("iid", "dirichlet0.5", "dirichlet0.1"), PARTITIONS)
+  partitions: tuple[str, ...] = _names(("iid",), PARTITIONS)
   defenses: tuple[str, ...] = _names(STUDY_DEFENSES, DEFENSES)
   attacks: tuple[str, ...] = _names(tuple(ATTACKS), ATTACKS)
   seeds: tuple[int, ...] = (0, 1, 2)
   attack_seeds: tuple[int, ...] = (0,)
-  batch_sizes: tuple[int, ...] = (1,)
+  batch_sizes: tuple[int, ...] = (1, 4)
   local_steps: tuple[int, ...] = (1,)
-  model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
+  model_states: tuple[str, ...] = _names(MODEL_STATES, MODEL_STATES)
   data: DataSpec = DataSpec()
   clients: int = 100
   q: float = 0.1
   rounds: int = 10
   model: str = "cnn"
-  victims: int = 2
-  budget: int = 30
+  victims: int = 16
+  budgets: tuple[int, ...] = (30, 100, 300, 1000)
+  generative_budget: int = 100
+  defense_budget: int = 300
+  defense_batch_sizes: tuple[int, ...] = (1,)
+  prior_only_steps: int = 30
   eval_every: int = 2
 
   def __post_init__(self):
@@ -224,11 +242,34 @@ class StudyConfig:
     check_names("model state", self.model_states, MODEL_STATES)
     if not self.seeds or not set(self.attack_seeds) <= set(self.seeds):
       raise ValueError(f"attack_seeds {list(self.attack_seeds)} must be among seeds {list(self.seeds)}")
-    for name in ("clients", "rounds", "victims", "budget", "eval_every"):
+    for name in ("clients", "rounds", "victims", "generative_budget", "defense_budget",
+                 "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if not self.batch_sizes or not self.local_steps or min(self.batch_sizes + self.local_steps) < 1:
+    sizes = self.batch_sizes + self.local_steps + self.defense_batch_sizes
+    if not self.batch_sizes or not self.local_steps or not self.defense_batch_sizes or min(sizes) < 1:
       raise ValueError("batch sizes and local steps must be >= 1")
+    b = list(self.budgets)
+    if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
+      raise ValueError(f"the budget ladder must be strictly increasing and >= 1, got {b}: "
+                       f"e.g. --budgets 30,100,300,1000")
+    if self.prior_only_steps < 0:
+      raise ValueError(f"prior_only_steps must be >= 0, got {self.prior_only_steps}")
+    if b[0] > min(self.generative_budget, self.defense_budget):
+      raise ValueError(f"generative_budget {self.generative_budget} and defense_budget "
+                       f"{self.defense_budget} must be at least the ladder's first rung {b[0]}")
+
+  def rungs(self, attack: str, defense: str) -> tuple[int, ...]:
+    """The budgets an attack runs at under a defense: every rung up to the attack's cap
+    on the clear update (`none`), else the largest one not above `defense_budget`."""
+    cap = self.generative_budget if attack in GENERATIVE else max(self.budgets)
+    ladder = tuple(x for x in self.budgets if x <= cap)
+    if defense == "none":
+      return ladder
+    return tuple(x for x in ladder if x <= self.defense_budget)[-1:]
+
+  def batches(self, defense: str) -> tuple[int, ...]:
+    return self.batch_sizes if defense == "none" else self.defense_batch_sizes
     if not 0 < self.q <= 1:
       raise ValueError(f"q must be in (0, 1], got {self.q}")
 
@@ -238,12 +279,16 @@ class StudyConfig:
 
 # StudyConfig overrides of `scripts/study.py --full` and `--tiny`, as flags name them
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"seeds": (0, 1, 2, 3, 4), "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 8,
-             "budget": 200, "batch_sizes": (1, 4, 16), "local_steps": (1, 5),
-             "model_states": ("untrained", "trained"), "eval_every": 5},
+    "full": {"partitions": ("iid", "dirichlet0.5", "dirichlet0.1"), "seeds": (0, 1, 2, 3, 4),
+             "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 32,
+             "budgets": (30, 100, 300, 1000, 3000, 10000), "generative_budget": 1000,
+             "defense_budget": 1000, "batch_sizes": (1, 4, 16), "defense_batch_sizes": (1, 4),
+             "local_steps": (1, 5), "eval_every": 5},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
-             "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budget": 4, "eval_every": 1},
+             "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),
+             "generative_budget": 4, "defense_budget": 4, "batch_sizes": (1,),
+             "model_states": ("untrained",), "prior_only_steps": 0, "eval_every": 1},
 }
 
 

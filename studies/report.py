@@ -12,6 +12,7 @@ device and wall time.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fljax.plots import panels
+from inversion import baselines, stats
 from studies import cells, grid
 
 # two-sided 97.5% Student t quantiles for n - 1 degrees of freedom
@@ -81,20 +83,26 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
         if key[0] != p or key[1] != d:
           continue
         r = cells.read_cell(cells_dir / "attack" / h)
-        _, _, seed, attack, b, steps, state = key
+        _, _, seed, attack, b, steps, state, budget = key
         if r is None or r["status"] != "done":
           failed.append({"kind": "attack", "hash": h,
-                         "what": f"{p} / {d} / seed {seed} / {attack} / B={b} / s={steps} / {state}",
+                         "what": f"{p} / {d} / seed {seed} / {attack} / B={b} / s={steps} / "
+                                 f"{state} / budget {budget}",
                          "reason": "not run" if r is None else r["reason"]})
           continue
         entry = {"partition": p, "defense": d, "seed": seed, "attack": attack, "batch": b,
-                 "local_steps": steps, "state": state, "hash": h, "psnr": r["median_psnr"],
+                 "local_steps": steps, "state": state, "budget": budget, "hash": h,
+                 "psnr": r["median_psnr"], "psnrs": r["psnr"],
                  "ssim": r["mean_ssim"], "label_accuracy": r["mean_label_accuracy"],
-                 "evals": r["double_backward_evals_per_victim"], "seconds": r["wall_seconds"],
+                 "evals": r["double_backward_evals_per_victim"],
+                 "prior_nfe": r.get("prior_nfe_per_victim"), "seconds": r["wall_seconds"],
+                 "seconds_per_victim": r.get("seconds_per_victim"),
+                 "flops": r.get("flops_per_victim"),
                  "first_psnr": r["psnr"][0] if r["psnr"] and 0 not in r["failed_victims"] else None,
                  "failed_victims": len(r["failed_victims"])}
         attack_rows.append(entry)
-        best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
+        if budget == max(cfg.rungs(attack, d)):  # each attack at its largest budget here
+          best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
       point = (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
       if point in best:  # each attack's median over the attack seeds, then the best attack
         scores = {a: {k: float(np.median([e[k] for e in es]))
@@ -103,7 +111,91 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
         top = max(scores, key=lambda a: scores[a]["psnr"])
         row.update(best_attack=top, **scores[top])
       summary.append(row)
-  return {"summary": summary, "attacks": attack_rows, "failed": failed, "curves": curves}
+  base = []
+  for h, cell in cells.plan_baselines(attack_plan, cfg.prior_only_steps).items():
+    r = cells.read_cell(cells_dir / "baseline" / h)
+    if r is None or r["status"] != "done":
+      failed.append({"kind": "baseline", "hash": h, "what": f"baselines B={cell['batch']} / "
+                     f"{cell['model']['state']}", "reason": "not run" if r is None else r["reason"]})
+      continue
+    base.append({"batch": cell["batch"], "local_steps": cell["local_steps"],
+                 "state": cell["model"]["state"], "seed": cell["partition_seed"],
+                 "data": cell["data"], "scores": r["baselines"]})
+  return {"summary": summary, "attacks": attack_rows, "failed": failed, "curves": curves,
+          "baselines": base}
+
+
+
+# ----------------------------------------------------------------------------- the ladder
+
+
+def ladder(cfg: grid.StudyConfig, data: dict[str, Any]) -> list[dict[str, Any]]:
+  """Quality against compute on the clear update, one entry per grid point (B, local
+  steps, model state): each attack at each rung (per-image PSNR pooled over partitions
+  and attack seeds, with its bootstrap interval; evaluations, prior network passes,
+  seconds and FLOPs per victim), the baselines on the same victims, and the verdicts."""
+  points = sorted({(e["batch"], e["local_steps"], e["state"]) for e in data["attacks"]
+                   if e["defense"] == "none"})
+  out = []
+  for pt in points:
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for e in sorted((e for e in data["attacks"] if e["defense"] == "none"
+                     and (e["batch"], e["local_steps"], e["state"]) == pt),
+                    key=lambda e: (e["partition"], e["seed"])):
+      r = runs.setdefault((e["attack"], e["budget"]), {"psnrs": [], "cells": []})
+      r["psnrs"] += e["psnrs"]
+      r["cells"].append(e)
+    rows = []
+    for (attack, budget), r in sorted(runs.items(), key=lambda kv: (cfg.attacks.index(kv[0][0]), kv[0][1])):
+      mean = lambda k: float(np.mean([c[k] for c in r["cells"] if c.get(k) is not None] or [np.nan]))  # noqa: E731
+      rows.append({"attack": attack, "budget": budget, "psnrs": r["psnrs"],
+                   "interval": stats.bootstrap_median(baselines.cap_psnr(r["psnrs"])) if r["psnrs"] else None,
+                   "evals": mean("evals"), "prior_nfe": mean("prior_nfe"),
+                   "seconds": mean("seconds_per_victim"), "flops": mean("flops"),
+                   "ssim": mean("ssim"), "label_accuracy": mean("label_accuracy"),
+                   "failed_victims": sum(c["failed_victims"] for c in r["cells"])})
+    base: dict[str, list[float]] = {}
+    for bl in sorted((b for b in data.get("baselines", [])
+                      if (b["batch"], b["local_steps"], b["state"]) == pt), key=lambda b: b["seed"]):
+      for name, sc in bl["scores"].items():
+        base.setdefault(name, []).extend(sc["psnr"])
+    out.append({"point": pt, "rows": rows, "verdicts": _verdicts(rows),
+                "baselines": {k: stats.bootstrap_median(baselines.cap_psnr(v)) for k, v in base.items()}})
+  return out
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+  rows = [r for r in rows if r["interval"] is not None]
+  return max(rows, key=lambda r: r["interval"].estimate, default=None)
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+  name = lambda r: f"{r['attack']} at {r['budget']}"  # noqa: E731
+  if len(a["psnrs"]) != len(b["psnrs"]):  # a failed victim breaks the pairing
+    return (f"{name(a)} {a['interval'].estimate:.1f} dB vs {name(b)} "
+            f"{b['interval'].estimate:.1f} dB (not paired: failed victims)")
+  d = stats.paired_difference(baselines.cap_psnr(a["psnrs"]), baselines.cap_psnr(b["psnrs"]))
+  return stats.verdict(d, name(a), name(b))
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+  """Paired verdicts (same victims): the best generative attack against the best classical
+  one at each budget both reached (equal evaluations), and at each generative rung against
+  the best classical run that took no more seconds per victim (equal or less time)."""
+  gen = [r for r in rows if r["attack"] in grid.GENERATIVE]
+  cls = [r for r in rows if r["attack"] not in grid.GENERATIVE]
+  out = []
+  for budget in sorted({r["budget"] for r in gen} & {r["budget"] for r in cls}):
+    a = _best([r for r in gen if r["budget"] == budget])
+    b = _best([r for r in cls if r["budget"] == budget])
+    if a and b:
+      out.append(f"equal evaluations ({budget}): " + _compare(a, b))
+  for budget in sorted({r["budget"] for r in gen}):
+    a = _best([r for r in gen if r["budget"] == budget])
+    b = _best([r for r in cls if a and r["seconds"] <= a["seconds"]])
+    if a and b:
+      out.append(f"equal or less time ({a['seconds']:.2g} s per victim): " + _compare(a, b))
+  return out
 
 
 # ----------------------------------------------------------------------------- figures
@@ -146,6 +238,36 @@ def figures(cfg: grid.StudyConfig, out: Path, data: dict[str, Any]) -> list[tupl
       point(ax, r, r["psnr"], r["accuracy"], r["accuracy_ci"])
 
   made = []
+  points = {f"B = {e['point'][0]}, {e['point'][1]} step(s), {e['point'][2]}": e
+            for e in data.get("ladder", [])}
+
+  def against(key):
+    def draw(ax, name):
+      e = points[name]
+      for i, attack in enumerate(cfg.attacks):
+        rows = [r for r in e["rows"] if r["attack"] == attack and r["interval"] is not None]
+        if not rows:
+          continue
+        x = [r[key] for r in rows]
+        ax.plot(x, [r["interval"].estimate for r in rows], "o-", color=f"C{i}", label=attack, ms=3)
+        ax.fill_between(x, [r["interval"].low for r in rows], [r["interval"].high for r in rows],
+                        color=f"C{i}", alpha=0.2, lw=0)
+      for j, (name_, iv) in enumerate(sorted(e["baselines"].items())):
+        ax.axhline(iv.estimate, color="0.5", lw=0.8, ls=(0, (1 + j, 2)), label=f"baseline: {name_}")
+    return draw
+
+  if points:
+    panels(plt, list(points), against("evals"), out / "psnr_vs_evaluations.png", xlog=True,
+           xlabel="double-backward evaluations of the victim model per victim",
+           ylabel="median PSNR, dB (95% band)", legend="outside")
+    made.append(("psnr_vs_evaluations.png", "Quality against evaluations on the clear update: "
+                 "each attack's median PSNR at each budget of the ladder (bootstrap 95% band "
+                 "over the pooled victims); grey lines: the baselines on the same victims."))
+    panels(plt, list(points), against("seconds"), out / "psnr_vs_seconds.png", xlog=True,
+           xlabel="attack seconds per victim on this machine (compilation excluded)",
+           ylabel="median PSNR, dB (95% band)", legend="outside")
+    made.append(("psnr_vs_seconds.png", "The same runs against seconds per victim (the "
+                 "batched computation's run time divided by its victims)."))
   panels(plt, cfg.partitions, per_round, out / "accuracy_per_round.png", xlabel="round",
           ylabel="test accuracy (mean over seeds)", legend="outside")
   made.append(("accuracy_per_round.png", "Test accuracy per round, mean over seeds."))
@@ -179,7 +301,8 @@ def _grid(plt, cfg, out: Path, data: dict, partition: str, path: Path) -> bool:
   for e in data["attacks"]:
     if (e["partition"] == partition and e["seed"] == cfg.attack_seeds[0]
         and (e["batch"], e["local_steps"], e["state"]) ==
-        (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])):
+        (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
+        and e["budget"] == max(cfg.rungs(e["attack"], e["defense"]))):
       rows.setdefault(e["defense"], {})[e["attack"]] = e
   if not rows:
     return False
@@ -226,6 +349,14 @@ def _fmt(v, spec="{:.3g}") -> str:
   return spec.format(v)
 
 
+def _interval(iv: stats.Interval | None) -> str:
+  if iv is None:
+    return "-"
+  if not iv.defined:
+    return f"{iv.estimate:.1f} (n = {iv.n})"
+  return f"{iv.estimate:.1f} [{iv.low:.1f}, {iv.high:.1f}] (n = {iv.n})"
+
+
 def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: dict,
            figs: list[tuple[str, str]], wall_seconds: float) -> list[tuple]:
   """The report as blocks: ('h', level, text), ('p', text), ('table', header, rows),
@@ -254,8 +385,10 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  f"Poisson q = {cfg.q}, {cfg.rounds} rounds); attacks {', '.join(cfg.attacks)} "
                  f"on {cfg.victims} victims per cell (attack seeds {list(cfg.attack_seeds)}, "
                  f"batch {list(cfg.batch_sizes)}, local steps {list(cfg.local_steps)}, models "
-                 f"{list(cfg.model_states)}, {cfg.budget} double-backward evaluations per "
-                 f"victim). Machine: {env['cpus']} CPUs, {env['backend']} "
+                 f"{list(cfg.model_states)}; budgets {list(cfg.budgets)} double-backward "
+                 f"evaluations per victim on the clear update, generative attacks up to "
+                 f"{cfg.generative_budget}, one budget up to {cfg.defense_budget} under the "
+                 f"other defenses at B in {list(cfg.defense_batch_sizes)}). Machine: {env['cpus']} CPUs, {env['backend']} "
                  f"({env['device_kind']}) x {env['devices']}, {env['processes']} process(es); "
                  f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy "
                  f"{env['numpy']}, Python {env['python']}. Wall time of the cells: FL "
@@ -281,9 +414,32 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  _fmt(r.get("psnr"), "{:.1f}"), _fmt(r.get("ssim"), "{:.3f}"),
                  _fmt(r.get("label_accuracy"), "{:.2f}")])
   b.append(("table", header, rows))
+  b.append(("h", 2, "Quality against compute (clear update)"))
+  b.append(("p", "Each attack at each budget of the ladder on the clear update (defense "
+                 "`none`), a run of its own per budget. PSNR: median over every victim image "
+                 "(pooled over partitions and attack seeds) with its bootstrap 95% interval. "
+                 "Evaluations, prior network passes, seconds (the batched computation's run "
+                 "time per victim, compilation excluded) and FLOPs (`inversion.cost`: XLA's "
+                 "count of one evaluation times the evaluations) are per victim. Baselines "
+                 "on the same victims: what an attacker gets without the gradient. Verdicts "
+                 "are paired over the same victims; a difference is claimed only when its "
+                 "95% interval excludes 0."))
+  for e in data.get("ladder", []):
+    bsz, steps, state = e["point"]
+    b.append(("h", 3, f"B = {bsz}, {steps} local step(s), {state} model"))
+    rows = [[r["attack"], str(r["budget"]), _fmt(r["evals"], "{:.0f}"), _fmt(r["prior_nfe"], "{:.0f}"),
+             _fmt(r["seconds"], "{:.3g}"), _fmt(r["flops"] / 1e9 if r["flops"] else None, "{:.3g}"),
+             _interval(r["interval"]), _fmt(r["ssim"], "{:.3f}"), _fmt(r["label_accuracy"], "{:.2f}"),
+             str(r["failed_victims"])] for r in e["rows"]]
+    rows += [[f"baseline: {name}", "-", "0", "-", "-", "-", _interval(iv), "-", "-", "-"]
+             for name, iv in sorted(e["baselines"].items())]
+    b.append(("table", ["attack", "budget", "evals", "prior NFE", "s / victim", "GFLOPs / victim",
+                        "PSNR dB [95% CI]", "SSIM", "label acc", "failed"], rows))
+    for v in e["verdicts"]:
+      b.append(("p", "- " + v))
   b.append(("h", 2, "Every attack under every defense"))
   b.append(("p", "Median PSNR (dB) over the victims (and attack seeds) of each attack on what "
-                 "the server sees; the best per row in bold."))
+                 "the server sees, each at its largest budget there; the best per row in bold."))
   points = sorted({(e["batch"], e["local_steps"], e["state"]) for e in data["attacks"]})
   for pt in points:
     header = ["partition", "defense"] + list(cfg.attacks)
@@ -293,7 +449,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
         vals = {}
         for a in cfg.attacks:
           es = [e["psnr"] for e in data["attacks"] if (e["partition"], e["defense"], e["attack"],
-                e["batch"], e["local_steps"], e["state"]) == (p, d, a) + pt]
+                e["batch"], e["local_steps"], e["state"]) == (p, d, a) + pt
+                and e["budget"] == max(cfg.rungs(a, d))]
           vals[a] = float(np.median(es)) if es else None
         top = max((v for v in vals.values() if v is not None), default=None)
         rows.append([p, d] + [("**{}**" if v is not None and v == top else "{}").format(
@@ -381,10 +538,16 @@ def to_html(blocks_: list[tuple], out: Path) -> str:
 def write(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
           wall_seconds: float) -> dict[str, Any]:
   data = gather(cfg, out, fl, attack_plan)
+  data["ladder"] = ladder(cfg, data)
   figs = figures(cfg, out, data)
   b = blocks(cfg, out, data, fl, attack_plan, figs, wall_seconds)
   (out / "report.md").write_text(to_markdown(b) + "\n")
   (out / "report.html").write_text(to_html(b, out) + "\n")
-  json_data = {k: v for k, v in data.items() if k != "curves"}
+  json_data = {k: v for k, v in data.items() if k not in ("curves", "ladder")}
+  json_data["ladder"] = [{**e, "point": list(e["point"]),
+                          "rows": [{**r, "interval": None if r["interval"] is None
+                                    else dataclasses.asdict(r["interval"])} for r in e["rows"]],
+                          "baselines": {k: dataclasses.asdict(v) for k, v in e["baselines"].items()}}
+                         for e in data["ladder"]]
   (out / "report.json").write_text(json.dumps(json_data, indent=1, default=float) + "\n")
   return data

@@ -31,7 +31,7 @@ from studies import cells, grid, report
 _ATTACK_SHARE = 0.6  # attacks' time relative to the FL cells' in the default grid (measured)
 
 FlPlan = dict[tuple[str, str, int], tuple[str, dict]]  # (partition, defense, seed) -> (hash, cell)
-AttackPlan = dict[tuple, tuple[str, dict]]  # (partition, defense, seed, attack, B, s, state) -> ...
+AttackPlan = dict[tuple, tuple[str, dict]]  # (partition, defense, seed, attack, B, s, state, budget) -> ...
 
 
 class BudgetError(RuntimeError):
@@ -82,11 +82,12 @@ def plan_attacks(cfg: grid.StudyConfig, fl: FlPlan, cells_dir: Path) -> AttackPl
       continue
     result = cells.read_cell(cells_dir / "fl" / h)
     for a in cfg.attacks:
-      for b in cfg.batch_sizes:
+      for b in cfg.batches(d):
         for steps in cfg.local_steps:
           for state in cfg.model_states:
-            cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result)
-            out[(p, d, s, a, b, steps, state)] = (cells.config_hash(cell), cell)
+            for budget in cfg.rungs(a, d):
+              cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result, budget)
+              out[(p, d, s, a, b, steps, state, budget)] = (cells.config_hash(cell), cell)
   return out
 
 
@@ -120,13 +121,15 @@ def run(cfg: grid.StudyConfig, workdir: str | os.PathLike, *, progress: bool = T
 
   Returns the report's data (`studies.report.gather`): its `failed` entry lists the cells
   that failed (their reasons are also in the report); {} on hosts other than 0.
-  Raises `runs.WorkdirError` for a workdir that is a file or unwritable, `BudgetError`
+  Raises `runs.WorkdirError` for a workdir that is a file or unwritable, ValueError when
+  an attack's smallest budget cannot buy it one step (before anything runs), `BudgetError`
   when the first cell's time says the study would exceed `budget_minutes`.
   """
   if jax.process_count() > 1:
     raise ValueError("study cells run in independent processes: share them between hosts "
                      "with --hosts / --host (or SLURM), not jax.distributed")
   workdir = Path(workdir)
+  cells.check_budgets(cfg)
   cells_dir = open_workdir(workdir)
   (workdir / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
   t_start = time.perf_counter()
@@ -183,6 +186,14 @@ def run(cfg: grid.StudyConfig, workdir: str | os.PathLike, *, progress: bool = T
                           f"--attacks or raise --budget_minutes (finished cells are kept)")
   cbar.close()
   _wait_for(cells_dir / "attack", list(unique), hosts, say)
+  base = cells.plan_baselines(attack_plan, cfg.prior_only_steps)
+  todo = _pending(cells_dir / "baseline", list(base), hosts)
+  say(f"baselines: {len(base)} victim sets on the clear update ({len(todo)} to score)")
+  for h in todo:
+    outcome = cells.run_baseline_cell(base[h], h, cells_dir)
+    if outcome["status"] == "failed":
+      say(f"baseline cell {h} failed: {outcome['reason']}")
+  _wait_for(cells_dir / "baseline", list(base), hosts, say)
   if hosts.index != 0:
     return {}
   data = report.write(cfg, workdir, fl, attack_plan, wall_seconds=time.perf_counter() - t_start)

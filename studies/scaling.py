@@ -96,7 +96,8 @@ def _study(cfg: ScalingConfig, clients: int, victims: int, attacks: tuple[str, .
            ) -> grid.StudyConfig:
   return grid.StudyConfig(data=cfg.data, partitions=("iid",), defenses=("none",),
                           attacks=attacks, seeds=(0,), clients=clients, q=0.1, model=cfg.model,
-                          victims=victims, budget=cfg.budget)
+                          victims=victims, budgets=(cfg.budget,),
+                          generative_budget=cfg.budget, defense_budget=cfg.budget)
 
 
 def attack_sweep(cfg: ScalingConfig, axis: str, cells_dir: Path, *,
@@ -116,7 +117,7 @@ def attack_sweep(cfg: ScalingConfig, axis: str, cells_dir: Path, *,
       b = value if axis == "batch" else 4 if axis == "local_steps" else 1
       steps = value if axis == "local_steps" else 1
       cell = cells.attack_cell(study, "iid", "secagg" if axis == "secagg" else "none", 0, attack,
-                               b, steps, "untrained", "-", None)
+                               b, steps, "untrained", "-", None, cfg.budget)
       if axis == "secagg":
         cell["view"]["clients"] = value
       planned.append((value, attack, cells.config_hash(cell), cell))
@@ -161,7 +162,8 @@ def attack_throughput(cfg: ScalingConfig, devices: int, cells_dir: Path) -> dict
   """Victim attacks per hour: `victims` x devices victims of one attack, rows spread over
   the devices (compile excluded: the second of two runs is timed)."""
   study = _study(cfg, cfg.clients, cfg.victims * devices, ("ig",))
-  cell = cells.attack_cell(study, "iid", "none", 0, "ig", 1, 1, "untrained", "-", None)
+  cell = cells.attack_cell(study, "iid", "none", 0, "ig", 1, 1, "untrained", "-", None,
+                           cfg.budget)
   p = cells.prepare(cell, cells.config_hash(cell), cells_dir)
   cells.attack_group([p], mode=cells.batching_mode())
   t0 = time.perf_counter()

@@ -59,12 +59,14 @@ def test_relative_links_point_to_files():
   assert not broken
 
 
+@pytest.mark.slow  # an FL round of the docs' CNN on MNIST (about 20 s)
 def test_federated_example_runs():
   namespace = run_example("data_and_fl.md", "make_round_step")
   metrics = namespace["metrics"]
   assert int(namespace["state"].round) == 1 and float(metrics["clients"]) == 10
 
 
+@pytest.mark.slow  # PLD calibration and a DP-SGD step of the docs' example (about 35 s)
 def test_privacy_example_runs():
   namespace = run_example("privacy.md", "dpsgd.calibrate")
   assert 1.9 < namespace["epsilon"] <= 2.0

@@ -4,6 +4,7 @@ record, and the check that refuses victims from a prior's training data."""
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from diffusion import prior as prior_lib
@@ -54,3 +55,14 @@ def test_unrecorded_priors_are_not_checked_and_broken_records_are_named(tmp_path
   (tmp_path / "config.json").write_text(json.dumps({"steps": 5}))
   with pytest.raises(held_out.HeldOutError, match="names no training dataset"):
     held_out.training_data(tmp_path)
+
+
+def test_the_tuning_and_evaluation_splits_partition_the_test_split():
+  tuning, evaluation = (held_out.split_indices(1000, s) for s in ("tuning", "evaluation"))
+  assert len(tuning) == 250 and len(evaluation) == 750
+  assert sorted(np.concatenate([tuning, evaluation]).tolist()) == list(range(1000))
+  held_out.check_disjoint(tuning, evaluation)
+  with pytest.raises(held_out.HeldOutError, match="overlap the evaluation victims at 1 test images"):
+    held_out.check_disjoint([3, 5], evaluation)
+  with pytest.raises(ValueError, match="'tuning' or 'evaluation'"):
+    held_out.split_indices(10, "train")

@@ -7,6 +7,7 @@ import numpy as np
 
 import pytest
 
+from inversion import held_out
 from studies import cells, grid
 
 
@@ -34,28 +35,30 @@ def test_an_unreadable_cell_file_is_named_and_its_cell_runs_again(tmp_path):
 
 def test_cells_that_see_the_same_upload_share_one_hash():
   cfg = grid.make(grid.StudyConfig, grid.PRESETS["tiny"])
-  none, dp = (cells.attack_cell(cfg, "iid", d, 0, "ig", 1, 1, "untrained", "h", None)
+  none, dp = (cells.attack_cell(cfg, "iid", d, 0, "ig", 1, 1, "untrained", "h", None, 4)
               for d in ("none", "dp_fedavg_eps8"))
   assert cells.config_hash(none) == cells.config_hash(dp)  # DP-FedAvg's server sees the clear update
-  trained = cells.attack_cell(cfg, "iid", "none", 0, "ig", 1, 1, "trained", "h", None)
+  trained = cells.attack_cell(cfg, "iid", "none", 0, "ig", 1, 1, "trained", "h", None, 4)
   assert cells.config_hash(trained) != cells.config_hash(none)
   assert json.loads(json.dumps(none)) == none  # JSON as it is hashed and stored
   with pytest.raises(ValueError, match="not modelled"):
-    cells.attack_cell(cfg, "iid", "pfdm", 0, "ig", 1, 1, "untrained", "h", None)
+    cells.attack_cell(cfg, "iid", "pfdm", 0, "ig", 1, 1, "untrained", "h", None, 4)
 
 
 def test_victims_are_held_out_test_images_with_their_clients_labels():
   cfg = grid.make(grid.StudyConfig, grid.PRESETS["tiny"])
-  cell = cells.attack_cell(cfg, "iid", "none", 0, "ig", 4, 1, "untrained", "h", None)
+  cell = cells.attack_cell(cfg, "iid", "none", 0, "ig", 4, 1, "untrained", "h", None, 4)
   x, y = cells.victim_batches(cell, 3)
   ds, clients = cells.load_partition(cell)
   assert x.shape == (3, 4) + ds.image_shape and y.shape == (3, 4)
   flat = x.reshape(12, -1)
   test = ds.x_test.reshape(len(ds.x_test), -1)
   train = ds.x_train.reshape(len(ds.x_train), -1)
+  tuning = held_out.split_indices(len(ds.y_test), "tuning")
   for image, label in zip(flat, y.reshape(-1)):
     in_test = np.flatnonzero((test == image).all(axis=1))
     assert len(in_test) and label in ds.y_test[in_test]  # a test image of the victim's label
+    assert not np.isin(in_test, tuning).all()            # of the evaluation split
     assert not (train == image).all(axis=1).any()        # never a training image
   assert len({row.tobytes() for row in flat}) == 12       # each test image serves one victim
   client_labels = {tuple(sorted(r)) for r in np.asarray(clients.y)[:, :4]}

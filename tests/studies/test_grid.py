@@ -33,3 +33,16 @@ def test_calibrated_noise_is_resolved_per_grid():
   assert grid.replace_one_z(20, 0.1) > z  # more rounds, more noise for the same epsilon
   assert "noise_multiplier" not in grid.privacy_fields("forward_eps8", rounds=10, q=0.1,
                                                        clients=100)  # the run calibrates it
+
+
+def test_the_budget_ladder_is_checked_and_capped_per_attack():
+  for bad in ((100, 30), (30, 30), (), (0, 4)):
+    with pytest.raises(ValueError, match="strictly increasing"):
+      grid.StudyConfig(budgets=bad)
+  cfg = grid.StudyConfig(budgets=(30, 100, 300, 1000), generative_budget=100, defense_budget=300)
+  assert cfg.rungs("ig", "none") == (30, 100, 300, 1000)
+  assert cfg.rungs("dps", "none") == cfg.rungs("gifd", "none") == (30, 100)
+  assert cfg.rungs("ig", "forward") == (300,) and cfg.rungs("dps", "forward") == (100,)
+  assert cfg.batches("none") == (1, 4) and cfg.batches("forward") == (1,)
+  with pytest.raises(ValueError, match="at least the ladder's first rung 30"):
+    grid.StudyConfig(budgets=(30, 100), generative_budget=10)

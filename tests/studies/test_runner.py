@@ -17,23 +17,40 @@ from tests.studies.conftest import ROOT, TINY
 def test_tiny_study_writes_every_table_and_figure(tiny_study):
   cfg, out = tiny_study
   md = (out / "report.md").read_text()
-  for heading in ("## Summary per defense", "## Every attack under every defense", "## Figures",
+  for heading in ("## Summary per defense", "## Quality against compute (clear update)",
+                  "## Every attack under every defense", "## Figures",
                   "## Defenses and attacks", "## Failed cells", "## Cells"):
     assert heading in md
-  for fig in ("accuracy_per_round.png", "accuracy_vs_epsilon.png", "psnr_vs_epsilon.png",
-              "frontier.png", "reconstructions_iid.png"):
+  for fig in ("psnr_vs_evaluations.png", "psnr_vs_seconds.png", "accuracy_per_round.png",
+              "accuracy_vs_epsilon.png", "psnr_vs_epsilon.png", "frontier.png",
+              "reconstructions_iid.png"):
     assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
   page = (out / "report.html").read_text()
-  assert page.count("data:image/png;base64,") == 5 and "src='http" not in page
+  assert page.count("data:image/png;base64,") == 7 and "src='http" not in page
   data = json.loads((out / "report.json").read_text())
   rows = {r["defense"]: r for r in data["summary"]}
   assert set(rows) == {"none", "forward"} and all(r["seeds"] == 2 for r in rows.values())
   assert rows["none"]["epsilon"] == float("inf") and np.isfinite(rows["forward"]["epsilon"])
   assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["psnr"]) for r in rows.values())
-  # 2 defenses x 2 attack seeds, each cell's config, status, device and wall time listed
-  assert len(data["attacks"]) == 4 and not data["failed"]
+  # 2 attack seeds x (none at budgets 2 and 4, forward at 4), each cell's config, status,
+  # device and wall time listed
+  assert len(data["attacks"]) == 6 and not data["failed"]
+  assert sorted(e["budget"] for e in data["attacks"] if e["defense"] == "none") == [2, 2, 4, 4]
   listed = [line.split(" | ")[0] for line in md.splitlines() if "`{" in line]
-  assert listed.count("| fl") == 4 and listed.count("| attack") == 4 and "cpu x" in md
+  assert listed.count("| fl") == 4 and listed.count("| attack") == 6 and "cpu x" in md
+  # the ladder: each rung's evaluations, seconds (compilation apart) and FLOPs; the baselines
+  for e in data["attacks"]:
+    record = json.loads((out / "cells" / "attack" / e["hash"] / "done.json").read_text())
+    assert record["double_backward_evals_per_victim"] == e["budget"]
+    assert record["seconds_per_victim"] > 0 and record["compile_seconds"] > 0
+    assert record["flops_per_victim"] == pytest.approx(
+        e["budget"] * record["unit_flops"]["double_backward"]
+        + record["grad_evals_per_victim"] * record["unit_flops"]["grad"])
+  (ladder,) = data["ladder"]
+  assert [(r["attack"], r["budget"], r["interval"]["n"]) for r in ladder["rows"]] == [
+      ("ig", 2, 2), ("ig", 4, 2)]
+  assert set(ladder["baselines"]) == {"blank", "mean_image", "nearest_training"}
+  assert "| baseline: nearest_training | - | 0 |" in md
 
 
 def test_rerun_runs_only_missing_and_unreadable_cells(study_copy, capsys):
@@ -55,7 +72,7 @@ def test_failed_cells_are_reported_and_retried_with_their_reason(study_copy, mon
   cfg, out = study_copy
   fl_hash = runner.plan_fl(cfg)[("iid", "none", 1)][0]
   attack_hash = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")[
-      ("iid", "none", 1, "ig", 1, 1, "untrained")][0]
+      ("iid", "none", 1, "ig", 1, 1, "untrained", 4)][0]
   shutil.rmtree(out / "cells" / "fl" / fl_hash)
   shutil.rmtree(out / "cells" / "attack" / attack_hash)
 
@@ -83,9 +100,13 @@ def test_batched_attack_cells_equal_one_at_a_time(tiny_study):
   cfg, out = tiny_study
   plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
   prepared = [cells.prepare(c, h, out / "cells") for h, c in dict(plan.values()).items()]
-  assert len({cells.group_key(p) for p in prepared}) == 1  # one computation for all four
-  together = cells.attack_group(prepared, mode="map")
-  for p, (r, _) in zip(prepared, together):
+  groups = {}
+  for p in prepared:
+    groups.setdefault(cells.group_key(p), []).append(p)
+  assert sorted(len(g) for g in groups.values()) == [2, 4]  # one computation per budget
+  group = max(groups.values(), key=len)  # budget 4: none and forward, seeds 0 and 1
+  together = cells.attack_group(group, mode="map")
+  for p, (r, _) in zip(group, together):
     alone, _ = cells.attack_group([p], mode="map")[0]
     np.testing.assert_allclose(r["psnr"], alone["psnr"], rtol=1e-4)
     stored = json.loads((out / "cells" / "attack" / p.hash / "done.json").read_text())
@@ -107,14 +128,16 @@ def test_trained_models_batches_and_local_steps(study_copy):
       "defenses": ("none",), "seeds": (0,), "attack_seeds": (0,),
       "model_states": ("untrained", "trained"), "batch_sizes": (1, 2), "local_steps": (1, 2)})
   data = runner.run(cfg, out, progress=False)
-  assert not data["failed"] and len(data["attacks"]) == 8
+  assert not data["failed"] and len(data["attacks"]) == 16  # 8 points x budgets 2 and 4
   plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
   configs = [json.loads((out / "cells" / "attack" / h / "done.json").read_text())["config"]
              for h, _ in plan.values()]
   trained = [c for c in configs if c["model"]["state"] == "trained"]
-  assert len(trained) == 4 and all(c["model"]["fl"] for c in trained)  # the FL cell's final model
+  assert len(trained) == 8 and all(c["model"]["fl"] for c in trained)  # the FL cell's final model
   assert {(c["batch"], c["local_steps"]) for c in configs} == {(1, 1), (1, 2), (2, 1), (2, 2)}
-  assert (out / "report.md").read_text().count("local step(s), trained model:") == 4
+  md = (out / "report.md").read_text()
+  assert md.count("local step(s), trained model:") == 4
+  assert md.count("local step(s), trained model\n") == 4  # the ladder's sections
 
 
 def test_hosts_split_the_cells():
@@ -140,14 +163,20 @@ def test_two_hosts_share_the_cells_and_host_zero_reports(study_copy):
   assert all(p.returncode == 0 for p in procs), outs
   assert "report:" in outs[0][0] and "report:" not in outs[1][0]
   data = json.loads((out / "report.json").read_text())
-  assert len(data["attacks"]) == 4 and not data["failed"]
+  assert len(data["attacks"]) == 6 and not data["failed"]
 
 
 def test_default_and_full_grids_plan_every_cell(tmp_path):
   full = grid.make(grid.StudyConfig, grid.PRESETS["full"])
   assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
-  for cfg, attack_cells in ((grid.StudyConfig(), 3 * 11 * 6), (full, 3 * 11 * 3 * 6 * 3 * 2 * 2)):
+  # per partition, attack seed, local steps and model state: on the clear update 3 classical
+  # attacks x every rung + 4 generative ones x the rungs up to their cap, for each B; under
+  # the 10 other defenses 7 attacks x one rung, for each defense B
+  default = 1 * 1 * 1 * 2 * (2 * (3 * 4 + 4 * 2) + 10 * 1 * 7)
+  full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
+  for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
+    cells.check_budgets(cfg)  # every attack can run at its smallest budget
     fl = runner.plan_fl(cfg)
     assert len(fl) == len(cfg.partitions) * len(cfg.defenses) * len(cfg.seeds)
     for h, cell in fl.values():  # every FL cell is a valid run config
@@ -157,9 +186,16 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
     assert len(attacks) == attack_cells
   # on the untrained model DP-FedAvg's server sees the clear update: one cell for all epsilons
   untrained = {k[1]: h for k, (h, _) in attacks.items()
-               if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained")}
+               if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained", 1000)}
   assert untrained["none"] == untrained["dp_fedavg_eps1"] == untrained["dp_fedavg_eps8"]
   assert untrained["forward"] == untrained["hybrid"] == untrained["topup"] != untrained["none"]
   # the hybrid's central noise and the top-up's total are calibrated as released
   assert fl[("iid", "hybrid", 0)][1]["privacy"]["central_noise_multiplier"] > 1.9
   assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 20 ** 0.5 * grid.LOCAL_Z
+
+
+def test_an_attack_that_cannot_step_at_the_first_rung_stops_the_study_before_it_runs(tmp_path):
+  cfg = grid.make(grid.StudyConfig, TINY, {"attacks": ("dlg",), "budgets": (1, 4)})
+  with pytest.raises(ValueError, match=r"attack dlg cannot run at the ladder's budget 1 \(B = 1\)"):
+    runner.run(cfg, tmp_path / "study", progress=False)
+  assert not (tmp_path / "study").exists()  # nothing ran, nothing was written

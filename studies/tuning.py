@@ -1,0 +1,473 @@
+"""Equal-effort tuning of the attacks' hyperparameters by random search (Bergstra and Bengio,
+JMLR 2012), on victims held out from the evaluation (DESIGN.md, "What makes a number count":
+equal tuning).
+
+Every attack gets the same protocol: `trials` candidate settings of its key hyperparameters
+(`SPACES`), trial 0 its current default and trials 1.. random draws, each scored by the
+median PSNR of its reconstructions of the same `victims` at the same budget of
+double-backward evaluations. The victims are images of the test split's tuning quarter
+(`inversion.held_out.split_indices(n, "tuning")`), never one the study evaluates on; the
+model is the FL run's untrained initialisation, the observation one FedSGD update with no
+defense (the study's untrained cells). The trial with the highest median wins (ties: the
+earlier trial, so the default stays unless beaten).
+
+  cfg = config.build(TuningConfig, TINY)
+  result = run(cfg, "runs/tuning")             # tuning.json, tuning.md, trials/*.json
+  tuned_overrides("mnist", "cnn", "dps")       # {'scale': ..., 'features': ...} or {}
+
+Each finished trial is cached in `workdir/trials/` under a hash of what determines it, so
+a killed run resumes; `run(..., write_defaults=True)` records the chosen values in
+`studies/tuned.json` ("<dataset>/<model>" -> attack -> AttackSpec field -> value), which
+the study merges into its attack variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+import traceback
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fljax import config as config_lib
+from fljax import datasets, models
+from fljax import federated as fed
+from inversion import attacks, engine, held_out, metrics, specs, stats
+from inversion import observation as ob
+from inversion.attacks import dlg
+from inversion.compare import parse_variant
+from studies import cells, grid
+
+TUNED = Path(__file__).with_name("tuned.json")
+COUNTER = dict(zip(attacks.COUNTERS, range(len(attacks.COUNTERS))))
+BLANK = 0.5  # a victim whose attack diverged is scored as this grey image (the blank baseline)
+
+# ----------------------------------------------------------------------------- search spaces
+
+
+@dataclasses.dataclass(frozen=True)
+class LogUniform:
+  """A positive value drawn log-uniformly from [low, high]."""
+
+  low: float
+  high: float
+
+  def draw(self, key: jax.Array) -> float:
+    u = float(jax.random.uniform(key))
+    return _round(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """A value drawn uniformly from [low, high]."""
+
+  low: float
+  high: float
+
+  def draw(self, key: jax.Array) -> float:
+    return _round(self.low + float(jax.random.uniform(key)) * (self.high - self.low))
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One of `values`, each equally likely."""
+
+  values: tuple[Any, ...]
+
+  def draw(self, key: jax.Array) -> Any:
+    return self.values[int(jax.random.randint(key, (), 0, len(self.values)))]
+
+
+def _round(value: float) -> float:
+  """3 significant digits: readable tables, values that survive a variant string."""
+  return float(f"{value:.3g}")
+
+
+_DLG_SPACE = {"optimizer": Choice(dlg.OPTIMIZERS), "lr": LogUniform(1e-3, 1.0)}
+
+# attack -> AttackSpec field -> its range (the keys are exactly AttackSpec's field names)
+SPACES: dict[str, dict[str, LogUniform | Uniform | Choice]] = {
+    "dlg": _DLG_SPACE,
+    "idlg": _DLG_SPACE,
+    "ig": {"tv": LogUniform(1e-6, 1.0), "lr": LogUniform(1e-3, 1.0)},
+    # AttackSpec has no field for GIFD's stage lengths (`specs._gifd_plan` fixes the split)
+    "gifd": {"lr": LogUniform(1e-3, 1.0), "tv": LogUniform(1e-6, 1e-1)},
+    "dps": {"scale": LogUniform(0.5, 512.0), "features": Uniform(0.0, 1.0)},
+    "ggdm": {"scale": LogUniform(10.0, 1e5)},  # scale is ggdm's gamma
+}
+
+# the study's attack variant of each tuned attack (`studies.grid.ATTACKS`, else its name)
+VARIANTS: dict[str, str] = {name: grid.ATTACKS[name][0] if name in grid.ATTACKS else name
+                            for name in SPACES}
+
+
+def defaults(attack: str) -> dict[str, Any]:
+  """The attack's current values of its tuned hyperparameters (None: the attack's own
+  default, resolved by its plan builder), with its study variant's overrides."""
+  name, overrides = parse_variant(VARIANTS[attack])
+  spec = specs.AttackSpec(name=name, **overrides)
+  return {k: getattr(spec, k) for k in SPACES[attack]}
+
+
+def draws(attack: str, trials: int, seed: int) -> list[dict[str, Any]]:
+  """The attack's `trials` distinct candidates: its defaults, then random draws from its
+  space, each from its own key (the seed's, folded with the attack's name, the trial and
+  the attempt: a draw that repeats an earlier candidate is drawn again).
+
+  Raises:
+    ValueError: the space holds fewer than `trials` distinct settings.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 7),
+                           zlib.crc32(attack.encode()) & 0x7FFFFFFF)
+  space = SPACES[attack]
+  out = [defaults(attack)]
+  for t in range(1, trials):
+    for attempt in range(100):  # a draw equal to an earlier candidate is drawn again
+      keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, t), attempt), len(space))
+      values = {name: dim.draw(k) for (name, dim), k in zip(space.items(), keys)}
+      if values.get("optimizer") == "lbfgs_zoom":
+        values["lr"] = None  # its line search sets the step
+      if values not in out:
+        break
+    else:
+      raise ValueError(f"the search space of {attack} holds fewer than {trials} distinct "
+                       f"settings; lower --trials")
+    out.append(values)
+  return out
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+  """The tuning protocol: the same for every attack.
+
+  Attributes:
+    data: the dataset whose test split's tuning quarter gives the victims.
+    model: the attacked model (untrained: the FL run's initialisation at `seed`).
+    attacks: the attacks tuned (study names; `SPACES` lists each one's hyperparameters).
+    batch_size: B, images behind each observed FedSGD update.
+    victims: victims V (from the tuning split only), the same for every trial.
+    trials: settings tried per attack (trial 0: the default), the same for every attack.
+    budget: double-backward evaluations per victim, the same for every attack and trial.
+    seed: seed of the victims, the model, the draws and the attacks' initialisations.
+    victim_indices: test-split indices of the V x B victim images (none: drawn from the
+      tuning split); they must not be evaluation images.
+    chunk: attack steps per compiled call.
+  """
+
+  data: grid.DataSpec = grid.DataSpec()
+  model: str = dataclasses.field(default="cnn", metadata={"choices": tuple(models.MODELS)})
+  attacks: tuple[str, ...] = dataclasses.field(default=tuple(SPACES),
+                                               metadata={"choices": tuple(SPACES)})
+  batch_size: int = 1
+  victims: int = 8
+  trials: int = 8
+  budget: int = 100
+  seed: int = 0
+  victim_indices: tuple[int, ...] | None = None
+  chunk: int = 25
+
+  def __post_init__(self):
+    grid.check_names("attack", self.attacks, SPACES)
+    for name in ("batch_size", "victims", "trials", "budget", "chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    n = self.victims * self.batch_size
+    if self.victim_indices is not None and len(self.victim_indices) != n:
+      raise ValueError(f"victim_indices needs victims x batch_size = {n} test-split indices, "
+                       f"got {len(self.victim_indices)}")
+
+
+# `TuningConfig` overrides of `scripts/tune_attacks.py --tiny`, as flags name them: seconds
+TINY: dict[str, Any] = {"data.name": "digits", "data.image_size": None, "data.channels": None,
+                        "model": "mlp", "attacks": ("ig", "idlg"), "victims": 2, "trials": 2,
+                        "budget": 4}
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every trial shares: the model, the victims and what the server observed."""
+
+  model: models.Model
+  threat: ob.ThreatModel
+  obs: ob.Observation  # updates [V, ...], params shared
+  x: np.ndarray  # truth [V, B, H, W, C]
+  y: np.ndarray  # [V, B]
+  indices: np.ndarray  # test-split indices [V, B]
+  keys: jax.Array  # the attacks' initialisation keys [V] (the same for every trial)
+
+
+def victim_indices(cfg: TuningConfig, n_test: int) -> np.ndarray:
+  """The victims' test-split indices `[V, B]`: `cfg.victim_indices`, or drawn without
+  replacement from the tuning split.
+
+  Raises:
+    held_out.HeldOutError: some are evaluation images.
+    ValueError: an index outside the test split, or a tuning split too small.
+  """
+  n = cfg.victims * cfg.batch_size
+  if cfg.victim_indices is not None:
+    index = np.asarray(cfg.victim_indices, dtype=np.int64)
+    if index.min() < 0 or index.max() >= n_test:
+      raise ValueError(f"victim_indices must lie in [0, {n_test}) (the test split of "
+                       f"{cfg.data.name}), got {index.min()}..{index.max()}")
+  else:
+    pool = held_out.split_indices(n_test, "tuning")
+    if len(pool) < n:
+      raise ValueError(f"the tuning split of {cfg.data.name} holds {len(pool)} images, "
+                       f"{n} are needed; lower --victims or --batch_size")
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    index = np.asarray(jax.random.permutation(key, pool))[:n]
+  held_out.check_disjoint(index, held_out.split_indices(n_test, "evaluation"))
+  return index.reshape(cfg.victims, cfg.batch_size)
+
+
+def prepare(cfg: TuningConfig) -> Setup:
+  """Loads the data, checks the victims are held out, checks every attack's plan (its
+  budget), then observes the victims' updates."""
+  ds = datasets.load(cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  index = victim_indices(cfg, len(ds.y_test))
+  model = models.make(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape)
+  threat = ob.ThreatModel(batch_size=cfg.batch_size, input_shape=ds.image_shape,
+                          num_classes=ds.num_classes)
+  for attack in cfg.attacks:  # every attack checked before any runs
+    _plan(model, threat, attack, defaults(attack), cfg.budget)
+  key = jax.random.key(cfg.seed)
+  params = model.init(jax.random.split(key, 3)[1])  # the FL run's initialisation (fljax.train)
+  x, y = ds.x_test[index], ds.y_test[index]
+  obs = engine.observe_all(model, params, x, y, threat, fed.identity_defense,
+                           key=jax.random.fold_in(key, 2))
+  keys = jax.random.split(jax.random.fold_in(key, 3), cfg.victims)
+  return Setup(model, threat, obs, np.asarray(x), np.asarray(y), index, keys)
+
+
+def _plan(model: models.Model, threat: ob.ThreatModel, attack: str, values: dict[str, Any],
+          budget: int) -> specs.AttackPlan:
+  name, overrides = parse_variant(VARIANTS[attack])
+  spec = specs.AttackSpec(name=name, budget=budget, retries=0, **{**overrides, **values})
+  return specs.ATTACKS[name](model, threat, spec, specs.DefenseSpec(name="none"))
+
+
+def run_trial(setup: Setup, attack: str, values: dict[str, Any], budget: int, *,
+              chunk: int = 25) -> dict[str, Any]:
+  """Attacks every victim with `values`; returns the scores (Hungarian-matched, a diverged
+  victim scored as the blank image) and what was spent."""
+  plan = _plan(setup.model, setup.threat, attack, values, budget)
+  t0 = time.perf_counter()
+  states = engine.attack_batched(plan, setup.obs, setup.keys, mode=cells.batching_mode(),
+                                 chunk=chunk)
+  jax.block_until_ready(states)
+  seconds = time.perf_counter() - t0
+  xs = np.clip(np.asarray(states.x), 0.0, 1.0)
+  ys = np.asarray(plan.labels(states))
+  ok = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
+  psnr, ssim, labels, failed = [], [], [], []
+  for i in range(len(setup.y)):
+    rec = xs[i]
+    if not ok[i] or not np.isfinite(rec).all():
+      failed.append(i)
+      rec = np.full_like(setup.x[i], BLANK)
+    s = metrics.score(rec, setup.x[i])
+    psnr += [float(v) for v in s["psnr"]]
+    ssim += [float(v) for v in s["ssim"]]
+    labels.append(metrics.label_accuracy(ys[i], setup.y[i]))
+  counts = np.asarray(states.counts)
+  return {"status": "done", "median_psnr": stats.bootstrap_median(psnr).to_dict(),
+          "psnr": psnr, "mean_ssim": float(np.mean(ssim)), "label_accuracy": float(np.mean(labels)),
+          "failed_victims": failed, "steps": plan.steps,
+          **{f"{c}_per_victim": float(counts[:, i].mean()) for c, i in COUNTER.items()},
+          "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def trial_hash(cfg: TuningConfig, index: np.ndarray, attack: str, values: dict[str, Any]) -> str:
+  """The cache key of a trial: everything that determines its result."""
+  content = {"data": dataclasses.asdict(cfg.data), "model": cfg.model, "seed": cfg.seed,
+             "victims": index.tolist(), "budget": cfg.budget, "attack": attack,
+             "variant": VARIANTS[attack], "values": values}
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # not finished (or a torn write): the trial runs again
+
+
+def chosen(trials: list[dict[str, Any]]) -> int | None:
+  """The trial with the highest median PSNR (ties: the earliest); None if none finished."""
+  scores = [t["median_psnr"]["estimate"] if t["status"] == "done" else -math.inf for t in trials]
+  scores = [-math.inf if math.isnan(s) else s for s in scores]
+  best = max(range(len(trials)), key=lambda i: (scores[i], -i))
+  return best if scores[best] > -math.inf else None
+
+
+def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
+        defaults_file: str | Path = TUNED, log: Callable[[str], Any] = print) -> dict[str, Any]:
+  """Tunes every attack of `cfg` (finished trials in `workdir/trials/` are reused); writes
+  tuning.json and tuning.md into `workdir`, and with `write_defaults` the chosen values
+  into `defaults_file`. Returns what tuning.json holds."""
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
+  setup = prepare(cfg)
+  (workdir / "trials").mkdir(parents=True, exist_ok=True)
+  out: dict[str, Any] = {}
+  for attack in cfg.attacks:
+    trials = []
+    for t, values in enumerate(draws(attack, cfg.trials, cfg.seed)):
+      path = workdir / "trials" / f"{attack}-{trial_hash(cfg, setup.indices, attack, values)}.json"
+      result = _read(path)
+      if result is None:
+        try:
+          result = run_trial(setup, attack, values, cfg.budget, chunk=cfg.chunk)
+        except Exception as e:  # recorded with its reason (not cached: a rerun retries it)
+          result = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()}
+        else:
+          tmp = path.with_suffix(".tmp")
+          tmp.write_text(json.dumps({**result, "values": values}, indent=1) + "\n")
+          tmp.replace(path)
+      trials.append({**result, "trial": t, "values": values})
+      score = (f"{result['median_psnr']['estimate']:.2f} dB" if result["status"] == "done"
+               else result["reason"])
+      log(f"{attack} trial {t}: {_show(values)}: {score}")
+    out[attack] = {"variant": VARIANTS[attack], "chosen": chosen(trials), "trials": trials,
+                   "space": {k: {"kind": type(d).__name__, **dataclasses.asdict(d)}
+                             for k, d in SPACES[attack].items()}}
+  text = json.dumps({"config": config_lib.to_dict(cfg), "victims": setup.indices.tolist(),
+                     "backend": jax.default_backend(), "attacks": out}, indent=1)
+  (workdir / "tuning.json").write_text(text + "\n")
+  result = json.loads(text)  # what the file holds (tuples as lists)
+  (workdir / "tuning.md").write_text(tables(result))
+  if write_defaults:
+    write_tuned(result, defaults_file)
+  return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _show(values: dict[str, Any]) -> str:
+  return ", ".join(f"{k}={'default' if v is None else v}" for k, v in values.items())
+
+
+def _interval(m: dict[str, Any]) -> str:
+  if not m["defined"]:
+    return f"{m['estimate']:.2f}"
+  return f"{m['estimate']:.2f} [{m['low']:.2f}, {m['high']:.2f}]"
+
+
+def tables(result: dict[str, Any]) -> str:
+  """tuning.md: one table per attack (the chosen trial in bold), then the chosen values."""
+  cfg = result["config"]
+  data = cfg["data"]
+  lines = [f"# Attack tuning: {data['name']} / {cfg['model']}", "",
+           f"{cfg['victims']} victims of B = {cfg['batch_size']} from the test split's tuning "
+           f"quarter (indices {result['victims']}), untrained model (seed {cfg['seed']}), "
+           f"FedSGD, no defense; {cfg['trials']} trials per attack (trial 0: the default), "
+           f"{cfg['budget']} double-backward evaluations per victim; median PSNR over the "
+           f"victims' images with its bootstrap 95 % interval (`studies.tuning`).", ""]
+  best = ["## Chosen values", "", "| attack | variant | values | median PSNR [95 % CI] | trial |",
+          "|---|---|---|---|---|"]
+  for attack, a in result["attacks"].items():
+    names = list(a["space"])
+    lines += [f"## {attack} (`{a['variant']}`)", "",
+              "| trial | " + " | ".join(names) + " | median PSNR [95 % CI] | mean SSIM | labels "
+              "| evaluations / victim | seconds |", "|---" * (len(names) + 6) + "|"]
+    for t in a["trials"]:
+      values = ["default" if t["values"][k] is None else str(t["values"][k]) for k in names]
+      if t["status"] == "done":
+        cells_ = [str(t["trial"]), *values, _interval(t["median_psnr"]), f"{t['mean_ssim']:.3f}",
+                  f"{t['label_accuracy']:.2f}", f"{t['double_backward_evals_per_victim']:.0f}",
+                  f"{t['seconds']:.0f}"]
+      else:
+        cells_ = [str(t["trial"]), *values, f"failed: {t['reason']}", "-", "-", "-", "-"]
+      if t["trial"] == a["chosen"]:
+        cells_ = [f"**{c}**" for c in cells_]
+      lines.append("| " + " | ".join(cells_).replace("\n", " ") + " |")
+    lines.append("")
+    if a["chosen"] is None:
+      best.append(f"| {attack} | `{a['variant']}` | no trial finished | - | - |")
+    else:
+      t = a["trials"][a["chosen"]]
+      best.append(f"| {attack} | `{a['variant']}` | {_show(t['values'])} | "
+                  f"{_interval(t['median_psnr'])} | {t['trial']} |")
+  return "\n".join(lines + best) + "\n"
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def chosen_overrides(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """attack -> the chosen trial's values, None (the attack's own default) left out."""
+  return {attack: {k: v for k, v in a["trials"][a["chosen"]]["values"].items() if v is not None}
+          for attack, a in result["attacks"].items() if a["chosen"] is not None}
+
+
+def write_tuned(result: dict[str, Any], path: str | Path = TUNED) -> None:
+  """Records the chosen values of `result` (a `run`'s) under "<dataset>/<model>" in `path`."""
+  path = Path(path)
+  tuned = json.loads(path.read_text()) if path.exists() else {}
+  key = f"{result['config']['data']['name']}/{result['config']['model']}"
+  tuned[key] = {**tuned.get(key, {}), **chosen_overrides(result)}
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+def tuned_overrides(dataset: str, model: str, attack: str, *,
+                    path: str | Path = TUNED) -> dict[str, Any]:
+  """The tuned `AttackSpec` overrides of `attack` (a study name) on `dataset` and `model`
+  ({} when it was not tuned there), to merge into its variant (`with_overrides`).
+
+  Raises:
+    ValueError: the file is unreadable or names a key that is not an AttackSpec field.
+  """
+  path = Path(path)
+  if not path.exists():
+    return {}
+  try:
+    tuned = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read ({e}); restore it from git") from None
+  values = dict(tuned.get(f"{dataset}/{model}", {}).get(attack, {}))
+  fields = {f.name for f in dataclasses.fields(specs.AttackSpec)} - {"name"}
+  bad = sorted(set(values) - fields)
+  if bad:
+    raise ValueError(f"{path} gives {attack} on {dataset}/{model} the values {bad}, which are "
+                     f"not attack settings; valid: {', '.join(sorted(fields))}")
+  return values
+
+
+def with_overrides(variant: str, overrides: dict[str, Any]) -> str:
+  """`variant` with `overrides` merged in (theirs win), written as `parse_variant` reads
+  it: with_overrides('dps[features=1]', {'scale': 64.0}) == 'dps[features=1.0,scale=64.0]'."""
+  name, current = parse_variant(variant)
+  merged = {**current, **overrides}
+  if not merged:
+    return name
+  return f"{name}[{','.join(f'{k}={_written(v)}' for k, v in sorted(merged.items()))}]"
+
+
+def _written(value: Any) -> str:
+  """A value as a variant (or a flag) writes it."""
+  if value is None:
+    return "none"
+  return str(value).lower() if isinstance(value, bool) else str(value)
