@@ -205,11 +205,11 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
       view.update(clip_norm=privacy["clip_norm"], sigma=sigma)
   model = {"name": cfg.model, "state": state, "seed": seed,
            "fl": fl_hash if state == "trained" else None}
-  variant = grid.ATTACKS[attack][0]
+  variant = grid.variant(attack, cfg.data.name, cfg.model)  # with its tuned values
   if attack == "adaptive" and d.view in ("clear", "aggregate"):
     # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
     # noised updates is not one clipped update): the dps attack itself, one shared cell
-    variant = grid.ATTACKS["dps"][0]
+    variant = grid.variant("dps", cfg.data.name, cfg.model)
   return {"kind": "attack", "attack": attack, "variant": variant,
           "budget": budget, "view": view, "model": model,
           "data": {"name": cfg.data.name, "image_size": cfg.data.image_size,
@@ -232,7 +232,7 @@ def check_budgets(cfg: grid.StudyConfig) -> None:
     budget = min(min(cfg.rungs(attack, d), default=math.inf) for d in cfg.defenses)
     if not math.isfinite(budget):
       continue
-    name, overrides = parse_variant(grid.ATTACKS[attack][0])
+    name, overrides = parse_variant(grid.variant(attack, cfg.data.name, cfg.model))
     for b in sorted(set(cfg.batch_sizes) | set(cfg.defense_batch_sizes)):
       threat = ob.ThreatModel(batch_size=b, input_shape=ds.image_shape, num_classes=ds.num_classes)
       spec = specs.AttackSpec(name=name, budget=int(budget), retries=0, **overrides)

@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fljax import config as config_lib
 from fljax import federated as fed
+from inversion import specs
+from inversion.compare import parse_variant
 from privacy import accounting
 from privacy import federated as pfed
 from privacy import forward_noise as fn
@@ -344,3 +348,56 @@ def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict
     if privacy.get(name) == CALIBRATED:
       privacy[name] = round(value(), 6)
   return {k: v for k, v in privacy.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- tuned values
+
+TUNED = Path(__file__).with_name("tuned.json")  # written by studies.tuning (--write_defaults)
+
+
+def tuned_overrides(dataset: str, model: str, attack: str, *,
+                    path: str | Path = TUNED) -> dict[str, Any]:
+  """The tuned `AttackSpec` overrides of `attack` (a study name) on `dataset` and `model`
+  ({} when it was not tuned there), to merge into its variant (`with_overrides`).
+
+  Raises:
+    ValueError: the file is unreadable or names a key that is not an AttackSpec field.
+  """
+  path = Path(path)
+  if not path.exists():
+    return {}
+  try:
+    tuned = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read ({e}); restore it from git") from None
+  values = dict(tuned.get(f"{dataset}/{model}", {}).get(attack, {}))
+  fields = {f.name for f in dataclasses.fields(specs.AttackSpec)} - {"name"}
+  bad = sorted(set(values) - fields)
+  if bad:
+    raise ValueError(f"{path} gives {attack} on {dataset}/{model} the values {bad}, which are "
+                     f"not attack settings; valid: {', '.join(sorted(fields))}")
+  return values
+
+
+def with_overrides(variant: str, overrides: dict[str, Any]) -> str:
+  """`variant` with `overrides` merged in (theirs win), written as `parse_variant` reads
+  it: with_overrides('dps[features=1]', {'scale': 64.0}) == 'dps[features=1.0,scale=64.0]'."""
+  name, current = parse_variant(variant)
+  merged = {**current, **overrides}
+  if not merged:
+    return name
+  return f"{name}[{','.join(f'{k}={_written(v)}' for k, v in sorted(merged.items()))}]"
+
+
+def _written(value: Any) -> str:
+  """A value as a variant (or a flag) writes it."""
+  if value is None:
+    return "none"
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def variant(attack: str, dataset: str, model: str, *, path: str | Path = TUNED) -> str:
+  """The variant a study runs for `attack` on `dataset` and `model`: its registry variant
+  with the values tuned there (`studies.tuning`) merged in; `adaptive` takes dps's."""
+  tuned = tuned_overrides(dataset, model, "dps" if attack == "adaptive" else attack, path=path)
+  return with_overrides(ATTACKS[attack][0], tuned)

@@ -46,7 +46,9 @@ from inversion.attacks import dlg
 from inversion.compare import parse_variant
 from studies import cells, grid
 
-TUNED = Path(__file__).with_name("tuned.json")
+
+# the tuned values live with the study's registries, which read them (`grid.variant`)
+TUNED, tuned_overrides, with_overrides = grid.TUNED, grid.tuned_overrides, grid.with_overrides
 COUNTER = dict(zip(attacks.COUNTERS, range(len(attacks.COUNTERS))))
 BLANK = 0.5  # a victim whose attack diverged is scored as this grey image (the blank baseline)
 
@@ -430,44 +432,3 @@ def write_tuned(result: dict[str, Any], path: str | Path = TUNED) -> None:
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
   tmp.replace(path)
-
-
-def tuned_overrides(dataset: str, model: str, attack: str, *,
-                    path: str | Path = TUNED) -> dict[str, Any]:
-  """The tuned `AttackSpec` overrides of `attack` (a study name) on `dataset` and `model`
-  ({} when it was not tuned there), to merge into its variant (`with_overrides`).
-
-  Raises:
-    ValueError: the file is unreadable or names a key that is not an AttackSpec field.
-  """
-  path = Path(path)
-  if not path.exists():
-    return {}
-  try:
-    tuned = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} cannot be read ({e}); restore it from git") from None
-  values = dict(tuned.get(f"{dataset}/{model}", {}).get(attack, {}))
-  fields = {f.name for f in dataclasses.fields(specs.AttackSpec)} - {"name"}
-  bad = sorted(set(values) - fields)
-  if bad:
-    raise ValueError(f"{path} gives {attack} on {dataset}/{model} the values {bad}, which are "
-                     f"not attack settings; valid: {', '.join(sorted(fields))}")
-  return values
-
-
-def with_overrides(variant: str, overrides: dict[str, Any]) -> str:
-  """`variant` with `overrides` merged in (theirs win), written as `parse_variant` reads
-  it: with_overrides('dps[features=1]', {'scale': 64.0}) == 'dps[features=1.0,scale=64.0]'."""
-  name, current = parse_variant(variant)
-  merged = {**current, **overrides}
-  if not merged:
-    return name
-  return f"{name}[{','.join(f'{k}={_written(v)}' for k, v in sorted(merged.items()))}]"
-
-
-def _written(value: Any) -> str:
-  """A value as a variant (or a flag) writes it."""
-  if value is None:
-    return "none"
-  return str(value).lower() if isinstance(value, bool) else str(value)

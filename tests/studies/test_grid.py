@@ -46,3 +46,13 @@ def test_the_budget_ladder_is_checked_and_capped_per_attack():
   assert cfg.batches("none") == (1, 4) and cfg.batches("forward") == (1,)
   with pytest.raises(ValueError, match="at least the ladder's first rung 30"):
     grid.StudyConfig(budgets=(30, 100), generative_budget=10)
+
+
+def test_the_study_runs_each_attack_with_its_tuned_values(tmp_path):
+  path = tmp_path / "tuned.json"
+  path.write_text('{"mnist/cnn": {"dps": {"scale": 64.0}, "ig": {"tv": 0.1}}}')
+  assert grid.variant("dps", "mnist", "cnn", path=path) == "dps[features=1.0,scale=64.0]"
+  assert grid.variant("adaptive", "mnist", "cnn", path=path).startswith("dps[adaptive=true")
+  assert "scale=64.0" in grid.variant("adaptive", "mnist", "cnn", path=path)  # dps's values
+  assert grid.variant("ig", "mnist", "cnn", path=path) == "ig[tv=0.1]"
+  assert grid.variant("ig", "mnist", "lenet", path=path) == "ig"  # not tuned there
