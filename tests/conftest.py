@@ -74,6 +74,13 @@ SLOW = {
     "tests/inversion/test_observation.py::test_aggregate_of_equal_fedsgd_clients_is_the_union_batch_gradient",
     "tests/inversion/test_observation.py::test_dp_fedavg_and_record_level_dpsgd_produce_attackable_observations",
     "tests/inversion/test_labels.py::test_idlg_recovers_the_label_for_every_class[cnn-shape1]",
+    "tests/inversion/attacks/test_dlg.py::test_dlg_with_optimised_labels_reduces_the_matching_loss",
+    "tests/inversion/attacks/test_ig.py::test_inverting_gradients_with_restarts_recovers_one_image",
+    "tests/inversion/test_denoise.py::test_pca_denoise_beats_raw_and_projects_at_zero_noise",
+    "tests/fljax/test_train.py::test_resume_skips_a_corrupt_newest_checkpoint",
+    "tests/fljax/test_models.py::test_no_batch_coupling",
+    "tests/fljax/test_federated.py::test_poisson_rounds_agree_between_vmap_and_map",
+    "tests/diffusion/test_evaluation.py::test_evaluation_compares_random_subsets_of_class_sorted_data",
 }
 
 

@@ -20,6 +20,7 @@ from inversion import observation as ob
 from inversion.attacks import diffusion_guided as dg
 from inversion.attacks import gifd
 from inversion.specs import AttackPlan
+from tests.inversion.counting import counting_forward
 
 
 class Tally:
@@ -39,14 +40,10 @@ def tally(monkeypatch):
   """Wraps the attacks' forward operator (the victim's client update) in a tally."""
   t = Tally()
 
-  def counting(apply_fn, threat):
-    update_of, seen = ob.forward(apply_fn, threat), t("victim")
+  def bump(x):
+    t.counts["victim"] += 1
 
-    def update(params, x, y):
-      seen()
-      return update_of(params, x, y)
-    return update
-
+  counting = counting_forward(bump)
   monkeypatch.setattr(dg, "forward", counting)
   monkeypatch.setattr(gifd, "forward", counting)
   return t

@@ -12,6 +12,7 @@ from fljax.partitions import Batch
 from inversion import engine, metrics, specs
 from inversion import observation as ob
 from inversion.attacks import dlg
+from tests.inversion.counting import counting_forward
 
 SHAPE = (8, 8, 1)
 
@@ -85,26 +86,12 @@ def test_divergence_is_flagged_the_iterate_kept_and_not_stepped_again(optimizer)
   np.testing.assert_array_equal(again.counts, new.counts)
 
 
-def counting_forward(module, calls):
-  """`module.forward` whose update records every evaluation's input (`calls`)."""
-  real = module.forward
-
-  def forward(apply_fn, threat):
-    update_of = real(apply_fn, threat)
-
-    def update(params, x, probs):
-      jax.debug.callback(lambda v: calls.append(np.asarray(v).tobytes()), x)
-      return update_of(params, x, probs)
-    return update
-  return forward
-
-
 @pytest.mark.parametrize("labels", ["idlg", "optimise"])
 @pytest.mark.parametrize("optimizer", dlg.OPTIMIZERS)
 def test_every_evaluation_is_charged_once_and_none_repeated(monkeypatch, optimizer, labels):
   model, threat, _, _, (obs,) = _setup()
   calls = []
-  monkeypatch.setattr(dlg, "forward", counting_forward(dlg, calls))
+  monkeypatch.setattr(dlg, "forward", counting_forward(lambda x: calls.append(np.asarray(x).tobytes())))
   attack = dlg.make(model.apply, threat, dlg.DLGConfig(optimizer=optimizer, labels=labels))
   state = attack.init(jax.random.key(2), obs)
   step = jax.jit(attack.step)

@@ -1,6 +1,7 @@
 """Tests of inversion/attacks/ig.py and the restart selector."""
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -10,7 +11,7 @@ from fljax.partitions import Batch
 from inversion import metrics
 from inversion import observation as ob
 from inversion.attacks import best, ig
-from tests.inversion.attacks.test_dlg import counting_forward
+from tests.inversion.counting import counting_forward
 
 SHAPE = (8, 8, 1)
 
@@ -68,7 +69,7 @@ def test_best_skips_non_finite_losses():
 def test_every_evaluation_is_charged_once(monkeypatch):
   model, threat, _, obs = _observation(1)
   calls = []
-  monkeypatch.setattr(ig, "forward", counting_forward(ig, calls))
+  monkeypatch.setattr(ig, "forward", counting_forward(lambda x: calls.append(np.asarray(x).tobytes())))
   attack = ig.make(model.apply, threat, ig.IGConfig(steps=5))
   state = attack.init(jax.random.key(3), obs)
   step = jax.jit(attack.step)
