@@ -85,18 +85,11 @@ SLOW = {
     "tests/diffusion/test_samplers.py::test_ddim_with_eta_1_is_ddpm_on_the_same_grid",
 }
 
-# The files that take longest start first: xdist (`--dist loadfile`) hands out whole files in
-# collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("tests/studies/test_runner.py", "tests/privacy/test_train.py",
-                 "tests/inversion/attacks/test_dlg.py", "tests/fljax/test_federated.py",
-                 "tests/studies/test_tuning.py", "tests/studies/test_scripts.py")
 
 
 def pytest_collection_modifyitems(config, items):
   del config
   import pytest
-  first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))  # stable
   known = set()
   for item in items:
     base = item.nodeid.split("[")[0]
