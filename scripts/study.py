@@ -35,12 +35,13 @@ class Options:
   Attributes:
     workdir: output folder: cells/, report.md, report.html, figures.
     tiny: a smoke test in seconds (digits, 2 defenses, 2 seeds, 2 rounds).
-    full: the full grid: 5 seeds, 50 rounds, B in {1, 4, 16}, 1 and 5 local steps,
-      untrained and trained models, 8 victims.
+    full: the full grid: 3 partitions, 5 seeds, 50 rounds, budgets to 10,000, B in {1, 4,
+      16}, 1 and 5 local steps, untrained and trained models, 32 victims.
+    compare: the attack comparison's grid: 16 victims, B in {1, 4}, untrained and trained
+      models, budgets 30 to 1,000 (generative attacks to 100); hours on 2 CPU cores.
     progress: progress bars (plain lines every 30 s when the output is not a terminal).
     budget_minutes: stop after the first cell when the estimate exceeds this (0: no limit;
-      the estimate counts the first cell's compilation in every cell: the default grid
-      estimates ~45).
+      the estimate counts the first cell's compilation in every cell).
     hosts: hosts sharing the cells (none: $SLURM_NTASKS or 1).
     host: this host's index (none: $SLURM_PROCID or 0).
   """
@@ -48,6 +49,7 @@ class Options:
   workdir: str = "runs/study"
   tiny: bool = False
   full: bool = False
+  compare: bool = False
   progress: bool = True
   budget_minutes: float = 90.0
   hosts: int | None = None
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
   opts, ns = config.parse(Options, argv, description=__doc__.split("\n\n")[0],
                           extra=lambda p: config.add_arguments(p, grid.StudyConfig))
   flags = {k: v for k, v in vars(ns).items() if not hasattr(opts, k)}
-  preset = grid.PRESETS["full"] if opts.full else grid.PRESETS["tiny"] if opts.tiny else {}
+  chosen = [name for name in ("full", "compare", "tiny") if getattr(opts, name)]
+  if len(chosen) > 1:
+    raise SystemExit(f"error: pick one of --{' / --'.join(chosen)}")
+  preset = grid.PRESETS[chosen[0]] if chosen else {}
   if not jax.config.jax_compilation_cache_dir:  # programs that agree across cells compile once
     jax.config.update("jax_compilation_cache_dir", str(Path(opts.workdir) / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -223,18 +223,18 @@ class StudyConfig:
   attacks: tuple[str, ...] = _names(tuple(ATTACKS), ATTACKS)
   seeds: tuple[int, ...] = (0, 1, 2)
   attack_seeds: tuple[int, ...] = (0,)
-  batch_sizes: tuple[int, ...] = (1, 4)
+  batch_sizes: tuple[int, ...] = (1,)
   local_steps: tuple[int, ...] = (1,)
-  model_states: tuple[str, ...] = _names(MODEL_STATES, MODEL_STATES)
+  model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
   data: DataSpec = DataSpec()
   clients: int = 100
   q: float = 0.1
   rounds: int = 10
   model: str = "cnn"
-  victims: int = 16
-  budgets: tuple[int, ...] = (30, 100, 300, 1000)
-  generative_budget: int = 100
-  defense_budget: int = 300
+  victims: int = 8
+  budgets: tuple[int, ...] = (30, 100, 300)
+  generative_budget: int = 30
+  defense_budget: int = 30
   defense_batch_sizes: tuple[int, ...] = (1,)
   prior_only_steps: int = 30
   eval_every: int = 2
@@ -282,12 +282,19 @@ class StudyConfig:
 
 
 # StudyConfig overrides of `scripts/study.py --full` and `--tiny`, as flags name them
+# The default grid is sized from per-evaluation costs measured on 2 CPU cores (2026-12-03,
+# untrained CNN, budget 30: dlg 7 ms per evaluation and victim at B = 1, 15 ms at B = 4; dps
+# 140 ms at B = 1), for about 30 minutes; `compare` is the attack comparison's grid (16
+# victims, B in {1, 4}, trained models, budgets to 1,000), hours on 2 cores.
 PRESETS: dict[str, dict[str, Any]] = {
+    "compare": {"victims": 16, "batch_sizes": (1, 4), "model_states": ("untrained", "trained"),
+                "budgets": (30, 100, 300, 1000), "generative_budget": 100,
+                "defense_budget": 300},
     "full": {"partitions": ("iid", "dirichlet0.5", "dirichlet0.1"), "seeds": (0, 1, 2, 3, 4),
              "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 32,
              "budgets": (30, 100, 300, 1000, 3000, 10000), "generative_budget": 1000,
              "defense_budget": 1000, "batch_sizes": (1, 4, 16), "defense_batch_sizes": (1, 4),
-             "local_steps": (1, 5), "eval_every": 5},
+             "local_steps": (1, 5), "model_states": ("untrained", "trained"), "eval_every": 5},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
              "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),

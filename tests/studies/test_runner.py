@@ -173,7 +173,7 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   # per partition, attack seed, local steps and model state: on the clear update 3 classical
   # attacks x every rung + 4 generative ones x the rungs up to their cap, for each B; under
   # the 10 other defenses 7 attacks x one rung, for each defense B
-  default = 1 * 1 * 1 * 2 * (2 * (3 * 4 + 4 * 2) + 10 * 1 * 7)
+  default = 1 * 1 * 1 * 1 * (1 * (3 * 3 + 4 * 1) + 10 * 1 * 7)
   full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
   for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
     cells.check_budgets(cfg)  # every attack can run at its smallest budget
@@ -184,6 +184,9 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
     assert fl[("iid", "dpsgd", 0)][1]["fed"]["sampling"] == "fixed"
     attacks = runner.plan_attacks(cfg, fl, tmp_path)
     assert len(attacks) == attack_cells
+  compare = grid.make(grid.StudyConfig, grid.PRESETS["compare"])
+  assert len(runner.plan_attacks(compare, runner.plan_fl(compare), tmp_path)) == 2 * (
+      2 * (3 * 4 + 4 * 2) + 10 * 1 * 7)
   # on the untrained model DP-FedAvg's server sees the clear update: one cell for all epsilons
   untrained = {k[1]: h for k, (h, _) in attacks.items()
                if k[0] == "iid" and k[2:] == (0, "ig", 1, 1, "untrained", 1000)}
