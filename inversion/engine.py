@@ -199,11 +199,9 @@ def attack_batched(plan: AttackPlan, obs: ob.Observation, keys: jax.Array, *, mo
   `timings`, when given, receives `compile_seconds` (tracing and XLA compilation of every
   program, ahead of time) and `run_seconds` (running them), added to what it holds.
   """
-  clock = {"compile_seconds": 0.0, "run_seconds": 0.0}
-  if timings is not None:
-    clock = timings
-    for k in ("compile_seconds", "run_seconds"):
-      clock.setdefault(k, 0.0)
+  clock = {} if timings is None else timings
+  for k in ("compile_seconds", "run_seconds"):
+    clock.setdefault(k, 0.0)
   params = None if row_params else obs.params
   rows = ob.Observation(update=obs.update, params=obs.params if row_params else None,
                         labels=obs.labels)
