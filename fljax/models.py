@@ -81,6 +81,19 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=k_init, bias_init=b_init)(x)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (2, 2), strides=(1, 1))` (VALID) as the maximum of four shifted slices.
+
+  The same function; its gradient is elementwise instead of XLA:CPU's select-and-scatter,
+  which took more than half of the CNN's training step: a batch-256 gradient of the CNN
+  measured 74 ms with `nn.max_pool` and 41 ms with this on 2 CPU cores (issue 21's profile).
+  Where a window's maximum is tied, the gradient is shared between the tied inputs
+  (select-and-scatter gives it all to the first); both are subgradients.
+  """
+  return jnp.maximum(jnp.maximum(x[:, :-1, :-1], x[:, 1:, :-1]),
+                     jnp.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
+
+
 class CNN(nn.Module):
   """The TF-Privacy / Opacus MNIST CNN (tanh): 26,010 parameters on 28x28x1 inputs."""
 
@@ -92,10 +105,10 @@ class CNN(nn.Module):
     k_init, b_init = _initializers(self.init_scheme)
     x = nn.tanh(nn.Conv(16, (8, 8), strides=2, padding=3, kernel_init=k_init,
                         bias_init=b_init)(x))
-    x = nn.max_pool(x, (2, 2), strides=(1, 1))
+    x = max_pool_2x2(x)
     x = nn.tanh(nn.Conv(32, (4, 4), strides=2, padding="VALID", kernel_init=k_init,
                         bias_init=b_init)(x))
-    x = nn.max_pool(x, (2, 2), strides=(1, 1))
+    x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.tanh(nn.Dense(32, kernel_init=k_init, bias_init=b_init)(x))
     if features:

@@ -64,3 +64,16 @@ def test_bad_model_arguments():
     models.make("mlp", num_classes=10, input_shape=(8, 8, 1), init="xavier")
   with pytest.raises(ValueError, match="at least 14x14"):
     models.make("cnn", num_classes=10, input_shape=(8, 8, 1))
+
+
+def test_max_pool_2x2_is_flax_max_pool_and_its_gradient_a_subgradient():
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(1, 1)))
+  w = jax.random.normal(jax.random.key(1), (2, 6, 5, 3))
+  mine, flax_ = (jax.grad(lambda x, f=f: jnp.sum(w * f(x)))(x)
+                 for f in (models.max_pool_2x2, lambda x: nn.max_pool(x, (2, 2), strides=(1, 1))))
+  np.testing.assert_allclose(mine, flax_, atol=1e-6)  # no ties in random normals: equal
+  tied = jnp.zeros((1, 3, 3, 1))  # every window tied: the gradient is shared, its sum kept
+  g = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x)))(tied)
+  assert float(g.sum()) == 4.0 and np.count_nonzero(g) == 9
