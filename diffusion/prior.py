@@ -11,6 +11,7 @@ a diffusers checkpoint folder into the same `Prior`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import serialization
 
 from diffusion import schedules, unet
+from fljax import runs
 
 Params = Any
 
@@ -114,10 +116,19 @@ def _schedule(config: dict[str, Any]) -> schedules.Schedule:
 def load(path: str | Path = MNIST_PRIOR) -> Prior:
   """Reads a prior folder written by `save` (the shipped MNIST prior by default)."""
   path = Path(path)
-  for name in ("unet.json", "schedule.json", "params.msgpack"):
+  for name in _FILES:
     if not (path / name).is_file():
       raise PriorError(f"{path / name} is missing; a prior folder holds unet.json, schedule.json "
                        "and params.msgpack (train one with scripts/train_diffusion.py)")
+  return _load(path, runs.stamp(path, _FILES))
+
+
+_FILES = ("unet.json", "schedule.json", "params.msgpack")
+
+
+@functools.lru_cache(maxsize=4)  # a study loads the same prior for every cell
+def _load(path: Path, stamp: tuple) -> Prior:
+  del stamp  # the cache key: a rewritten file is read again
   config = unet.config_from_dict(json.loads((path / "unet.json").read_text()))
   sched = json.loads((path / "schedule.json").read_text())
   template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),

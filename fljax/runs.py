@@ -62,6 +62,16 @@ class Interrupted(KeyboardInterrupt):
 # ----------------------------------------------------------------------------- workdir
 
 
+def stamp(folder: str | os.PathLike, names: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+  """Each file's (name, mtime in ns, size) in `folder`: a key under which what was read from
+  them may be cached (a rewritten file changes it)."""
+  out = []
+  for name in names:
+    st = (Path(folder) / name).stat()
+    out.append((name, st.st_mtime_ns, st.st_size))
+  return tuple(out)
+
+
 def _has_content(path: Path) -> bool:
   """A non-empty file, or a folder with one somewhere inside it."""
   if path.is_file():

@@ -18,6 +18,7 @@ experiment's folder keeps its results), so an interrupted comparison resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -34,6 +35,11 @@ from inversion import experiment, specs
 _VARIANT = re.compile(r"^(\w+)(?:\[(.*)\])?$")
 
 
+@functools.cache
+def _attack_hints() -> dict[str, Any]:
+  return typing.get_type_hints(specs.AttackSpec)  # slow: it evaluates every annotation
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
   """'dps[features=0,scale=8]' -> ('dps', {'features': 0.0, 'scale': 8.0})."""
   m = _VARIANT.match(text.strip())
@@ -43,7 +49,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
   if name not in specs.ATTACKS:
     raise ValueError(f"unknown attack {name!r} in {text!r}; valid: "
                      f"{', '.join(sorted(specs.ATTACKS))}")
-  hints = typing.get_type_hints(specs.AttackSpec)
+  hints = _attack_hints()
   overrides = {}
   for item in filter(None, (body or "").split(",")):
     key, _, value = item.partition("=")

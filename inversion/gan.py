@@ -47,6 +47,7 @@ kept for experiments; they are off by default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -180,6 +181,12 @@ def load(path: str | Path = MNIST_GAN) -> GAN:
   if not (path / "config.json").exists() or not (path / "params.msgpack").exists():
     raise GANError(f"{path} is not a GAN prior folder (config.json and params.msgpack); "
                    f"train one with 'python scripts/train_gan.py --workdir DIR' and pass DIR/prior")
+  return _load(path, runs.stamp(path, ("config.json", "params.msgpack")))
+
+
+@functools.lru_cache(maxsize=4)  # a study loads the same generator for every cell
+def _load(path: Path, stamp: tuple) -> GAN:
+  del stamp  # the cache key: a rewritten file is read again
   config = GANConfig(**json.loads((path / "config.json").read_text())["gan"])
   template = Generator(config).init(jax.random.key(0), jnp.zeros((1, config.latent_dim)))
   try:

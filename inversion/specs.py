@@ -164,6 +164,9 @@ def _diffusion_plan(model, threat, spec, defense, mode):
   return AttackPlan(attack, diffusion_guided.labels, steps + refine, budget)
 
 
+FEATURE_SHARE = 0.55  # gifd's default share of its steps for the feature stages
+
+
 def _gifd_plan(model, threat, spec, defense):
   from inversion import gan as gan_lib
   adapt, loss, std, clip = _adaptation(spec, defense)
@@ -175,8 +178,9 @@ def _gifd_plan(model, threat, spec, defense):
     raise ValueError(f"attack gifd needs --attack.steps >= {need} ({one}), got {spec.steps}; "
                      f"raise --attack.steps")
   total = spec.steps or budget or defaults.latent_steps + defaults.stages * defaults.feature_steps
-  feature = max(1, int(total * 0.55) // defaults.stages)  # stages 1..3 share 55%,
-  latent = max(1, total - defaults.stages * feature)      # the latent search the rest
+  share = FEATURE_SHARE if spec.feature_share is None else spec.feature_share
+  feature = max(1, int(total * share) // defaults.stages)  # stages 1..3 share this,
+  latent = max(1, total - defaults.stages * feature)       # the latent search the rest
   cfg = gifd.GIFDConfig(latent_steps=latent, feature_steps=feature, lr=spec.lr or defaults.lr,
                         tv=spec.tv, loss=loss or spec.objective or defaults.loss, noise_std=std,
                         adaptive=adapt, clip_norm=clip, labels=label_method(spec, threat))
@@ -316,6 +320,8 @@ class AttackSpec:
     labels: auto (idlg for B = 1, bias_corrected otherwise), idlg, bias_corrected or
       yin (every attack but dlg; known labels are used when threat.labels_known).
     tv: total-variation weight (ig, gifd, the diffusion attacks' refinement).
+    feature_share: gifd: the share of its steps that its feature stages take together,
+      the latent search the rest (none: 0.55).
     restarts: R independent initialisations (seeds) per victim; the lowest final
       matching loss wins.
     retries: a victim whose every restart diverged is attacked again with fresh keys
@@ -353,6 +359,7 @@ class AttackSpec:
   labels: str = dataclasses.field(default="auto",
                                   metadata={"choices": ("auto", *label_inference.METHODS)})
   tv: float = 1e-4
+  feature_share: float | None = None
   restarts: int = 1
   retries: int = 2
   scale: float | None = None
@@ -388,6 +395,9 @@ class AttackSpec:
       raise ValueError(f"attack.control must be one of {CONTROLS}, got {self.control!r}")
     if self.sampler not in ("ddim", "ddpm"):
       raise ValueError(f"attack.sampler must be ddim or ddpm, got {self.sampler!r}")
+    if self.feature_share is not None and not 0 < self.feature_share < 1:
+      raise ValueError(f"attack.feature_share must lie strictly between 0 and 1 (the "
+                       f"feature stages' share of gifd's steps), got {self.feature_share}")
     if min(self.gradient_weight, self.features, self.guidance_weight, self.refine_steps) < 0:
       raise ValueError("attack.gradient_weight, features, guidance_weight and refine_steps "
                        "must be >= 0")

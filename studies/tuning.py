@@ -100,8 +100,9 @@ SPACES: dict[str, dict[str, LogUniform | Uniform | Choice]] = {
     "dlg": _DLG_SPACE,
     "idlg": _DLG_SPACE,
     "ig": {"tv": LogUniform(1e-6, 1.0), "lr": LogUniform(1e-3, 1.0)},
-    # AttackSpec has no field for GIFD's stage lengths (`specs._gifd_plan` fixes the split)
-    "gifd": {"lr": LogUniform(1e-3, 1.0), "tv": LogUniform(1e-6, 1e-1)},
+    # feature_share: the feature stages' share of the steps, i.e. the stage lengths
+    "gifd": {"lr": LogUniform(1e-3, 1.0), "tv": LogUniform(1e-6, 1e-1),
+             "feature_share": Uniform(0.1, 0.9)},
     "dps": {"scale": LogUniform(0.5, 512.0), "features": Uniform(0.0, 1.0)},
     "ggdm": {"scale": LogUniform(10.0, 1e5)},  # scale is ggdm's gamma
 }

@@ -3,7 +3,9 @@
 
 Read from the authors' code (`ffhibnese/GIFD_Gradient_Inversion_Attack`,
 `inversefed/reconstruction_algorithms.py`): stage 0 searches the generator's latent z
-with Adam under the ILO learning-rate ramp (5% warm-up, cosine decay over the last 75%),
+with Adam under the ILO learning-rate ramp (5% warm-up, cosine decay over the last 75%;
+read at the middle of each step, (i + 0.5) / steps, where GIFD's i / steps gives step 0 a
+learning rate of 0: an evaluation charged to the budget that moves nothing),
 z projected back onto the sphere of radius sqrt(dim) after each step; stage k >= 1 then
 optimises the output of the generator's block k - 1 (initialised from the previous stage's
 result) and runs only the blocks after it, projecting the feature's *deviation from its
@@ -114,6 +116,13 @@ def ilo_ramp(progress: jax.Array, rampdown: float = 0.75, rampup: float = 0.05) 
   return ramp * jnp.minimum(1.0, progress / rampup)
 
 
+def learning_rate(lr: float, steps: int) -> Callable[[jax.Array], jax.Array]:
+  """A stage's learning rate at step i of `steps`: `lr` x the ILO ramp at the middle of the
+  step, (i + 0.5) / steps (GIFD's i / steps gives step 0 a rate of 0: an evaluation charged
+  to the budget that moves nothing, and a one-step stage on which lr has no effect)."""
+  return lambda i: lr * ilo_ramp((i + 0.5) / steps)
+
+
 def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
          gan: gan_lib.GAN, cfg: GIFDConfig = GIFDConfig()) -> Attack:
   """The GIFD attack with the generator `gan` on observations under `threat`."""
@@ -125,7 +134,7 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
   hw = threat.input_shape[0] * threat.input_shape[1]
 
   def adam(steps):
-    return optax.adam(lambda i: cfg.lr * ilo_ramp(i / steps))
+    return optax.adam(learning_rate(cfg.lr, steps))
 
   optimisers = [adam(cfg.latent_steps)] + [adam(cfg.feature_steps)] * cfg.stages
   radius_z = math.sqrt(gan.config.latent_dim)

@@ -63,3 +63,20 @@ def test_the_driver_refuses_a_bad_budget_before_training_anything(tmp_path, monk
   with pytest.raises(SystemExit, match="^error: attack gifd needs --attack.budget >= 4 "):
     experiment.main(["--workdir", str(tmp_path / "run"), "--data.name", "digits",
                      "--attack.name", "gifd", "--attack.budget", "3", "--progress", "false"])
+
+
+@pytest.mark.parametrize("share, lengths", [(None, (46, 3 * 18)), (0.3, (70, 3 * 10)),
+                                            (0.9, (10, 3 * 30))])
+def test_gifds_stage_lengths_follow_feature_share(monkeypatch, share, lengths):
+  from inversion.attacks import gifd
+  seen = []
+  monkeypatch.setattr(gifd, "make", lambda *args: seen.append(args[-1]) or None)
+  _plan(name="gifd", budget=100, feature_share=share)
+  cfg, = seen
+  assert (cfg.latent_steps, cfg.stages * cfg.feature_steps) == lengths
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.2])
+def test_a_feature_share_outside_zero_one_is_one_sentence(share):
+  with pytest.raises(ValueError, match="attack.feature_share must lie strictly between 0 and 1"):
+    specs.AttackSpec(name="gifd", feature_share=share)

@@ -154,3 +154,14 @@ def test_matching_losses_noise_aware_and_adaptive():
   np.testing.assert_allclose(objectives.matching("l2", adapt_to="clip")(big, b), 0.0, atol=1e-5)
   with pytest.raises(ValueError, match="noise std"):
     objectives.matching("l2_noise_aware")
+
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 100])
+def test_every_step_of_a_stage_has_a_positive_learning_rate(steps):
+  """GIFD's ramp read at i / steps gave every stage's first step a rate of 0: an evaluation
+  charged to the budget that moved nothing (at one step per stage lr had no effect)."""
+  rates = [float(gifd.learning_rate(0.1, steps)(i)) for i in range(steps)]
+  assert min(rates) > 0 and max(rates) <= 0.1 + 1e-7
+  if steps == 100:  # the ILO shape: 5 % warm-up, then flat, cosine decay over the last 75 %
+    assert rates[1] < rates[10] and rates[10] == pytest.approx(0.1) and rates[-1] < 0.01
