@@ -398,11 +398,18 @@ def calibrate(make_event: Callable[[float], dp_event.DpEvent], target_epsilon: f
     rdp = make_accountant("rdp", neighbouring or default_neighbouring(make_event(1.0)))
     if rdp.supports(make_event(1.0)):
       hi = calibrate_noise(eps("rdp"), target_epsilon, **kwargs)
-      lo = hi
-      while lo > kwargs.get("sigma_min", 0.05) and eps("pld")(lo) <= target_epsilon:
-        lo /= 1.5
-      return calibrate_noise(eps("pld"), target_epsilon, **{
-          **kwargs, "sigma_min": max(lo, kwargs.get("sigma_min", 0.05)), "sigma_max": hi})
+      floor = kwargs.get("sigma_min", 0.05)
+      pld, eps_hi = eps("pld"), eps("pld")(hi)
+      if eps_hi <= target_epsilon and hi > floor:  # else PLD's grid is coarser than RDP here
+        lo = max(hi / 1.5, floor)
+        eps_lo = pld(lo)
+        while eps_lo <= target_epsilon and lo > floor:  # walk down to a bracket
+          hi, eps_hi, lo = lo, eps_lo, max(lo / 1.5, floor)
+          eps_lo = pld(lo)
+        if eps_lo <= target_epsilon:
+          return lo
+        return _bracket_search(pld, target_epsilon, lo, hi, eps_lo, eps_hi,
+                               kwargs.get("rtol", 1e-3))
   return calibrate_noise(eps(accountant), target_epsilon, **kwargs)
 
 
@@ -411,8 +418,13 @@ def calibrate_noise(epsilon_of_sigma: Callable[[float], float], target_epsilon: 
                     ) -> float:
   """The smallest sigma in [sigma_min, sigma_max] with epsilon_of_sigma(sigma) <= target.
 
-  Bisection in log(sigma) (epsilon falls as sigma grows); the returned sigma is the upper
-  end of the final bracket, so it always meets the target.
+  A bracketing search in log(sigma) (epsilon falls as sigma grows): regula falsi on
+  log(epsilon) with the Illinois correction, each step kept at least rtol/2 inside the
+  bracket and a bisection step whenever an end is not finite, until the bracket's ratio is
+  at most 1 + rtol. The returned sigma is the bracket's upper end, so it always meets the
+  target and is within rtol of the smallest one. A PLD epsilon costs about a second, and
+  log(epsilon) is nearly linear in log(sigma): the search takes about 5 evaluations where
+  bisection took 10 to 13.
   """
   _check(target_epsilon > 0 and math.isfinite(target_epsilon),
          f"target_epsilon must be > 0 and finite, got {target_epsilon}")
@@ -424,13 +436,38 @@ def calibrate_noise(epsilon_of_sigma: Callable[[float], float], target_epsilon: 
                      f"target_epsilon or delta, or sample less / run fewer steps")
   if epsilon_of_sigma(sigma_min) <= target_epsilon:
     return sigma_min
-  lo, hi = sigma_min, sigma_max
+  return _bracket_search(epsilon_of_sigma, target_epsilon, sigma_min, sigma_max,
+                         epsilon_of_sigma(sigma_min), top, rtol)
+
+
+def _bracket_search(epsilon_of_sigma, target, lo, hi, eps_lo, eps_hi, rtol):
+  """The upper end of [lo, hi] shrunk to ratio 1 + rtol around the crossing of `target`
+  (eps_lo > target >= eps_hi throughout)."""
+  def gap(eps):  # > 0 above the target, <= 0 at or below it; None when not finite
+    return math.log(eps / target) if 0 < eps < math.inf else None
+
+  g_lo, g_hi = gap(eps_lo), gap(eps_hi)
+  side = 0  # which end the last two steps replaced (Illinois: halve the other's weight)
   while hi / lo > 1 + rtol:
-    mid = math.sqrt(lo * hi)
-    if epsilon_of_sigma(mid) <= target_epsilon:
-      hi = mid
+    a, b = math.log(lo), math.log(hi)
+    if g_lo is None or g_hi is None or g_lo <= g_hi:
+      x = 0.5 * (a + b)
     else:
-      lo = mid
+      x = a + (b - a) * g_lo / (g_lo - g_hi)
+      margin = 0.5 * math.log1p(rtol)
+      x = min(max(x, a + margin), b - margin)
+    mid = math.exp(x)
+    eps = epsilon_of_sigma(mid)
+    if eps <= target:
+      hi, g_hi = mid, gap(eps)
+      if side == 1 and g_lo is not None:
+        g_lo /= 2
+      side = 1
+    else:
+      lo, g_lo = mid, gap(eps)
+      if side == -1 and g_hi is not None:
+        g_hi /= 2
+      side = -1
   return hi
 
 

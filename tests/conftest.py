@@ -33,7 +33,7 @@ def pytest_xdist_auto_num_workers(config):
 
 # Tests the default run leaves to `-m slow` (as if marked `@pytest.mark.slow`), so that the
 # suite stays under 10 minutes on 2 cores from a cold cache: each repeats, end to end or for
-# a second batching mode, what a faster test already checks. `.ci/run` runs them too.
+# a second batching mode, what a faster test already checks. `pytest -m slow` runs them (CI does not).
 SLOW = {
     # whole FL / DP runs whose mechanism a unit test or a cheaper run already covers
     "tests/privacy/test_train.py::test_forward_noise_variants_run",

@@ -42,6 +42,19 @@ def test_calibration_round_trips(accountant):
   assert acc.dpsgd_epsilon(0.04, sigma * 0.99, 500, 1e-5, accountant=accountant) > 3.0
 
 
+@pytest.mark.parametrize("eps_of, target, most", [
+    (lambda s: 10 / s ** 1.3, 2.0, 7),                  # near-linear in log-log: few steps
+    (lambda s: math.exp(5 / s) - 1, 0.7, 15),
+    (lambda s: 3.0 if s < 2 else 1.0, 2.0, 18),          # a step: bisection's pace
+    (lambda s: math.inf if s < 1 else 4 / s, 1.0, 18),   # an infinite end: bisection steps
+])
+def test_calibrate_noise_brackets_the_smallest_sigma_to_rtol(eps_of, target, most):
+  calls = []
+  sigma = acc.calibrate_noise(lambda s: calls.append(s) or eps_of(s), target)
+  assert eps_of(sigma) <= target and eps_of(sigma / (1 + 1e-3)) > target
+  assert len(calls) <= most
+
+
 def test_unreachable_target_is_a_clear_error():
   with pytest.raises(ValueError, match="target_epsilon=1e-06 cannot be reached"):
     acc.calibrate_sigma(1.0, 10_000, 1e-6, 1e-5, sigma_max=10.0)
