@@ -99,16 +99,19 @@ class CNN(nn.Module):
 
   num_classes: int
   init_scheme: str = "default"
+  pool: str = "slices"  # or "flax": nn.max_pool, the same function (scripts/bench_max_pool.py)
 
   @nn.compact
   def __call__(self, x, features: bool = False):
     k_init, b_init = _initializers(self.init_scheme)
+    pool = {"slices": max_pool_2x2,
+            "flax": lambda x: nn.max_pool(x, (2, 2), strides=(1, 1))}[self.pool]
     x = nn.tanh(nn.Conv(16, (8, 8), strides=2, padding=3, kernel_init=k_init,
                         bias_init=b_init)(x))
-    x = max_pool_2x2(x)
+    x = pool(x)
     x = nn.tanh(nn.Conv(32, (4, 4), strides=2, padding="VALID", kernel_init=k_init,
                         bias_init=b_init)(x))
-    x = max_pool_2x2(x)
+    x = pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.tanh(nn.Dense(32, kernel_init=k_init, bias_init=b_init)(x))
     if features:
