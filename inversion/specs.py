@@ -120,7 +120,8 @@ def _adaptation(spec: AttackSpec, defense: DefenseSpec
 def _dlg_plan(model, threat, spec, defense, labels):
   defaults = dlg.DLGConfig()
   cfg = dlg.DLGConfig(optimizer=spec.optimizer, lr=spec.lr,
-                      objective=spec.objective or defaults.objective, labels=labels)
+                      objective=spec.objective or defaults.objective, labels=labels,
+                      restart=spec.lbfgs_restart)
   budget = _per_restart(spec, 2, one="its first evaluation and one step")
   steps = spec.steps or (budget - 1 if budget else 4000)  # each step spends >= 1 evaluation
   return AttackPlan(dlg.make(model.apply, threat, cfg), dlg.labels, steps, budget)
@@ -308,6 +309,9 @@ class AttackSpec:
     optimizer: dlg/idlg: lbfgs (the original DLG's, torch's L-BFGS: a fixed step of
       attack.lr, default 1, and one evaluation per step), lbfgs_zoom (optax's L-BFGS: a
       zoom line search of 1 to 20 evaluations per step, no lr) or adam.
+    lbfgs_restart: dlg/idlg with lbfgs: when L-BFGS ends its run (it can never move
+      again) with budget left, start again from a fresh random image; the lowest
+      matching loss over the starts is reported.
     steps: iterations, sampler steps for the diffusion attacks (none: from the budget,
       else 4000 for dlg/idlg, 2000 for ig, 100 for the diffusion attacks, 1100 for gifd).
     budget: double-backward evaluations per victim, restarts included: sizes every
@@ -352,6 +356,7 @@ class AttackSpec:
 
   name: str = dataclasses.field(default="idlg", metadata={"choices": tuple(ATTACKS)})
   optimizer: str = dataclasses.field(default="lbfgs", metadata={"choices": dlg.OPTIMIZERS})
+  lbfgs_restart: bool = False
   steps: int | None = None
   budget: int | None = None
   lr: float | None = None

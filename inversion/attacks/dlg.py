@@ -30,6 +30,14 @@ A step whose loss is not finite, or whose iterate is not finite or explodes
 (`attacks.healthy`), keeps the previous iterate and sets `diverged`; a diverged state is
 not stepped again (a deterministic step would repeat the failure). The driver reports such
 a victim as failed (or restarts it), never scores it silently.
+
+`restart` (lbfgs only): torch's L-BFGS ends a run where it can never move again (a
+vanishing gradient, a flat slope: `inversion.lbfgs`), and the original DLG then idles out
+its budget. With `restart`, the step after such an end (or after a non-finite or exploding
+iterate) draws a fresh uniform image (and fresh label logits when labels are learned) from
+the state's own key and starts L-BFGS again there: one evaluation, charged like any other.
+The state then reports the lowest matching loss over all starts (`x`, `label_logits`,
+`loss`), while the current start lives in the L-BFGS state; it never sets `diverged`.
 """
 
 from __future__ import annotations
@@ -66,12 +74,15 @@ class DLGConfig:
     labels: 'optimise' (DLG: soft labels learned jointly), 'known' (from the
       observation), or inferred from the update first: 'idlg' (batch size 1),
       'bias_corrected' or 'yin' (batches; `inversion.labels`).
+    restart: lbfgs: start again from a fresh random image whenever L-BFGS ends its run
+      with budget left, reporting the lowest loss over the starts (module docstring).
   """
 
   optimizer: str = "lbfgs"
   lr: float | None = None
   objective: str = "l2"
   labels: str = "idlg"
+  restart: bool = False
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -85,16 +96,20 @@ class DLGConfig:
       raise ValueError(f"objective must be one of {sorted(objectives.OBJECTIVES)}")
     if self.labels not in LABELS:
       raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
+    if self.restart and self.optimizer != "lbfgs":
+      raise ValueError(f"restart applies to optimizer lbfgs (whose runs end), not "
+                       f"{self.optimizer!r}; drop restart or choose lbfgs")
 
 
 class DLGState(NamedTuple):
-  x: jax.Array             # [B, H, W, C] current reconstruction
+  x: jax.Array             # [B, H, W, C] current reconstruction (restart: the best start's)
   label_logits: jax.Array  # [B, K] (fixed one-hot logits when labels are not optimised)
   opt_state: Any           # the optimiser's state (lbfgs: `inversion.lbfgs.LBFGSState`)
   loss: jax.Array          # the matching loss at (x, label_logits)
   grad: Any                # its gradient with respect to the optimised variables
   diverged: jax.Array
   counts: jax.Array
+  key: jax.Array           # restart: the key of the next fresh start (else spent, unused)
 
 
 class _Optimizer(NamedTuple):
@@ -166,9 +181,13 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
       return match(update_of(obs.params, x, jax.nn.softmax(lg)), obs.update)
     return jax.value_and_grad(objective)
 
+  def draw(key: jax.Array) -> jax.Array:
+    return jax.random.uniform(key, (threat.batch_size,) + tuple(threat.input_shape))
+
   def init(key: jax.Array, obs: Observation) -> DLGState:
-    kx, ky = jax.random.split(key)
-    x = jax.random.uniform(kx, (threat.batch_size,) + tuple(threat.input_shape))
+    # without restart the key splits in two, as before restarts existed (same results)
+    kx, ky, *kr = jax.random.split(key, 3 if cfg.restart else 2)
+    x = draw(kx)
     if learn_labels:
       logits = jax.random.normal(ky, (threat.batch_size, threat.num_classes))
     else:
@@ -178,7 +197,36 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     loss, grad = value_and_grad_at(obs, logits)(variables)
     return DLGState(x=x, label_logits=logits, opt_state=opt.init(variables, loss, grad),
                     loss=loss, grad=grad, diverged=~jnp.isfinite(loss),
-                    counts=counted(no_counts(), double_backward=1))
+                    counts=counted(no_counts(), double_backward=1),
+                    key=kr[0] if cfg.restart else kx)
+
+  def fresh_start(state: DLGState, obs: Observation) -> tuple[Any, jax.Array]:
+    """L-BFGS restarted at a fresh random point (one evaluation), and the next key."""
+    key, kx, ky = jax.random.split(state.key, 3)
+    logits = (jax.random.normal(ky, state.label_logits.shape) if learn_labels
+              else state.label_logits)
+    variables = variables_of(draw(kx), logits)
+    loss, grad = value_and_grad_at(obs, logits)(variables)
+    return opt.init(variables, loss, grad), key
+
+  def advance_restarting(state: DLGState, obs: Observation) -> DLGState:
+    ended = state.opt_state.done
+    opt_state, key = jax.lax.cond(
+        ended, lambda s: fresh_start(s, obs),
+        lambda s: (opt.step(s.opt_state, None, None, None,
+                            value_and_grad_at(obs, s.label_logits))[3], s.key), state)
+    evals = opt_state.evaluations - jnp.where(ended, 0, state.opt_state.evaluations)
+    x, logits = split(opt_state.params, state.label_logits)
+    ok = healthy(opt_state.value, x)
+    opt_state = opt_state._replace(done=opt_state.done | ~ok)  # a bad start ends: restart
+    better = ok & (opt_state.value < state.loss)
+    best = jax.tree.map(lambda n, o: jnp.where(better, n, o),
+                        (x, logits, opt_state.value, opt_state.grad),
+                        (state.x, state.label_logits, state.loss, state.grad))
+    x, logits, loss, grad = best
+    return DLGState(x=x, label_logits=logits, opt_state=opt_state, loss=loss, grad=grad,
+                    diverged=state.diverged,
+                    counts=counted(state.counts, double_backward=evals), key=key)
 
   def advance(state: DLGState, obs: Observation) -> DLGState:
     variables, loss, grad, opt_state, evals = opt.step(
@@ -187,11 +235,13 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
     x, logits = split(variables, state.label_logits)
     counts = counted(state.counts, double_backward=evals)  # spent whether or not kept
     new = DLGState(x=x, label_logits=logits, opt_state=opt_state, loss=loss, grad=grad,
-                   diverged=state.diverged, counts=counts)
+                   diverged=state.diverged, counts=counts, key=state.key)
     return guard(new, state, healthy(loss, x))._replace(counts=counts)
 
+  move = advance_restarting if cfg.restart else advance
+
   def step(state: DLGState, obs: Observation) -> tuple[DLGState, dict[str, jax.Array]]:
-    new = jax.lax.cond(state.diverged, lambda s: s, lambda s: advance(s, obs), state)
+    new = jax.lax.cond(state.diverged, lambda s: s, lambda s: move(s, obs), state)
     return new, {"loss": new.loss, "diverged": new.diverged}
 
   return Attack(init, step)

@@ -118,6 +118,40 @@ def test_a_budget_is_spent_exactly_in_budget_minus_one_steps():
     specs.ATTACKS["idlg"](model, threat, specs.AttackSpec(budget=1), specs.DefenseSpec())
 
 
+def test_restart_starts_again_where_lbfgs_ends_and_reports_the_best_start():
+  """An update made by the attack's own first guess: the loss and gradient are 0 there,
+  so L-BFGS ends at init. Without restart the run idles; with it the next step is a fresh
+  start (one evaluation), L-BFGS runs on from there, and the best start (the first, at
+  loss 0) stays reported."""
+  model, threat, _, ys, (obs,) = _setup()
+  idle = dlg.make(model.apply, threat, dlg.DLGConfig())
+  guess = idle.init(jax.random.key(2), obs).x
+  client_update = fed.make_client_update(fed.make_loss_fn(model.apply),
+                                         fed.FedConfig(algorithm="fedsgd"))
+  own = ob.observe(client_update, obs.params, Batch(x=guess, y=ys[0], mask=jnp.ones(1)),
+                   jax.random.key(1), threat)
+  state = idle.init(jax.random.key(2), own)
+  assert bool(state.opt_state.done) and float(state.loss) == 0.0
+  assert int(idle.step(state, own)[0].counts[1]) == 1  # ended: nothing more is evaluated
+  attack = dlg.make(model.apply, threat, dlg.DLGConfig(restart=True))
+  state, step = attack.init(jax.random.key(2), own), jax.jit(attack.step)
+  np.testing.assert_array_equal(state.x, guess)  # the same first guess as without restart
+  for i in range(4):
+    state, _ = step(state, own)
+    assert int(state.counts[1]) == i + 2 and not bool(state.diverged)
+  assert int(state.opt_state.iteration) == 3  # a fresh start, then 3 L-BFGS iterations
+  assert float(jnp.max(jnp.abs(state.opt_state.params - guess))) > 0.1
+  np.testing.assert_array_equal(state.x, guess)  # the best start is still reported
+  assert float(state.loss) == 0.0 < float(state.opt_state.value)
+  # on an ordinary update it steps exactly as the original until L-BFGS ends
+  plain, again = idle.init(jax.random.key(3), obs), attack.init(jax.random.key(3), obs)
+  for _ in range(3):
+    plain, again = idle.step(plain, obs)[0], attack.step(again, obs)[0]
+  np.testing.assert_allclose(again.opt_state.params, plain.x, rtol=1e-6)
+  with pytest.raises(ValueError, match="restart applies to optimizer lbfgs"):
+    dlg.DLGConfig(optimizer="adam", restart=True)
+
+
 def test_bad_observations_are_refused():
   model, threat, xs, ys, (obs,) = _setup()
   nan = ob.Observation(update=jax.tree.map(lambda u: u * jnp.nan, obs.update), params=obs.params)
