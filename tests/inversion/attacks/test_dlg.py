@@ -130,9 +130,9 @@ def test_restart_starts_again_where_lbfgs_ends_and_reports_the_best_start():
                                          fed.FedConfig(algorithm="fedsgd"))
   own = ob.observe(client_update, obs.params, Batch(x=guess, y=ys[0], mask=jnp.ones(1)),
                    jax.random.key(1), threat)
-  state = idle.init(jax.random.key(2), own)
+  state, idle_step = idle.init(jax.random.key(2), own), jax.jit(idle.step)
   assert bool(state.opt_state.done) and float(state.loss) == 0.0
-  assert int(idle.step(state, own)[0].counts[1]) == 1  # ended: nothing more is evaluated
+  assert int(idle_step(state, own)[0].counts[1]) == 1  # ended: nothing more is evaluated
   attack = dlg.make(model.apply, threat, dlg.DLGConfig(restart=True))
   state, step = attack.init(jax.random.key(2), own), jax.jit(attack.step)
   np.testing.assert_array_equal(state.x, guess)  # the same first guess as without restart
@@ -146,7 +146,7 @@ def test_restart_starts_again_where_lbfgs_ends_and_reports_the_best_start():
   # on an ordinary update it steps exactly as the original until L-BFGS ends
   plain, again = idle.init(jax.random.key(3), obs), attack.init(jax.random.key(3), obs)
   for _ in range(3):
-    plain, again = idle.step(plain, obs)[0], attack.step(again, obs)[0]
+    plain, again = idle_step(plain, obs)[0], step(again, obs)[0]
   np.testing.assert_allclose(again.opt_state.params, plain.x, rtol=1e-6)
   with pytest.raises(ValueError, match="restart applies to optimizer lbfgs"):
     dlg.DLGConfig(optimizer="adam", restart=True)
