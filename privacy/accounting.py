@@ -399,7 +399,8 @@ def calibrate(make_event: Callable[[float], dp_event.DpEvent], target_epsilon: f
     if rdp.supports(make_event(1.0)):
       hi = calibrate_noise(eps("rdp"), target_epsilon, **kwargs)
       floor = kwargs.get("sigma_min", 0.05)
-      pld, eps_hi = eps("pld"), eps("pld")(hi)
+      pld = eps("pld")
+      eps_hi = pld(hi)
       if eps_hi <= target_epsilon and hi > floor:  # else PLD's grid is coarser than RDP here
         lo = max(hi / 1.5, floor)
         eps_lo = pld(lo)
