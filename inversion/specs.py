@@ -121,7 +121,7 @@ def _dlg_plan(model, threat, spec, defense, labels):
   defaults = dlg.DLGConfig()
   cfg = dlg.DLGConfig(optimizer=spec.optimizer, lr=spec.lr,
                       objective=spec.objective or defaults.objective, labels=labels,
-                      restart=spec.lbfgs_restart)
+                      restart=spec.lbfgs_restart, restart_after=spec.lbfgs_restart_after)
   budget = _per_restart(spec, 2, one="its first evaluation and one step")
   steps = spec.steps or (budget - 1 if budget else 4000)  # each step spends >= 1 evaluation
   return AttackPlan(dlg.make(model.apply, threat, cfg), dlg.labels, steps, budget)
@@ -312,6 +312,8 @@ class AttackSpec:
     lbfgs_restart: dlg/idlg with lbfgs: when L-BFGS ends its run (it can never move
       again) with budget left, start again from a fresh random image; the lowest
       matching loss over the starts is reported.
+    lbfgs_restart_after: with lbfgs_restart, also start again once a start has spent this
+      many evaluations (none: only when it ends).
     steps: iterations, sampler steps for the diffusion attacks (none: from the budget,
       else 4000 for dlg/idlg, 2000 for ig, 100 for the diffusion attacks, 1100 for gifd).
     budget: double-backward evaluations per victim, restarts included: sizes every
@@ -357,6 +359,7 @@ class AttackSpec:
   name: str = dataclasses.field(default="idlg", metadata={"choices": tuple(ATTACKS)})
   optimizer: str = dataclasses.field(default="lbfgs", metadata={"choices": dlg.OPTIMIZERS})
   lbfgs_restart: bool = False
+  lbfgs_restart_after: int | None = None
   steps: int | None = None
   budget: int | None = None
   lr: float | None = None

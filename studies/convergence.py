@@ -58,6 +58,8 @@ class ConvergenceConfig:
     chunk: attack steps per compiled call (progress granularity).
     restart: lbfgs: start again from a fresh random image when a run ends with budget
       left (`inversion.attacks.dlg`, restart); the other optimisers never end early.
+    restart_after: with restart, also start again once a start has spent this many
+      evaluations (none: only when it ends).
   """
 
   optimizers: tuple[str, ...] = dataclasses.field(default=dlg.OPTIMIZERS,
@@ -70,6 +72,7 @@ class ConvergenceConfig:
   batching: str = dataclasses.field(default="auto", metadata={"choices": ("auto", "map", "vmap")})
   chunk: int = 250
   restart: bool = False
+  restart_after: int | None = None
 
   def __post_init__(self):
     if not self.optimizers or any(o not in dlg.OPTIMIZERS for o in self.optimizers):
@@ -125,7 +128,8 @@ def run_optimizer(optimizer: str, cfg: ConvergenceConfig, *,
   model = models.make("lenet", num_classes=classes, input_shape=shape, init="uniform")
   threat = ob.ThreatModel(batch_size=1, input_shape=shape, num_classes=classes)
   attack = dlg.make(model.apply, threat, dlg.DLGConfig(
-      optimizer=optimizer, labels="idlg", restart=cfg.restart and optimizer == "lbfgs"))
+      optimizer=optimizer, labels="idlg", restart=cfg.restart and optimizer == "lbfgs",
+      restart_after=cfg.restart_after if cfg.restart and optimizer == "lbfgs" else None))
   init, advance = _tracked(attack)
   batched = lambda f: fed.batch_over(f, fed.resolve_batching(cfg.batching))  # noqa: E731
   limits = (jnp.int32(cfg.budget), jnp.float32(cfg.threshold))
@@ -167,7 +171,9 @@ def run_optimizer(optimizer: str, cfg: ConvergenceConfig, *,
     best += b.tolist()
     spent += state.counts[:, DOUBLE_BACKWARD].tolist()
     labels_ok += (np.asarray(dlg.labels(state))[:, 0] == victims.y[:, 0]).tolist()
-  name = f"{optimizer} + restart" if cfg.restart and optimizer == "lbfgs" else optimizer
+  name = optimizer
+  if cfg.restart and optimizer == "lbfgs":
+    name += " + restart" + (f" every {cfg.restart_after}" if cfg.restart_after else "")
   return {"optimizer": name, "first": first, "best_psnr": best, "spent": spent,
           "labels_correct": labels_ok, "seconds": time.perf_counter() - clock}
 

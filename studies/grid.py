@@ -152,6 +152,9 @@ DEFENSES: dict[str, Defense] = {
 STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", "dpsgd",
                   "secagg", "secagg_ddp", "forward", "hybrid", "topup", "prune")
 MODEL_STATES = ("untrained", "trained")
+# the attacks of the default grid under the defenses: the tuned strongest classical attack,
+# the GAN-prior one and the diffusion attack that knows the defense (issue 20's first point)
+DEFENSE_ATTACKS = ("ig", "gifd", "adaptive")
 
 
 def check_names(kind: str, names: Iterable[str], valid: Iterable[str]) -> list[str]:
@@ -213,6 +216,8 @@ class StudyConfig:
     defense_budget: under every other defense an attack runs once, at its largest rung
       not above this, for the batch sizes `defense_batch_sizes`.
     defense_batch_sizes: B of the attack cells under defenses other than `none`.
+    defense_attacks: the attacks (among `attacks`) run under defenses other than `none`.
+    defense_model_states: the model states attacked under defenses other than `none`.
     prior_only_steps: sampler steps of the prior-only baseline (the diffusion prior's
       sample at the labels inferred from the update; 0: no prior baselines).
     eval_every: test accuracy every this many rounds.
@@ -223,19 +228,21 @@ class StudyConfig:
   attacks: tuple[str, ...] = _names(tuple(ATTACKS), ATTACKS)
   seeds: tuple[int, ...] = (0, 1, 2)
   attack_seeds: tuple[int, ...] = (0,)
-  batch_sizes: tuple[int, ...] = (1,)
+  batch_sizes: tuple[int, ...] = (1, 4)
   local_steps: tuple[int, ...] = (1,)
-  model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
+  model_states: tuple[str, ...] = _names(MODEL_STATES, MODEL_STATES)
   data: DataSpec = DataSpec()
   clients: int = 100
   q: float = 0.1
   rounds: int = 10
   model: str = "cnn"
-  victims: int = 8
-  budgets: tuple[int, ...] = (30, 100, 300)
+  victims: int = 16
+  budgets: tuple[int, ...] = (30, 100, 300, 1000)
   generative_budget: int = 30
   defense_budget: int = 30
   defense_batch_sizes: tuple[int, ...] = (1,)
+  defense_attacks: tuple[str, ...] = _names(DEFENSE_ATTACKS, ATTACKS)
+  defense_model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
   prior_only_steps: int = 30
   eval_every: int = 2
 
@@ -244,6 +251,14 @@ class StudyConfig:
     check_names("defense", self.defenses, DEFENSES)
     check_names("attack", self.attacks, ATTACKS)
     check_names("model state", self.model_states, MODEL_STATES)
+    check_names("defense attack", self.defense_attacks, ATTACKS)
+    if set(self.defenses) - {"none"} and not set(self.defense_attacks) & set(self.attacks):
+      raise ValueError(f"no attack runs under the defenses: --defense_attacks "
+                       f"{','.join(self.defense_attacks)} has none of --attacks "
+                       f"{','.join(self.attacks)}; pass --defense_attacks among them")
+    check_names("defense model state", self.defense_model_states, MODEL_STATES)
+    if not 0 < self.q <= 1:
+      raise ValueError(f"q must be in (0, 1], got {self.q}")
     if not self.seeds or not set(self.attack_seeds) <= set(self.seeds):
       raise ValueError(f"attack_seeds {list(self.attack_seeds)} must be among seeds {list(self.seeds)}")
     for name in ("clients", "rounds", "victims", "generative_budget", "defense_budget",
@@ -274,8 +289,14 @@ class StudyConfig:
 
   def batches(self, defense: str) -> tuple[int, ...]:
     return self.batch_sizes if defense == "none" else self.defense_batch_sizes
-    if not 0 < self.q <= 1:
-      raise ValueError(f"q must be in (0, 1], got {self.q}")
+
+  def attacks_under(self, defense: str) -> tuple[str, ...]:
+    if defense == "none":
+      return self.attacks
+    return tuple(a for a in self.attacks if a in self.defense_attacks)
+
+  def states(self, defense: str) -> tuple[str, ...]:
+    return self.model_states if defense == "none" else self.defense_model_states
 
   def expected_clients(self) -> int:
     return max(1, round(self.q * self.clients))
@@ -289,17 +310,20 @@ class StudyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "compare": {"victims": 16, "batch_sizes": (1, 4), "model_states": ("untrained", "trained"),
                 "budgets": (30, 100, 300, 1000), "generative_budget": 100,
-                "defense_budget": 300},
+                "defense_budget": 300, "defense_attacks": tuple(ATTACKS),
+                "defense_model_states": MODEL_STATES},
     "full": {"partitions": ("iid", "dirichlet0.5", "dirichlet0.1"), "seeds": (0, 1, 2, 3, 4),
              "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 32,
              "budgets": (30, 100, 300, 1000, 3000, 10000), "generative_budget": 1000,
              "defense_budget": 1000, "batch_sizes": (1, 4, 16), "defense_batch_sizes": (1, 4),
-             "local_steps": (1, 5), "model_states": ("untrained", "trained"), "eval_every": 5},
+             "local_steps": (1, 5), "model_states": MODEL_STATES, "eval_every": 5,
+             "defense_attacks": tuple(ATTACKS), "defense_model_states": MODEL_STATES},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
              "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),
              "generative_budget": 4, "defense_budget": 4, "batch_sizes": (1,),
-             "model_states": ("untrained",), "prior_only_steps": 0, "eval_every": 1},
+             "model_states": ("untrained",), "prior_only_steps": 0, "eval_every": 1,
+             "defense_attacks": ("ig",)},
 }
 
 

@@ -76,6 +76,8 @@ class DLGConfig:
       'bias_corrected' or 'yin' (batches; `inversion.labels`).
     restart: lbfgs: start again from a fresh random image whenever L-BFGS ends its run
       with budget left, reporting the lowest loss over the starts (module docstring).
+    restart_after: with restart, also start again once the current start has spent this
+      many evaluations (a start that wanders without ending; none: only when it ends).
   """
 
   optimizer: str = "lbfgs"
@@ -83,6 +85,7 @@ class DLGConfig:
   objective: str = "l2"
   labels: str = "idlg"
   restart: bool = False
+  restart_after: int | None = None
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -99,6 +102,9 @@ class DLGConfig:
     if self.restart and self.optimizer != "lbfgs":
       raise ValueError(f"restart applies to optimizer lbfgs (whose runs end), not "
                        f"{self.optimizer!r}; drop restart or choose lbfgs")
+    if self.restart_after is not None and (not self.restart or self.restart_after < 2):
+      raise ValueError(f"restart_after needs restart and at least 2 evaluations (a start "
+                       f"and a step), got {self.restart_after} with restart={self.restart}")
 
 
 class DLGState(NamedTuple):
@@ -211,6 +217,8 @@ def make(apply_fn: Callable[[Any, jax.Array], jax.Array], threat: ThreatModel,
 
   def advance_restarting(state: DLGState, obs: Observation) -> DLGState:
     ended = state.opt_state.done
+    if cfg.restart_after is not None:
+      ended = ended | (state.opt_state.evaluations >= cfg.restart_after)
     opt_state, key = jax.lax.cond(
         ended, lambda s: fresh_start(s, obs),
         lambda s: (opt.step(s.opt_state, None, None, None,

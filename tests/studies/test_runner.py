@@ -170,10 +170,10 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   full = grid.make(grid.StudyConfig, grid.PRESETS["full"])
   assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
-  # per partition, attack seed, local steps and model state: on the clear update 3 classical
-  # attacks x every rung + 4 generative ones x the rungs up to their cap, for each B; under
-  # the 10 other defenses 7 attacks x one rung, for each defense B
-  default = 1 * 1 * 1 * 1 * (1 * (3 * 3 + 4 * 1) + 10 * 1 * 7)
+  # per partition, attack seed and local steps: on the clear update 3 classical attacks x
+  # every rung + 4 generative ones x the rungs up to their cap, for each B and model state;
+  # under the 10 other defenses the defense attacks x one rung, for each defense B and state
+  default = 1 * 1 * 1 * (2 * 2 * (3 * 4 + 4 * 1) + 10 * 1 * 1 * 3)
   full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
   for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
     cells.check_budgets(cfg)  # every attack can run at its smallest budget
@@ -202,3 +202,12 @@ def test_an_attack_that_cannot_step_at_the_first_rung_stops_the_study_before_it_
   with pytest.raises(ValueError, match=r"attack dlg cannot run at the ladder's budget 1 \(B = 1\)"):
     runner.run(cfg, tmp_path / "study", progress=False)
   assert not (tmp_path / "study").exists()  # nothing ran, nothing was written
+
+
+def test_defense_attacks_and_rates_are_refused_in_one_sentence():
+  with pytest.raises(ValueError, match="no attack runs under the defenses"):
+    grid.make(grid.StudyConfig, {"attacks": ("idlg",), "defense_attacks": ("ig",)})
+  with pytest.raises(ValueError, match=r"q must be in \(0, 1\]"):
+    grid.make(grid.StudyConfig, {"q": 1.5})
+  only_clear = grid.make(grid.StudyConfig, {"defenses": ("none",), "attacks": ("idlg",)})
+  assert only_clear.attacks_under("dpsgd") == () and only_clear.states("none") == grid.MODEL_STATES

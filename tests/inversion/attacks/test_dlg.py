@@ -152,6 +152,24 @@ def test_restart_starts_again_where_lbfgs_ends_and_reports_the_best_start():
     dlg.DLGConfig(optimizer="adam", restart=True)
 
 
+def test_restart_after_starts_again_once_a_start_has_spent_its_evaluations():
+  model, threat, _, _, (obs,) = _setup()
+  attack = dlg.make(model.apply, threat, dlg.DLGConfig(restart=True, restart_after=3))
+  state, step = attack.init(jax.random.key(4), obs), jax.jit(attack.step)
+  starts = [state.opt_state.params]
+  for i in range(6):  # evaluations 2..7: a start spends 3 (its init and two steps)
+    state, _ = step(state, obs)
+    assert int(state.counts[1]) == i + 2
+    if int(state.opt_state.iteration) == 0:
+      starts.append(state.opt_state.params)
+  assert len(starts) == 3  # fresh starts at evaluations 4 and 7, each a new image
+  assert all(float(jnp.max(jnp.abs(a - b))) > 0.1 for a, b in zip(starts, starts[1:]))
+  assert float(state.loss) <= float(state.opt_state.value)  # the best start is reported
+  for bad in (dict(restart_after=10), dict(restart=True, restart_after=1)):
+    with pytest.raises(ValueError, match="restart_after needs restart"):
+      dlg.DLGConfig(**bad)
+
+
 def test_bad_observations_are_refused():
   model, threat, xs, ys, (obs,) = _setup()
   nan = ob.Observation(update=jax.tree.map(lambda u: u * jnp.nan, obs.update), params=obs.params)
