@@ -100,9 +100,30 @@ def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.reshape(v, v.shape + (1,) * (like.ndim - 1))
 
 
+def vmap_chunk_sum(loss_fn: LossFn, params: Params, b: Batch, k: jax.Array, *,
+                   clip_norm: float | Any, per_layer: bool = False
+                   ) -> tuple[Grads, dict[str, jax.Array]]:
+  """One chunk's sum of clipped per-example gradients (`per_example_grads`) and its raw
+  metrics (`count`, `nonfinite`, `clipped`, `norm_sum`, `loss_sum`)."""
+  grads, losses = per_example_grads(loss_fn, params, b, k)
+  clipped, info = clip_rows(grads, clip_norm, per_layer=per_layer)
+  valid = b.mask > 0
+  total = jax.tree.map(lambda g: jnp.tensordot(valid.astype(g.dtype), g, axes=1), clipped)
+  finite_valid = valid & (info["finite"] > 0)
+  metrics = {
+      "count": valid.sum().astype(jnp.float32),
+      "nonfinite": (valid & (info["finite"] == 0)).sum().astype(jnp.float32),
+      "clipped": (info["clipped"] * valid).sum(),
+      "norm_sum": jnp.where(finite_valid, info["norms"], 0.0).sum(),
+      "loss_sum": jnp.where(finite_valid, losses, 0.0).sum(),
+  }
+  return total, metrics
+
+
 def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, key: jax.Array, *,
                      clip_norm: float | Any, per_layer: bool = False,
-                     microbatch_size: int = 0) -> tuple[Grads, dict[str, jax.Array]]:
+                     microbatch_size: int = 0, chunk_sum: Callable[..., Any] = vmap_chunk_sum
+                     ) -> tuple[Grads, dict[str, jax.Array]]:
   """Sum over the valid rows of their clipped gradients, and the step's metrics.
 
   Args:
@@ -113,6 +134,8 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, key: jax.Arr
     clip_norm: C (a scalar), or per-leaf norms with `per_layer=True`.
     per_layer: clip each leaf separately (see the module docstring).
     microbatch_size: rows per chunk (0: all rows at once). B must be a multiple of it.
+    chunk_sum: how one chunk's clipped sum is computed: `vmap_chunk_sum` (per-example
+      gradients) or `privacy.ghost.chunk_sum` (ghost norms; same signature and result).
 
   Returns:
     The clipped sum (shaped like params; sensitivity C, see the module docstring) and
@@ -125,32 +148,20 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, key: jax.Arr
   if n % chunk:
     raise ValueError(f"batch size {n} is not a multiple of microbatch_size {chunk}")
 
-  def chunk_sum(b: Batch, k: jax.Array):
-    grads, losses = per_example_grads(loss_fn, params, b, k)
-    clipped, info = clip_rows(grads, clip_norm, per_layer=per_layer)
-    valid = b.mask > 0
-    total = jax.tree.map(lambda g: jnp.tensordot(valid.astype(g.dtype), g, axes=1), clipped)
-    finite_valid = valid & (info["finite"] > 0)
-    metrics = {
-        "count": valid.sum().astype(jnp.float32),
-        "nonfinite": (valid & (info["finite"] == 0)).sum().astype(jnp.float32),
-        "clipped": (info["clipped"] * valid).sum(),
-        "norm_sum": jnp.where(finite_valid, info["norms"], 0.0).sum(),
-        "loss_sum": jnp.where(finite_valid, losses, 0.0).sum(),
-    }
-    return total, metrics
+  def one_chunk(b: Batch, k: jax.Array):
+    return chunk_sum(loss_fn, params, b, k, clip_norm=clip_norm, per_layer=per_layer)
 
   if chunk == n:
-    total, m = chunk_sum(batch, key)
+    total, m = one_chunk(batch, key)
   else:
     chunks = jax.tree.map(lambda a: a.reshape((n // chunk, chunk) + a.shape[1:]), batch)
     keys = jax.random.split(key, n // chunk)
 
     def body(carry, inputs):
-      s, acc = chunk_sum(*inputs)
+      s, acc = one_chunk(*inputs)
       return jax.tree.map(jnp.add, carry, (s, acc)), None
 
-    zeros = jax.eval_shape(chunk_sum, jax.tree.map(lambda a: a[0], chunks), keys[0])
+    zeros = jax.eval_shape(one_chunk, jax.tree.map(lambda a: a[0], chunks), keys[0])
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
     (total, m), _ = jax.lax.scan(body, init, (chunks, keys))
   used = jnp.maximum(m["count"] - m["nonfinite"], 1.0)

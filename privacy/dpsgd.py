@@ -2,7 +2,7 @@
 
 One step: draw a batch (Poisson sampling at rate q = B/n into a static padded shape with
 a mask, or B examples without replacement), sum the per-example gradients clipped to C
-(`privacy.clipping.clipped_grad_sum`), then the optax chain `gaussian_privatizer ->
+(`privacy.clipping.clipped_grad_sum`, or by ghost norms `privacy.ghost`), then the optax chain `gaussian_privatizer ->
 optimizer` adds N(0, sigma^2 C^2) to the sum, divides by the expected batch size B and
 steps.
 
@@ -36,7 +36,8 @@ from dp_accounting import dp_event
 from fljax.federated import poisson_slots
 from fljax.partitions import Batch
 from privacy import accounting
-from privacy.clipping import LossFn, clipped_grad_sum
+from privacy.clipping import LossFn
+from privacy.ghost import CLIPPING
 from privacy.noise import gaussian_privatizer
 
 Params = Any
@@ -55,6 +56,8 @@ class DPSGDConfig:
       size, capped at n; equal to n means no truncation).
     per_layer: clip each parameter tensor to C / sqrt(L) instead of the whole gradient.
     microbatch_size: per-example gradients computed this many at a time (0: all at once).
+    clipping: how the per-example norms are found: 'vmap' (per-example gradients) or
+      'ghost' (from each layer's input and output gradient, `privacy.ghost`; the same sum).
   """
 
   clip_norm: float = 1.0
@@ -64,9 +67,12 @@ class DPSGDConfig:
   max_batch_size: int = 0
   per_layer: bool = False
   microbatch_size: int = 0
+  clipping: str = dataclasses.field(default="vmap", metadata={"choices": tuple(CLIPPING)})
 
   def __post_init__(self):
     accounting.check_clip_norm(self.clip_norm)
+    if self.clipping not in CLIPPING:
+      raise ValueError(f"clipping must be one of {', '.join(CLIPPING)}, got {self.clipping!r}")
     if self.noise_multiplier < 0:
       raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
     if self.batch_size < 1:
@@ -180,8 +186,9 @@ def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransf
     idx, mask, truncated = sample_batch(n, cfg, key=sample_key)
     batch = Batch(x=data.x[idx], y=data.y[idx], mask=mask * data.mask[idx])
     if private:
-      grads, m = clipped_grad_sum(loss_fn, params, batch, loss_key, clip_norm=cfg.clip_norm,
-                                  per_layer=cfg.per_layer, microbatch_size=cfg.microbatch_size)
+      grads, m = CLIPPING[cfg.clipping](
+          loss_fn, params, batch, loss_key, clip_norm=cfg.clip_norm, per_layer=cfg.per_layer,
+          microbatch_size=cfg.microbatch_size)
       count = m["count"]
       metrics = {"loss": m["loss_sum"] / jnp.maximum(count - m["nonfinite"], 1.0),
                  "nonfinite": m["nonfinite"],
