@@ -9,7 +9,7 @@ the layer's input `a_i` and output gradient `g_i`:
   - Dense, `a_i [T, d_in]`, `g_i [T, d_out]`: kernel norm^2 `sum_{t,s} (a_t.a_s)(g_t.g_s)`,
     which is `|a_i|^2 |g_i|^2` when T = 1 (no `d_in x d_out` product is formed), or the
     explicit `|a_i^T g_i|^2` when that is cheaper; bias norm^2 `|sum_t g_t|^2`.
-  - Conv: the same with `a_i` the input's patches (`lax.conv_general_dilated_patches`,
+  - Conv: the same with `a_i` the input's patches (one strided slice per kernel offset,
     T = output positions), choosing per layer the cheaper of `T^2` and `d_in x d_out`.
   - Any other layer that owns parameters (GroupNorm, a conv with groups or circular
     padding): its own parameters' per-row gradients, from the layer's vector-Jacobian
@@ -37,6 +37,7 @@ the layer; a norm is never guessed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Any
 
@@ -166,10 +167,21 @@ def _patches(module: nn.Module, a: jax.Array) -> jax.Array | None:
   dil = module.kernel_dilation or 1
   dil = (dil,) * rank if isinstance(dil, int) else tuple(dil)
   pad = linear.canonicalize_padding(module.padding, rank)
-  spec = "N" + "HWD"[:rank] + "C"
-  p = jax.lax.conv_general_dilated_patches(
-      a, ks, strides, pad, rhs_dilation=dil, dimension_numbers=(spec, "HWD"[:rank] + "IO", spec))
-  return p.reshape(p.shape[0], -1, p.shape[-1])
+  window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+  if isinstance(pad, str):
+    pad = jax.lax.padtype_to_pads(a.shape[1:-1], window, strides, pad)
+  a = jnp.pad(a, ((0, 0),) + tuple(tuple(p) for p in pad) + ((0, 0),))
+  out = [(n - w) // s + 1 for n, w, s in zip(a.shape[1:-1], window, strides)]
+  # one strided slice per kernel offset (XLA:CPU's conv_general_dilated_patches is a
+  # convolution with a one-hot kernel: K times the work of these copies)
+  cols = []
+  for offset in itertools.product(*(range(k) for k in ks)):
+    start = (0,) + tuple(o * d for o, d in zip(offset, dil)) + (0,)
+    limit = ((a.shape[0],) + tuple(st + (n - 1) * s + 1 for st, n, s in
+                                   zip(start[1:-1], out, strides)) + (a.shape[-1],))
+    cols.append(jax.lax.slice(a, start, limit, (1,) + strides + (1,)))
+  p = jnp.stack(cols, axis=-2)  # [B, *out, K_spatial, C]
+  return p.reshape(p.shape[0], -1, p.shape[-2] * p.shape[-1])
 
 
 def _gram_norm2(a: jax.Array, g: jax.Array) -> jax.Array:
