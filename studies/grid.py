@@ -148,13 +148,19 @@ DEFENSES: dict[str, Defense] = {
                      "Zhu et al. 2019 (gradient pruning)", dp=False),
 }
 
-# the comparative study's default defenses
+# the comparative study's defenses (--compare, --full), and the default grid's: one of each
+# mechanism (the epsilon sweep and SecAgg alone only in the larger grids)
 STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", "dpsgd",
                   "secagg", "secagg_ddp", "forward", "hybrid", "topup", "prune")
+DEFAULT_DEFENSES = ("none", "dp_fedavg_eps8", "dpsgd", "secagg_ddp", "forward", "hybrid",
+                    "topup", "prune")
 MODEL_STATES = ("untrained", "trained")
 # the attacks of the default grid under the defenses: the tuned strongest classical attack,
 # the GAN-prior one and the diffusion attack that knows the defense (issue 20's first point)
 DEFENSE_ATTACKS = ("ig", "gifd", "adaptive")
+# the attacks of the default grid at B > 1: all but the diffusion ones, whose 16 victims
+# of 4 images cost about 4.5 minutes each per model state here (issue 20's note)
+BATCH_ATTACKS = ("dlg", "idlg", "ig", "gifd")
 
 
 def check_names(kind: str, names: Iterable[str], valid: Iterable[str]) -> list[str]:
@@ -216,6 +222,9 @@ class StudyConfig:
     defense_budget: under every other defense an attack runs once, at its largest rung
       not above this, for the batch sizes `defense_batch_sizes`.
     defense_batch_sizes: B of the attack cells under defenses other than `none`.
+    batch_attacks: the attacks (among `attacks`) run on the clear update at B > 1.
+    batch_budget: on the clear update at B > 1 the ladder stops at this rung (an
+      evaluation costs B times more there).
     defense_attacks: the attacks (among `attacks`) run under defenses other than `none`.
     defense_model_states: the model states attacked under defenses other than `none`.
     prior_only_steps: sampler steps of the prior-only baseline (the diffusion prior's
@@ -224,7 +233,7 @@ class StudyConfig:
   """
 
   partitions: tuple[str, ...] = _names(("iid",), PARTITIONS)
-  defenses: tuple[str, ...] = _names(STUDY_DEFENSES, DEFENSES)
+  defenses: tuple[str, ...] = _names(DEFAULT_DEFENSES, DEFENSES)
   attacks: tuple[str, ...] = _names(tuple(ATTACKS), ATTACKS)
   seeds: tuple[int, ...] = (0, 1, 2)
   attack_seeds: tuple[int, ...] = (0,)
@@ -241,6 +250,8 @@ class StudyConfig:
   generative_budget: int = 30
   defense_budget: int = 30
   defense_batch_sizes: tuple[int, ...] = (1,)
+  batch_attacks: tuple[str, ...] = _names(BATCH_ATTACKS, ATTACKS)
+  batch_budget: int = 100
   defense_attacks: tuple[str, ...] = _names(DEFENSE_ATTACKS, ATTACKS)
   defense_model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
   prior_only_steps: int = 30
@@ -252,6 +263,7 @@ class StudyConfig:
     check_names("attack", self.attacks, ATTACKS)
     check_names("model state", self.model_states, MODEL_STATES)
     check_names("defense attack", self.defense_attacks, ATTACKS)
+    check_names("batch attack", self.batch_attacks, ATTACKS)
     if set(self.defenses) - {"none"} and not set(self.defense_attacks) & set(self.attacks):
       raise ValueError(f"no attack runs under the defenses: --defense_attacks "
                        f"{','.join(self.defense_attacks)} has none of --attacks "
@@ -262,7 +274,7 @@ class StudyConfig:
     if not self.seeds or not set(self.attack_seeds) <= set(self.seeds):
       raise ValueError(f"attack_seeds {list(self.attack_seeds)} must be among seeds {list(self.seeds)}")
     for name in ("clients", "rounds", "victims", "generative_budget", "defense_budget",
-                 "eval_every"):
+                 "batch_budget", "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     sizes = self.batch_sizes + self.local_steps + self.defense_batch_sizes
@@ -278,22 +290,24 @@ class StudyConfig:
       raise ValueError(f"generative_budget {self.generative_budget} and defense_budget "
                        f"{self.defense_budget} must be at least the ladder's first rung {b[0]}")
 
-  def rungs(self, attack: str, defense: str) -> tuple[int, ...]:
+  def rungs(self, attack: str, defense: str, batch: int = 1) -> tuple[int, ...]:
     """The budgets an attack runs at under a defense: every rung up to the attack's cap
-    on the clear update (`none`), else the largest one not above `defense_budget`."""
+    on the clear update (`none`; at B > 1 also up to `batch_budget`), else the largest
+    one not above `defense_budget`."""
     cap = self.generative_budget if attack in GENERATIVE else max(self.budgets)
     ladder = tuple(x for x in self.budgets if x <= cap)
     if defense == "none":
-      return ladder
+      return tuple(x for x in ladder if batch == 1 or x <= self.batch_budget)
     return tuple(x for x in ladder if x <= self.defense_budget)[-1:]
 
   def batches(self, defense: str) -> tuple[int, ...]:
     return self.batch_sizes if defense == "none" else self.defense_batch_sizes
 
-  def attacks_under(self, defense: str) -> tuple[str, ...]:
-    if defense == "none":
-      return self.attacks
-    return tuple(a for a in self.attacks if a in self.defense_attacks)
+  def attacks_under(self, defense: str, batch: int = 1) -> tuple[str, ...]:
+    """The attacks run under a defense at batch size B."""
+    if defense != "none":
+      return tuple(a for a in self.attacks if a in self.defense_attacks)
+    return tuple(a for a in self.attacks if batch == 1 or a in self.batch_attacks)
 
   def states(self, defense: str) -> tuple[str, ...]:
     return self.model_states if defense == "none" else self.defense_model_states
@@ -302,22 +316,25 @@ class StudyConfig:
     return max(1, round(self.q * self.clients))
 
 
-# StudyConfig overrides of `scripts/study.py --full` and `--tiny`, as flags name them
-# The default grid is sized from per-evaluation costs measured on 2 CPU cores (2026-12-03,
-# untrained CNN, budget 30: dlg 7 ms per evaluation and victim at B = 1, 15 ms at B = 4; dps
-# 140 ms at B = 1), for about 30 minutes; `compare` is the attack comparison's grid (16
-# victims, B in {1, 4}, trained models, budgets to 1,000), hours on 2 cores.
+# StudyConfig overrides of `scripts/study.py --compare`, `--full` and `--tiny`, as flags
+# name them. The default grid is sized for about 30 minutes on 2 CPU cores from seconds per
+# victim measured here (2026-12-03, CNN, 16 victims): at B = 1, dlg 2.8 s at 1,000
+# evaluations, dps 4.3 s at 30; at B = 4 each evaluation costs about 5 times more (dlg
+# 4.1 s at 300), dps about 17 s at 30. `compare` is the attack comparison's grid (every
+# attack at B 1 and 4 up to 1,000, generative ones to 100, all defenses): hours here.
 PRESETS: dict[str, dict[str, Any]] = {
     "compare": {"victims": 16, "batch_sizes": (1, 4), "model_states": ("untrained", "trained"),
                 "budgets": (30, 100, 300, 1000), "generative_budget": 100,
                 "defense_budget": 300, "defense_attacks": tuple(ATTACKS),
-                "defense_model_states": MODEL_STATES},
+                "defense_model_states": MODEL_STATES, "batch_attacks": tuple(ATTACKS),
+                "batch_budget": 1000, "defenses": STUDY_DEFENSES},
     "full": {"partitions": ("iid", "dirichlet0.5", "dirichlet0.1"), "seeds": (0, 1, 2, 3, 4),
              "attack_seeds": (0, 1, 2), "rounds": 50, "victims": 32,
              "budgets": (30, 100, 300, 1000, 3000, 10000), "generative_budget": 1000,
              "defense_budget": 1000, "batch_sizes": (1, 4, 16), "defense_batch_sizes": (1, 4),
              "local_steps": (1, 5), "model_states": MODEL_STATES, "eval_every": 5,
-             "defense_attacks": tuple(ATTACKS), "defense_model_states": MODEL_STATES},
+             "defense_attacks": tuple(ATTACKS), "defense_model_states": MODEL_STATES,
+             "batch_attacks": tuple(ATTACKS), "batch_budget": 10000, "defenses": STUDY_DEFENSES},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
              "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),

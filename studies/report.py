@@ -101,7 +101,7 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
                  "first_psnr": r["psnr"][0] if r["psnr"] and 0 not in r["failed_victims"] else None,
                  "failed_victims": len(r["failed_victims"])}
         attack_rows.append(entry)
-        if budget == max(cfg.rungs(attack, d)):  # each attack at its largest budget here
+        if budget == max(cfg.rungs(attack, d, b)):  # each attack at its largest budget here
           best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
       point = (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
       if point in best:  # each attack's median over the attack seeds, then the best attack
@@ -302,7 +302,7 @@ def _grid(plt, cfg, out: Path, data: dict, partition: str, path: Path) -> bool:
     if (e["partition"] == partition and e["seed"] == cfg.attack_seeds[0]
         and (e["batch"], e["local_steps"], e["state"]) ==
         (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
-        and e["budget"] == max(cfg.rungs(e["attack"], e["defense"]))):
+        and e["budget"] == max(cfg.rungs(e["attack"], e["defense"], e["batch"]))):
       rows.setdefault(e["defense"], {})[e["attack"]] = e
   if not rows:
     return False
@@ -452,7 +452,7 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
         for a in cfg.attacks:
           es = [e["psnr"] for e in data["attacks"] if (e["partition"], e["defense"], e["attack"],
                 e["batch"], e["local_steps"], e["state"]) == (p, d, a) + pt
-                and e["budget"] == max(cfg.rungs(a, d))]
+                and e["budget"] == max(cfg.rungs(a, d, pt[0]))]
           vals[a] = float(np.median(es)) if es else None
         top = max((v for v in vals.values() if v is not None), default=None)
         rows.append([p, d] + [("**{}**" if v is not None and v == top else "{}").format(

@@ -81,11 +81,11 @@ def plan_attacks(cfg: grid.StudyConfig, fl: FlPlan, cells_dir: Path) -> AttackPl
     if s not in cfg.attack_seeds or grid.DEFENSES[d].view is None:
       continue
     result = cells.read_cell(cells_dir / "fl" / h)
-    for a in cfg.attacks_under(d):
-      for b in cfg.batches(d):
+    for b in cfg.batches(d):
+      for a in cfg.attacks_under(d, b):
         for steps in cfg.local_steps:
           for state in cfg.states(d):
-            for budget in cfg.rungs(a, d):
+            for budget in cfg.rungs(a, d, b):
               cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result, budget)
               out[(p, d, s, a, b, steps, state, budget)] = (cells.config_hash(cell), cell)
   return out

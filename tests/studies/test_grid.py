@@ -20,7 +20,9 @@ def test_presets_are_flags_over_the_defaults():
   tiny = grid.make(grid.StudyConfig, grid.PRESETS["tiny"], {"rounds": 1})
   assert (tiny.data.name, tiny.defenses, tiny.rounds, tiny.clients) == (
       "digits", ("none", "forward"), 1, 8)
-  assert grid.StudyConfig().defenses == grid.STUDY_DEFENSES
+  assert grid.StudyConfig().defenses == grid.DEFAULT_DEFENSES
+  assert set(grid.DEFAULT_DEFENSES) < set(grid.STUDY_DEFENSES)
+  assert grid.make(grid.StudyConfig, grid.PRESETS["compare"]).defenses == grid.STUDY_DEFENSES
 
 
 def test_calibrated_noise_is_resolved_per_grid():
@@ -43,7 +45,12 @@ def test_the_budget_ladder_is_checked_and_capped_per_attack():
   assert cfg.rungs("ig", "none") == (30, 100, 300, 1000)
   assert cfg.rungs("dps", "none") == cfg.rungs("gifd", "none") == (30, 100)
   assert cfg.rungs("ig", "forward") == (300,) and cfg.rungs("dps", "forward") == (100,)
-  assert cfg.batches("none") == (1,) and cfg.batches("forward") == (1,)
+  assert cfg.batches("none") == (1, 4) and cfg.batches("forward") == (1,)
+  # at B > 1 the clear update's ladder stops at batch_budget, for the batch attacks only
+  assert cfg.rungs("ig", "none", 4) == (30, 100) and cfg.rungs("ig", "forward", 4) == (300,)
+  assert cfg.attacks_under("none", 4) == grid.BATCH_ATTACKS
+  assert cfg.attacks_under("none", 1) == cfg.attacks and cfg.attacks_under("dpsgd", 1) == (
+      "ig", "gifd", "adaptive")
   with pytest.raises(ValueError, match="at least the ladder's first rung 30"):
     grid.StudyConfig(budgets=(30, 100), generative_budget=10)
 

@@ -170,10 +170,11 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   full = grid.make(grid.StudyConfig, grid.PRESETS["full"])
   assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
-  # per partition, attack seed and local steps: on the clear update 3 classical attacks x
-  # every rung + 4 generative ones x the rungs up to their cap, for each B and model state;
-  # under the 10 other defenses the defense attacks x one rung, for each defense B and state
-  default = 1 * 1 * 1 * (2 * 2 * (3 * 4 + 4 * 1) + 10 * 1 * 1 * 3)
+  # per partition, attack seed and local steps: on the clear update, for each model state,
+  # at B = 1 3 classical attacks x every rung + 4 generative ones x the rungs up to their
+  # cap, at B = 4 the 3 classical ones and gifd up to rung 100; under the 7 other defenses
+  # the 3 defense attacks x one rung, for each defense B and state
+  default = 1 * 1 * 1 * (2 * ((3 * 4 + 4 * 1) + (3 * 2 + 1 * 1)) + 7 * 1 * 1 * 3)
   full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
   for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
     cells.check_budgets(cfg)  # every attack can run at its smallest budget
