@@ -27,7 +27,8 @@ from dp_accounting import dp_event
 from fljax import federated as fed
 from fljax.partitions import Batch
 from privacy import accounting
-from privacy.clipping import LossFn, clip_update, clipped_grad_sum
+from privacy.clipping import LossFn, clip_update
+from privacy.ghost import CLIPPING
 from privacy.noise import tree_gaussian
 
 
@@ -182,8 +183,8 @@ def local_dp_event(noise_multiplier: float) -> dp_event.DpEvent:
 
 
 def make_dpsgd_client_update(loss_fn: LossFn, cfg: fed.FedConfig, *, clip_norm: float,
-                             noise_multiplier: float, per_layer: bool = False
-                             ) -> fed.ClientUpdateFn:
+                             noise_multiplier: float, per_layer: bool = False,
+                             clipping: str = "vmap") -> fed.ClientUpdateFn:
   """Record-level DP: each client trains with DP-SGD; `client_update(params, data, key)`.
 
   A client with n_i examples takes s_i = E * ceil(n_i / B) local steps (FedAvg; one step
@@ -202,6 +203,9 @@ def make_dpsgd_client_update(loss_fn: LossFn, cfg: fed.FedConfig, *, clip_norm: 
   add/remove guarantee would fix them before seeing the data.
   """
   accounting.check_clip_norm(clip_norm)
+  if clipping not in CLIPPING:
+    raise ValueError(f"clipping must be one of {', '.join(CLIPPING)}, got {clipping!r}")
+  clip_sum = CLIPPING[clipping]
   if noise_multiplier < 0:  # 0 (clipping only) is allowed, for baselines and tests
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
   b = cfg.local_batch_size
@@ -224,8 +228,8 @@ def make_dpsgd_client_update(loss_fn: LossFn, cfg: fed.FedConfig, *, clip_norm: 
       def step(p):
         mask = data.mask * (jax.random.uniform(sample_key, (n_max,)) < q)
         batch = Batch(x=data.x, y=data.y, mask=mask)
-        total, m = clipped_grad_sum(loss_fn, p, batch, grad_key, clip_norm=clip_norm,
-                                    per_layer=per_layer)
+        total, m = clip_sum(loss_fn, p, batch, grad_key, clip_norm=clip_norm,
+                            per_layer=per_layer)
         noise = tree_gaussian(total, noise_multiplier * clip_norm, key=noise_key)
         grad = jax.tree.map(lambda s, z: (s + z) / b, total, noise)
         return grad, (m["loss_sum"], m["count"], m["nonfinite"])

@@ -86,6 +86,11 @@ def test_dpsgd_client_update_runs_and_sends_noisy_updates(algorithm):
   bound = (1.0 if algorithm == "fedsgd" else 0.1) * steps * 10 * 0.1 / 5
   assert 0 < norm <= bound * (1 + 1e-5)
   assert metrics["count"] == 10
+  ghosted = jax.jit(pfed.make_dpsgd_client_update(fed.make_loss_fn(model.apply), cfg,
+                                                  clip_norm=0.1, noise_multiplier=0.0,
+                                                  clipping="ghost"))
+  for a, b in zip(jax.tree.leaves(ghosted(params, small, jax.random.key(3))[0]), jax.tree.leaves(u)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # the same clipped sums
   noisy = jax.jit(pfed.make_dpsgd_client_update(fed.make_loss_fn(model.apply), cfg,
                                                 clip_norm=0.1, noise_multiplier=5.0))
   u2, _ = noisy(params, small, jax.random.key(3))
