@@ -217,7 +217,8 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
                    **grid.PARTITIONS[partition]},
           "partition_seed": seed, "batch": batch, "local_steps": steps,
           # an aggregate already holds n B images: one per cell keeps its cost near the others'
-          "victims": 1 if d.view == "aggregate" else cfg.victims,
+          "victims": 1 if d.view == "aggregate" else cfg.victims if defense == "none"
+                     else cfg.defense_victims,
           "local_lr": 0.1}
 
 

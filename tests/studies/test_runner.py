@@ -171,10 +171,10 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
   assert (full.seeds, full.attack_seeds, full.batch_sizes, full.local_steps, full.model_states) == (
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
   # per partition, attack seed and local steps: on the clear update, for each model state,
-  # at B = 1 3 classical attacks x every rung + 4 generative ones x the rungs up to their
-  # cap, at B = 4 the 3 classical ones and gifd up to rung 100; under the 7 other defenses
-  # the 3 defense attacks x one rung, for each defense B and state
-  default = 1 * 1 * 1 * (2 * ((3 * 4 + 4 * 1) + (3 * 2 + 1 * 1)) + 7 * 1 * 1 * 3)
+  # at B = 1 2 classical attacks (no dlg) x every rung + 4 generative ones x the rungs up
+  # to their cap, at B = 4 the 2 classical ones and gifd up to rung 100; under the 7 other
+  # defenses the 2 defense attacks x one rung, for each defense B and state
+  default = 1 * 1 * 1 * (2 * ((2 * 4 + 4 * 1) + (2 * 2 + 1 * 1)) + 7 * 1 * 1 * 2)
   full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
   for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
     cells.check_budgets(cfg)  # every attack can run at its smallest budget
@@ -205,10 +205,10 @@ def test_an_attack_that_cannot_step_at_the_first_rung_stops_the_study_before_it_
   assert not (tmp_path / "study").exists()  # nothing ran, nothing was written
 
 
-def test_defense_attacks_and_rates_are_refused_in_one_sentence():
-  with pytest.raises(ValueError, match="no attack runs under the defenses"):
-    grid.make(grid.StudyConfig, {"attacks": ("idlg",), "defense_attacks": ("ig",)})
+def test_defense_and_batch_attacks_fall_back_to_the_attacks_and_bad_rates_are_refused():
+  only = grid.make(grid.StudyConfig, {"attacks": ("idlg",), "defense_attacks": ("ig",)})
+  assert only.attacks_under("dpsgd") == only.attacks_under("none", 4) == ("idlg",)
   with pytest.raises(ValueError, match=r"q must be in \(0, 1\]"):
     grid.make(grid.StudyConfig, {"q": 1.5})
   only_clear = grid.make(grid.StudyConfig, {"defenses": ("none",), "attacks": ("idlg",)})
-  assert only_clear.attacks_under("dpsgd") == () and only_clear.states("none") == grid.MODEL_STATES
+  assert only_clear.states("none") == grid.MODEL_STATES
