@@ -149,11 +149,11 @@ DEFENSES: dict[str, Defense] = {
 }
 
 # the comparative study's defenses (--compare, --full), and the default grid's: one of each
-# mechanism (the epsilon sweep and SecAgg alone only in the larger grids)
+# mechanism (the epsilon sweep, SecAgg alone and the top-up only in the larger grids)
 STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", "dpsgd",
                   "secagg", "secagg_ddp", "forward", "hybrid", "topup", "prune")
 DEFAULT_DEFENSES = ("none", "dp_fedavg_eps8", "dpsgd", "secagg_ddp", "forward", "hybrid",
-                    "topup", "prune")
+                    "prune")
 MODEL_STATES = ("untrained", "trained")
 # the attacks of the default grid under the defenses: the tuned strongest classical attack
 # and the diffusion attack that knows the defense (issue 20's first point)

@@ -172,9 +172,9 @@ def test_default_and_full_grids_plan_every_cell(tmp_path):
       (0, 1, 2, 3, 4), (0, 1, 2), (1, 4, 16), (1, 5), ("untrained", "trained"))
   # per partition, attack seed and local steps: on the clear update, for each model state,
   # at B = 1 2 classical attacks (no dlg) x every rung + 4 generative ones x the rungs up
-  # to their cap, at B = 4 the 2 classical ones and gifd up to rung 100; under the 7 other
+  # to their cap, at B = 4 the 2 classical ones and gifd up to rung 100; under the 6 other
   # defenses the 2 defense attacks x one rung, for each defense B and state
-  default = 1 * 1 * 1 * (2 * ((2 * 4 + 4 * 1) + (2 * 2 + 1 * 1)) + 7 * 1 * 1 * 2)
+  default = 1 * 1 * 1 * (2 * ((2 * 4 + 4 * 1) + (2 * 2 + 1 * 1)) + 6 * 1 * 1 * 2)
   full_cells = 3 * 3 * 2 * 2 * (3 * (3 * 6 + 4 * 4) + 10 * 2 * 7)
   for cfg, attack_cells in ((grid.StudyConfig(), default), (full, full_cells)):
     cells.check_budgets(cfg)  # every attack can run at its smallest budget
