@@ -157,9 +157,9 @@ def gan_sample(gan: gan_lib.GAN, threat: ThreatModel, num: int, *, key: jax.Arra
 
 
 def score(reconstructions: ArrayLike, x: ArrayLike) -> dict[str, list[float]]:
-  """Per-victim PSNR (capped, `cap_psnr`) and SSIM of `reconstructions` against the
+  """Per-image PSNR (capped, `cap_psnr`) and SSIM of `reconstructions` against the
   victims' images `x`, both `[V, B, H, W, C]`: each victim's batch matched (Hungarian),
-  then the mean over its B images."""
+  then one value per image, victim by victim (`[V * B]`, as the attacks report them)."""
   rec, x = np.asarray(reconstructions, np.float32), np.asarray(x, np.float32)
   _shape(x)
   if rec.shape != x.shape:
@@ -169,12 +169,12 @@ def score(reconstructions: ArrayLike, x: ArrayLike) -> dict[str, list[float]]:
   flat = lambda a: jnp.asarray(a.reshape((v * b,) + a.shape[2:]))  # noqa: E731
   psnr = cap_psnr(np.asarray(metrics.psnr(flat(aligned), flat(x)))).reshape(v, b)
   ssim = np.asarray(metrics.ssim(flat(aligned), flat(x)), np.float64).reshape(v, b)
-  return {"psnr": psnr.mean(1).tolist(), "ssim": ssim.mean(1).tolist()}
+  return {"psnr": psnr.ravel().tolist(), "ssim": ssim.ravel().tolist()}
 
 
 def evaluate(x: ArrayLike, train: ArrayLike, *, samples: Mapping[str, ArrayLike] | None = None,
              chunk: int = 1024) -> dict[str, dict[str, list]]:
-  """Every baseline's per-victim scores, as plain JSON-ready lists.
+  """Every baseline's per-image scores (victim by victim), as plain JSON-ready lists.
 
   Args:
     x: the victims' images `[V, B, H, W, C]` in [0, 1].
@@ -184,7 +184,7 @@ def evaluate(x: ArrayLike, train: ArrayLike, *, samples: Mapping[str, ArrayLike]
     chunk: training images compared at once by `nearest_training`.
 
   Returns:
-    `{name: {'psnr': [V], 'ssim': [V]}}` for blank, mean_image, nearest_training (with
+    `{name: {'psnr': [V * B], 'ssim': [V * B]}}` for blank, mean_image, nearest_training (with
     'index': the training indices `[V][B]`) and each of `samples`.
   """
   x = np.asarray(x, np.float32)

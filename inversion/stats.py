@@ -82,58 +82,68 @@ def _values(values: ArrayLike, name: str) -> np.ndarray:
   return v
 
 
-def _check(level: float, resamples: int) -> None:
+def _check(level: float, resamples: int, n: int = 0, group: int = 1) -> None:
   if not 0 < level < 1:
     raise ValueError(f"level must be in (0, 1), got {level}")
   if resamples < 1:
     raise ValueError(f"resamples must be >= 1, got {resamples}")
+  if group < 1 or n % group:
+    raise ValueError(f"{n} values do not split into victims of {group} images each; pass "
+                     f"the images of whole victims, victim by victim")
 
 
-def _median_interval(v: np.ndarray, level: float, resamples: int, seed: int
+def _median_interval(v: np.ndarray, level: float, resamples: int, seed: int, group: int = 1
                      ) -> tuple[float, float, float]:
   n = v.size
   if n == 0:
     return math.nan, math.nan, math.nan
   estimate = float(np.median(v))
-  if n < 2:
+  if n < 2 * group:
     return estimate, math.nan, math.nan
   rng = np.random.default_rng(seed)
-  medians = np.median(v[rng.integers(0, n, size=(resamples, n))], axis=1)
+  rows = v.reshape(n // group, group)  # a victim's images are resampled together
+  picks = rows[rng.integers(0, n // group, size=(resamples, n // group))]
+  medians = np.median(picks.reshape(resamples, n), axis=1)
   low, high = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
   return estimate, float(low), float(high)
 
 
 def bootstrap_median(values: ArrayLike, *, level: float = 0.95, resamples: int = 10_000,
-                     seed: int = 0) -> Interval:
+                     seed: int = 0, group: int = 1) -> Interval:
   """The median of `values` `[n]` with its percentile-bootstrap interval.
 
-  With fewer than 2 values there is no interval: low and high are nan and
-  `Interval.defined` is False (the estimate is the single value, or nan for none).
+  `group` > 1: the values are the images of n / group victims, victim by victim (B =
+  group images each, reconstructed by one attack run, so not independent): the bootstrap
+  resamples victims, each with all its images (a cluster bootstrap), and `n` counts
+  victims. With fewer than 2 victims there is no interval: low and high are nan and
+  `Interval.defined` is False (the estimate is the median value, or nan for none).
 
   Raises:
     ValueError: NaN values (the message says how many), values not 1-D, a level outside
       (0, 1) or resamples < 1.
   """
-  _check(level, resamples)
   v = _values(values, "values")
-  estimate, low, high = _median_interval(v, level, resamples, seed)
-  return Interval(estimate=estimate, low=low, high=high, n=v.size, level=level)
+  _check(level, resamples, v.size, group)
+  estimate, low, high = _median_interval(v, level, resamples, seed, group)
+  return Interval(estimate=estimate, low=low, high=high, n=v.size // group, level=level)
 
 
 def paired_difference(a: ArrayLike, b: ArrayLike, *, level: float = 0.95,
-                      resamples: int = 10_000, seed: int = 0) -> PairedInterval:
+                      resamples: int = 10_000, seed: int = 0, group: int = 1) -> PairedInterval:
   """The median of the per-victim differences a_i - b_i, with its bootstrap interval,
   and the fraction of victims where a_i > b_i.
 
   `a` and `b` are one value per victim, for the same victims in the same order (not the
-  difference of two medians: the victims are resampled together).
+  difference of two medians: the victims are resampled together); with `group` > 1, one
+  value per image of victims of `group` images each (resampled by victim, as in
+  `bootstrap_median`).
 
   Raises:
     ValueError: different lengths, NaN values (in the inputs or as differences inf - inf),
       or the settings `bootstrap_median` refuses.
   """
-  _check(level, resamples)
   a, b = _values(a, "a"), _values(b, "b")
+  _check(level, resamples, a.size, group)
   if a.size != b.size:
     raise ValueError(f"a has {a.size} values and b {b.size}; pass one value per victim for "
                      f"the same victims in the same order")
@@ -143,9 +153,9 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, level: float = 0.95,
   if undefined:
     raise ValueError(f"{undefined} paired difference(s) are inf - inf; cap the values "
                      f"(e.g. inversion.baselines.cap_psnr) before comparing")
-  estimate, low, high = _median_interval(d, level, resamples, seed)
+  estimate, low, high = _median_interval(d, level, resamples, seed, group)
   greater = float(np.mean(a > b)) if a.size else math.nan
-  return PairedInterval(estimate=estimate, low=low, high=high, n=a.size, level=level,
+  return PairedInterval(estimate=estimate, low=low, high=high, n=a.size // group, level=level,
                         fraction_greater=greater)
 
 

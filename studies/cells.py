@@ -543,7 +543,7 @@ def baseline_cell(attack: dict[str, Any], prior_steps: int) -> dict[str, Any]:
   return {**{k: attack[k] for k in ("view", "model", "data", "partition_seed", "batch",
                                     "local_steps", "victims", "local_lr")},
           "kind": "baseline", "variant": grid.ATTACKS["dps"][0], "budget": max(prior_steps, 1),
-          "prior_steps": prior_steps}
+          "prior_steps": prior_steps, "scores": "per image"}
 
 
 def plan_baselines(attack_plan: dict[tuple, tuple[str, dict[str, Any]]], prior_steps: int

@@ -149,7 +149,8 @@ def ladder(cfg: grid.StudyConfig, data: dict[str, Any]) -> list[dict[str, Any]]:
     for (attack, budget), r in sorted(runs.items(), key=lambda kv: (cfg.attacks.index(kv[0][0]), kv[0][1])):
       mean = lambda k: float(np.mean([c[k] for c in r["cells"] if c.get(k) is not None] or [np.nan]))  # noqa: E731
       rows.append({"attack": attack, "budget": budget, "psnrs": r["psnrs"],
-                   "interval": stats.bootstrap_median(baselines.cap_psnr(r["psnrs"])) if r["psnrs"] else None,
+                   "interval": stats.bootstrap_median(baselines.cap_psnr(r["psnrs"]),
+                                                      group=pt[0]) if r["psnrs"] else None,
                    "evals": mean("evals"), "prior_nfe": mean("prior_nfe"),
                    "seconds": mean("seconds_per_victim"), "flops": mean("flops"),
                    "ssim": mean("ssim"), "label_accuracy": mean("label_accuracy"),
@@ -159,8 +160,9 @@ def ladder(cfg: grid.StudyConfig, data: dict[str, Any]) -> list[dict[str, Any]]:
                       if (b["batch"], b["local_steps"], b["state"]) == pt), key=lambda b: b["seed"]):
       for name, sc in bl["scores"].items():
         base.setdefault(name, []).extend(sc["psnr"])
-    out.append({"point": pt, "rows": rows, "verdicts": _verdicts(rows),
-                "baselines": {k: stats.bootstrap_median(baselines.cap_psnr(v)) for k, v in base.items()}})
+    out.append({"point": pt, "rows": rows, "verdicts": _verdicts(rows, pt[0]),
+                "baselines": {k: stats.bootstrap_median(baselines.cap_psnr(v), group=pt[0])
+                              for k, v in base.items()}})
   return out
 
 
@@ -169,12 +171,13 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
   return max(rows, key=lambda r: r["interval"].estimate, default=None)
 
 
-def _compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+def _compare(a: dict[str, Any], b: dict[str, Any], group: int = 1) -> str:
   name = lambda r: f"{r['attack']} at {r['budget']}"  # noqa: E731
   if len(a["psnrs"]) != len(b["psnrs"]):  # a failed victim breaks the pairing
     return (f"{name(a)} {a['interval'].estimate:.1f} dB vs {name(b)} "
             f"{b['interval'].estimate:.1f} dB (not paired: failed victims)")
-  d = stats.paired_difference(baselines.cap_psnr(a["psnrs"]), baselines.cap_psnr(b["psnrs"]))
+  d = stats.paired_difference(baselines.cap_psnr(a["psnrs"]), baselines.cap_psnr(b["psnrs"]),
+                              group=group)
   return stats.verdict(d, name(a), name(b))
 
 
@@ -419,7 +422,9 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
   b.append(("h", 2, "Quality against compute (clear update)"))
   b.append(("p", "Each attack at each budget of the ladder on the clear update (defense "
                  "`none`), a run of its own per budget. PSNR: median over every victim image "
-                 "(pooled over partitions and attack seeds) with its bootstrap 95% interval. "
+                 "(pooled over partitions and attack seeds) with its bootstrap 95% interval, n "
+                 "victims (at B > 1 each victim's B images are resampled together: they come "
+                 "from one attack run). "
                  "Evaluations, prior network passes, seconds (the batched computation's run "
                  "time per victim, compilation excluded) and FLOPs (`inversion.cost`: XLA's "
                  "count of one evaluation times the evaluations) are per victim. Baselines "

@@ -288,7 +288,8 @@ def run_trial(setup: Setup, attack: str, values: dict[str, Any], budget: int, *,
     ssim += [float(v) for v in s["ssim"]]
     labels.append(metrics.label_accuracy(ys[i], setup.y[i]))
   counts = np.asarray(states.counts)
-  return {"status": "done", "median_psnr": stats.bootstrap_median(psnr).to_dict(),
+  group = len(psnr) // max(len(setup.y), 1)  # B images per victim, resampled together
+  return {"status": "done", "median_psnr": stats.bootstrap_median(psnr, group=group).to_dict(),
           "psnr": psnr, "mean_ssim": float(np.mean(ssim)), "label_accuracy": float(np.mean(labels)),
           "failed_victims": failed, "steps": plan.steps,
           **{f"{c}_per_victim": float(counts[:, i].mean()) for c, i in COUNTER.items()},

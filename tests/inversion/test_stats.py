@@ -32,6 +32,25 @@ def test_the_interval_brackets_the_sample_median_and_narrows_with_n():
   assert small.n == 16 and small.level == 0.95
 
 
+def test_images_of_one_victim_are_resampled_together():
+  """16 victims of 4 images that share their victim's level (one attack run each): an
+  image-level bootstrap claims 64 independent values and covers the population median far
+  less often than the victim-level (cluster) one, which covers it at about 95 %."""
+  rng = np.random.default_rng(2)
+  reps, hits, naive = 300, 0, 0
+  for r in range(reps):
+    values = np.repeat(rng.normal(0.0, 1.0, 16), 4) + rng.normal(0.0, 0.1, 64)
+    hits += stats.bootstrap_median(values, group=4, resamples=1000, seed=r).excludes(0.0) is False
+    naive += stats.bootstrap_median(values, resamples=1000, seed=r).excludes(0.0) is False
+  assert 0.90 <= hits / reps <= 0.99 and naive / reps < 0.85, (hits / reps, naive / reps)
+  iv = stats.bootstrap_median(np.arange(8.0), group=4)
+  assert iv.n == 2 and iv.defined
+  d = stats.paired_difference(np.arange(8.0) + 1, np.arange(8.0), group=4)
+  assert d.n == 2 and d.estimate == 1.0
+  with pytest.raises(ValueError, match="do not split into victims of 4 images"):
+    stats.bootstrap_median(np.arange(6.0), group=4)
+
+
 def test_a_paired_difference_recovers_a_planted_shift_that_separate_intervals_miss():
   rng = np.random.default_rng(2)
   b = rng.normal(20.0, 5.0, 16)  # victims differ a lot ...
