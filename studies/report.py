@@ -181,7 +181,7 @@ def _compare(a: dict[str, Any], b: dict[str, Any], group: int = 1) -> str:
   return stats.verdict(d, name(a), name(b))
 
 
-def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+def _verdicts(rows: list[dict[str, Any]], group: int = 1) -> list[str]:
   """Paired verdicts (same victims): the best generative attack against the best classical
   one at each budget both reached (equal evaluations), and at each generative rung against
   the best classical run that took no more seconds per victim (equal or less time)."""
@@ -192,12 +192,13 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     a = _best([r for r in gen if r["budget"] == budget])
     b = _best([r for r in cls if r["budget"] == budget])
     if a and b:
-      out.append(f"equal evaluations ({budget}): " + _compare(a, b))
+      out.append(f"equal evaluations ({budget}): " + _compare(a, b, group))
   for budget in sorted({r["budget"] for r in gen}):
     a = _best([r for r in gen if r["budget"] == budget])
     b = _best([r for r in cls if a and r["seconds"] <= a["seconds"]])
     if a and b:
-      out.append(f"equal or less time ({a['seconds']:.2g} s per victim): " + _compare(a, b))
+      out.append(f"equal or less time ({a['seconds']:.2g} s per victim): "
+                 + _compare(a, b, group))
   return out
 
 
