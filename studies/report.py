@@ -461,6 +461,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                 and e["budget"] == max(cfg.rungs(a, d, pt[0]))]
           vals[a] = float(np.median(es)) if es else None
         top = max((v for v in vals.values() if v is not None), default=None)
+        if top is None:  # not attacked at this point (e.g. --defense_model_states)
+          continue
         rows.append([p, d] + [("**{}**" if v is not None and v == top else "{}").format(
             _fmt(v, "{:.1f}")) for v in vals.values()])
     b.append(("p", f"B = {pt[0]}, {pt[1]} local step(s), {pt[2]} model:"))
