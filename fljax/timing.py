@@ -3,6 +3,7 @@
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -17,3 +18,23 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def classifier_workload(name: str, shape: tuple[int, int, int], batch: int,
+                        num_classes: int = 10) -> tuple[Any, Any, Any, Any]:
+  """A registered model at its seed-0 initialisation, its masked cross-entropy and a
+  random batch `[batch, *shape]` of seed 0: `(model, params, loss_fn, batch)`, the same
+  in every benchmark that times a step on it."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from fljax import federated as fed
+  from fljax import models
+  from fljax.partitions import Batch
+  model = models.make(name, num_classes=num_classes, input_shape=shape)
+  rng = np.random.default_rng(0)
+  data = Batch(x=jnp.asarray(rng.random((batch,) + tuple(shape), dtype=np.float32)),
+               y=jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
+               mask=jnp.ones((batch,)))
+  return model, model.init(jax.random.key(0)), fed.make_loss_fn(model.apply), data

@@ -18,14 +18,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fljax import config as config_lib
-from fljax import federated as fed
-from fljax import models
-from fljax.partitions import Batch
-from fljax.timing import timed
+from fljax.timing import classifier_workload, timed
 from privacy import clipping, dpsgd
 
 
@@ -47,12 +43,7 @@ class BenchConfig:
 
 
 def workload(name, shape, batch, repeats, loop_rows):
-  model = models.make(name, num_classes=10, input_shape=shape)
-  params = model.init(jax.random.key(0))
-  loss_fn = fed.make_loss_fn(model.apply)
-  rng = np.random.default_rng(0)
-  data = Batch(x=jnp.asarray(rng.random((batch,) + shape, dtype=np.float32)),
-               y=jnp.asarray(rng.integers(0, 10, batch), jnp.int32), mask=jnp.ones((batch,)))
+  _, params, loss_fn, data = classifier_workload(name, shape, batch)
   cfg = dpsgd.DPSGDConfig(clip_norm=1.0, noise_multiplier=1.0, batch_size=batch)
   sgd = optax.sgd(0.1)
   private = dpsgd.dp_optimizer(cfg, sgd, key=jax.random.key(1))

@@ -16,14 +16,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fljax import config as config_lib
-from fljax import federated as fed
-from fljax import models
-from fljax.partitions import Batch
-from fljax.timing import timed
+from fljax.timing import classifier_workload, timed
 from privacy import dpsgd
 
 
@@ -46,12 +42,7 @@ class BenchConfig:
 
 def dp_step(name, shape, batch, clipping, per_layer):
   """A jitted DP-SGD step and its first run's parameters (for the equality check)."""
-  model = models.make(name, num_classes=10, input_shape=shape)
-  params = model.init(jax.random.key(0))
-  loss_fn = fed.make_loss_fn(model.apply)
-  rng = np.random.default_rng(0)
-  data = Batch(x=jnp.asarray(rng.random((batch,) + shape, dtype=np.float32)),
-               y=jnp.asarray(rng.integers(0, 10, batch), jnp.int32), mask=jnp.ones((batch,)))
+  _, params, loss_fn, data = classifier_workload(name, shape, batch)
   cfg = dpsgd.DPSGDConfig(clip_norm=1.0, noise_multiplier=1.0, batch_size=batch,
                           per_layer=per_layer, clipping=clipping, sampling="fixed")
   tx = dpsgd.dp_optimizer(cfg, optax.sgd(0.1), key=jax.random.key(1))

@@ -29,6 +29,14 @@ def test_bench_fl_round_quick_prints_result_line():
   assert ratio > 0
 
 
+@pytest.mark.slow  # a benchmark's smoke test (about 40 s)
+def test_bench_ghost_quick_prints_result_line_and_equal_steps():
+  lines = run_script("bench_ghost.py", "--quick", "--repeats", "1").strip().splitlines()
+  assert lines[-1].startswith("RESULT bench_ghost speedup=")
+  diffs = [float(line.split()[-1]) for line in lines if line.split()[0] in ("lenet", "cnn")]
+  assert len(diffs) == 4 and max(diffs) < 1e-5  # ghost and vmap step to the same params
+
+
 @pytest.mark.slow  # a benchmark's smoke test (about 30 s)
 def test_bench_dpsgd_quick_prints_result_line():
   last = run_script("bench_dpsgd.py", "--quick", "--repeats", "1").strip().splitlines()[-1]
