@@ -155,3 +155,23 @@ def test_bench_generative_attacks_quick_prints_result_line():
   last = run_script("bench_generative_attacks.py", "--quick", "--victims", "1", "--steps", "2",
                     "--loop_runs", "1").strip().splitlines()[-1]
   assert last.startswith("RESULT bench_generative_attacks ratio=")
+
+
+def test_bench_vs_torch_without_its_peers_says_how_to_install_them(monkeypatch, capsys):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_vs_torch", ROOT / "scripts" / "bench_vs_torch.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  monkeypatch.setitem(sys.modules, "opacus", None)  # import opacus raises ImportError
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--quick"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "pip install -e '.[peers]'" in err[0] and "torch==2.13.0" in err[0]
+
+
+@pytest.mark.slow  # the peer benchmark's smoke test, where the peers extra is installed
+def test_bench_vs_torch_quick_prints_result_line():
+  pytest.importorskip("opacus", reason="the peers extra is not installed")
+  last = run_script("bench_vs_torch.py", "--quick", "--repeats", "1", "--rounds", "1")
+  assert last.strip().splitlines()[-1].startswith("RESULT bench_vs_torch dp_ratio=")
