@@ -14,6 +14,7 @@ noise).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 
@@ -26,12 +27,12 @@ class PeersMissing(ImportError):
 
 def require() -> None:
   """Raises `PeersMissing` with the install command when torch or opacus is missing."""
-  try:
-    import opacus  # noqa: F401
-    import torch  # noqa: F401
-  except ImportError as e:
-    raise PeersMissing(f"the peer benchmark needs torch and opacus ({e.name} is missing): "
-                       f"{INSTALL}") from None
+  for name in ("torch", "opacus"):
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      raise PeersMissing(f"the peer benchmark needs torch and opacus ({name} is missing): "
+                         f"{INSTALL}") from None
 
 
 def model(name: str, shape: tuple[int, int, int], num_classes: int = 10):
