@@ -65,7 +65,6 @@ class GhostUnsupported(Exception):
 class _Layer:
   path: Path
   module: nn.Module       # the bound module as called (its attributes, for the patches)
-  calls: int = 0
 
 
 def _direct(tree: Any) -> dict[str, Any]:
@@ -105,11 +104,10 @@ def _record(loss_fn, params, batch: Batch, key: jax.Array, perts: dict | None,
       if not isinstance(out, jax.Array):
         raise GhostUnsupported(f"{type(module).__name__} at {'/'.join(path)} returns "
                                f"{type(out).__name__}, not one array")
-      layer = layers.setdefault(path, _Layer(path, module))
-      layer.calls += 1
-      if layer.calls > 1 or path in inputs:  # weights shared between calls: counted below
+      if path in inputs:  # weights shared between calls: its row gradient sums them
         raise GhostUnsupported(f"{type(module).__name__} at {'/'.join(path)} is called "
                                f"more than once")
+      layers.setdefault(path, _Layer(path, module))
       inputs[path] = args[0]
       return out if z is None else out + z[path]
 
@@ -264,7 +262,7 @@ def chunk_sum(loss_fn, params, batch: Batch, key: jax.Array, *, clip_norm: float
   total = params
   for path, layer in layers.items():
     sub = _get(params, path)
-    a, g = (jnp.where(_rows(keep > 0, x), x, 0.0) for x in (inputs[path], outgrads[path]))
+    a, g = (jnp.where(clipping._expand(keep > 0, x), x, 0.0) for x in (inputs[path], outgrads[path]))
     total = _set(total, path, _weighted(layer, sub, a, g, {
         leaf: weights[path + (leaf,)] for leaf in _direct(sub)}))
   finite_valid = valid & finite
@@ -276,10 +274,6 @@ def chunk_sum(loss_fn, params, batch: Batch, key: jax.Array, *, clip_norm: float
       "loss_sum": jnp.where(finite_valid, losses, 0.0).sum(),
   }
   return total, metrics
-
-
-def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
-  return jnp.reshape(v, v.shape + (1,) * (like.ndim - 1))
 
 
 def clipped_grad_sum(loss_fn, params, batch: Batch, key: jax.Array, *, clip_norm: float | Any,
@@ -317,7 +311,7 @@ def _weighted(layer: _Layer, sub: dict, a: jax.Array, g: jax.Array,
   a1, g1 = a.reshape((b,) + a.shape[2:]), g.reshape((b,) + g.shape[2:])
   clone = m.clone(parent=None)
   kernel = jax.vjp(lambda k: clone.apply({"params": {**sub, "kernel": k}}, a1), own["kernel"]
-                   )[1](_rows(weights["kernel"], g1) * g1)[0]
+                   )[1](clipping._expand(weights["kernel"], g1) * g1)[0]
   out = {"kernel": kernel}
   if "bias" in own:
     per_row = jnp.sum(g1.reshape(b, -1, g1.shape[-1]), 1)
