@@ -35,6 +35,15 @@ def require() -> None:
                          f"{INSTALL}") from None
 
 
+def versions() -> str:
+  """One line: the frameworks' versions, backend and torch's thread count."""
+  import jax
+  import opacus
+  import torch
+  return (f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), opacus {opacus.__version__}")
+
+
 def model(name: str, shape: tuple[int, int, int], num_classes: int = 10):
   """The torch twin of `fljax.models.make(name, ...)` for `shape = (H, W, C)`."""
   from torch import nn

@@ -38,3 +38,83 @@ def classifier_workload(name: str, shape: tuple[int, int, int], batch: int,
                y=jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
                mask=jnp.ones((batch,)))
   return model, model.init(jax.random.key(0)), fed.make_loss_fn(model.apply), data
+
+
+ANSWER = "@timing "
+
+
+def serve(variants: dict[str, Callable[[], object]], out=None) -> None:
+  """A timing worker's loop (`Worker` runs one per framework, in its own process).
+
+  Warms every variant up (compiles), writes their names as one JSON line, then answers
+  each stdin line `<name> <n>` with one JSON line: the `n` calls' milliseconds. Its
+  answers start with `ANSWER`; whatever else the process prints goes to stderr.
+  """
+  import json
+  import os
+  import sys
+  if out is None:  # answer on the real stdout; anything else printed goes to stderr
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+  for fn in variants.values():
+    fn()
+  print(ANSWER + json.dumps(list(variants)), file=out, flush=True)
+  for line in sys.stdin:
+    name, n = line.rsplit(" ", 1)
+    times = []
+    for _ in range(int(n)):
+      t0 = time.perf_counter()
+      variants[name]()
+      times.append(1e3 * (time.perf_counter() - t0))
+    print(ANSWER + json.dumps(times), file=out, flush=True)
+
+
+class Worker:
+  """A child process that runs `serve` (its command line is `argv`): one framework's
+  steps timed apart from the others', so that no framework's thread pool, still spinning
+  after its last call, slows another's next one."""
+
+  def __init__(self, argv: list[str]):
+    import subprocess
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+    self.argv = argv
+    self.variants = self._answer()
+
+  def _answer(self):
+    import json
+    import sys
+    for line in self.proc.stdout:
+      if line.startswith(ANSWER):
+        return json.loads(line[len(ANSWER):])
+      print(line, end="", file=sys.stderr)  # printed before serve() took over stdout
+    raise RuntimeError(f"timing worker {' '.join(self.argv)} exited with code "
+                       f"{self.proc.wait()} before it answered (see its output above)")
+
+  def run(self, name: str, n: int) -> list[float]:
+    """Milliseconds of `n` calls of variant `name`."""
+    self.proc.stdin.write(f"{name} {n}\n")
+    self.proc.stdin.flush()
+    return self._answer()
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def round_robin(workers: list[Worker], repeats: int, rounds: int, settle: float = 0.5
+                ) -> dict[str, tuple[float, float, float]]:
+  """`{variant: (median ms over all calls, min and max of the round medians)}`.
+
+  Each round runs `repeats` calls of every variant of every worker in turn, pausing
+  `settle` seconds whenever it switches worker (idle thread pools stop spinning).
+  """
+  calls, medians = {}, {}
+  for _ in range(rounds):
+    for worker in workers:
+      time.sleep(settle)
+      for name in worker.variants:
+        ts = worker.run(name, repeats)
+        calls.setdefault(name, []).extend(ts)
+        medians.setdefault(name, []).append(statistics.median(ts))
+  return {k: (statistics.median(calls[k]), min(medians[k]), max(medians[k])) for k in calls}

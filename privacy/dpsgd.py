@@ -165,29 +165,23 @@ StepFn = Callable[[Params, optax.OptState, Batch, jax.Array],
                   tuple[Params, optax.OptState, dict[str, jax.Array]]]
 
 
-def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransformation,
-              n: int, *, private: bool = True) -> StepFn:
-  """`step(params, opt_state, data, key) -> (params, opt_state, metrics)` on n examples.
+def make_batch_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransformation,
+                    *, private: bool = True) -> StepFn:
+  """`step(params, opt_state, batch, key) -> (params, opt_state, metrics)` on one given
+  batch (no sampling: `make_step` samples, then calls this; benchmarks time it directly).
 
-  `data` is the whole training set as a `Batch` (mask all ones); each step samples from
-  it. With `private=True`, `optimizer` must be `dp_optimizer(cfg, ...)`: the step feeds
-  it the clipped sum. With `private=False` (the non-private baseline) it feeds the
-  plain mean gradient of the same sampled batch.
-
-  Metrics: `loss` (mean over the batch), `batch_size` (realised), `truncated`, and for
-  the private step `nonfinite` (examples dropped), `clipped_fraction`, `grad_norm`.
-  These are diagnostics computed from the raw batch: the DP guarantee covers the
-  parameters, not them (don't publish them as private).
+  With `private=True`, `optimizer` must be `dp_optimizer(cfg, ...)`: the step feeds it the
+  sum of the examples' gradients, each clipped by `cfg.clipping` (`CLIPPING`). With
+  `private=False` it feeds the plain mean gradient. Metrics: `loss` (mean over the
+  batch), `batch_size` (realised), and for the private step `nonfinite` (examples
+  dropped), `clipped_fraction`, `grad_norm`: diagnostics of the raw batch, not private.
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def step(params, opt_state, data, key):
-    sample_key, loss_key = jax.random.split(key)
-    idx, mask, truncated = sample_batch(n, cfg, key=sample_key)
-    batch = Batch(x=data.x[idx], y=data.y[idx], mask=mask * data.mask[idx])
+  def step(params, opt_state, batch, key):
     if private:
       grads, m = CLIPPING[cfg.clipping](
-          loss_fn, params, batch, loss_key, clip_norm=cfg.clip_norm, per_layer=cfg.per_layer,
+          loss_fn, params, batch, key, clip_norm=cfg.clip_norm, per_layer=cfg.per_layer,
           microbatch_size=cfg.microbatch_size)
       count = m["count"]
       metrics = {"loss": m["loss_sum"] / jnp.maximum(count - m["nonfinite"], 1.0),
@@ -195,12 +189,37 @@ def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransf
                  "clipped_fraction": m["clipped"] / jnp.maximum(count, 1.0),
                  "grad_norm": m["grad_norm"]}
     else:
-      grads, aux = grad_fn(params, batch, loss_key)
+      grads, aux = grad_fn(params, batch, key)
       count = aux["count"]
       metrics = {"loss": aux["loss_sum"] / jnp.maximum(count, 1.0)}
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics.update(batch_size=count, truncated=truncated.astype(jnp.float32))
+    metrics.update(batch_size=count)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
+
+
+def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransformation,
+              n: int, *, private: bool = True) -> StepFn:
+  """`step(params, opt_state, data, key) -> (params, opt_state, metrics)` on n examples.
+
+  `data` is the whole training set as a `Batch` (mask all ones); each step samples from
+  it (`sample_batch`) and runs `make_batch_step` on the sample: with `private=True`,
+  `optimizer` must be `dp_optimizer(cfg, ...)`; with `private=False` (the non-private
+  baseline) the step takes the plain mean gradient of the same sampled batch.
+
+  Metrics: `make_batch_step`'s, and `truncated`. These are diagnostics computed from the
+  raw batch: the DP guarantee covers the parameters, not them (don't publish them as
+  private).
+  """
+  batch_step = make_batch_step(loss_fn, cfg, optimizer, private=private)
+
+  def step(params, opt_state, data, key):
+    sample_key, loss_key = jax.random.split(key)
+    idx, mask, truncated = sample_batch(n, cfg, key=sample_key)
+    batch = Batch(x=data.x[idx], y=data.y[idx], mask=mask * data.mask[idx])
+    params, opt_state, metrics = batch_step(params, opt_state, batch, loss_key)
+    metrics.update(truncated=truncated.astype(jnp.float32))
     return params, opt_state, metrics
 
   return step

@@ -47,21 +47,12 @@ def workload(name, shape, batch, repeats, loop_rows):
   cfg = dpsgd.DPSGDConfig(clip_norm=1.0, noise_multiplier=1.0, batch_size=batch)
   sgd = optax.sgd(0.1)
   private = dpsgd.dp_optimizer(cfg, sgd, key=jax.random.key(1))
-
-  @jax.jit
-  def plain_step(p, s):
-    g, _ = jax.grad(loss_fn, has_aux=True)(p, data, None)
-    u, s = sgd.update(g, s, p)
-    return optax.apply_updates(p, u), s
+  key = jax.random.key(2)
+  plain_step = jax.jit(dpsgd.make_batch_step(loss_fn, cfg, sgd, private=False))
 
   def dp_step_fn(micro):
-    @jax.jit
-    def dp_step(p, s):
-      total, _ = clipping.clipped_grad_sum(loss_fn, p, data, jax.random.key(2), clip_norm=1.0,
-                                           microbatch_size=micro)
-      u, s = private.update(total, s, p)
-      return optax.apply_updates(p, u), s
-    return dp_step
+    return jax.jit(dpsgd.make_batch_step(
+        loss_fn, dataclasses.replace(cfg, microbatch_size=micro), private))
 
   one_grad = jax.jit(lambda p, b: clipping.clip_rows(
       jax.tree.map(lambda g: g[None], jax.grad(lambda q: loss_fn(q, b, None)[0])(p)), 1.0)[0])
@@ -76,11 +67,10 @@ def workload(name, shape, batch, repeats, loop_rows):
       total = add(total, one_grad(p, b))
     return finish(p, s, total)
 
-  t_plain = timed(lambda: jax.block_until_ready(plain_step(params, sgd.init(params))), repeats)
-  whole = dp_step_fn(0)
-  t_dp = timed(lambda: jax.block_until_ready(whole(params, private.init(params))), repeats)
-  micro = dp_step_fn(16)
-  t_micro = timed(lambda: jax.block_until_ready(micro(params, private.init(params))), repeats)
+  t_plain = timed(lambda: jax.block_until_ready(plain_step(params, sgd.init(params), data, key)),
+                  repeats)
+  t_dp, t_micro = (timed(lambda f=dp_step_fn(m): jax.block_until_ready(
+      f(params, private.init(params), data, key)), repeats) for m in (0, 16))
   # The loop's cost is linear in rows: time loop_rows of them and scale to the batch.
   t_loop = timed(lambda: jax.block_until_ready(loop_step(params, private.init(params))),
                  max(1, repeats // 2)) * batch / loop_rows

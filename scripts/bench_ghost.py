@@ -46,16 +46,10 @@ def dp_step(name, shape, batch, clipping, per_layer):
   cfg = dpsgd.DPSGDConfig(clip_norm=1.0, noise_multiplier=1.0, batch_size=batch,
                           per_layer=per_layer, clipping=clipping, sampling="fixed")
   tx = dpsgd.dp_optimizer(cfg, optax.sgd(0.1), key=jax.random.key(1))
-  clip = dpsgd.CLIPPING[clipping]
-
-  @jax.jit
-  def step(p, s):
-    total, _ = clip(loss_fn, p, data, jax.random.key(2), clip_norm=1.0, per_layer=per_layer)
-    u, s = tx.update(total, s, p)
-    return optax.apply_updates(p, u), s
-
-  state = tx.init(params)
-  return (lambda: jax.block_until_ready(step(params, state))), step(params, state)[0]
+  step = jax.jit(dpsgd.make_batch_step(loss_fn, cfg, tx))
+  state, key = tx.init(params), jax.random.key(2)
+  return (lambda: jax.block_until_ready(step(params, state, data, key))), step(
+      params, state, data, key)[0]
 
 
 def main(argv=None):
