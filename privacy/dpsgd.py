@@ -56,8 +56,9 @@ class DPSGDConfig:
       size, capped at n; equal to n means no truncation).
     per_layer: clip each parameter tensor to C / sqrt(L) instead of the whole gradient.
     microbatch_size: per-example gradients computed this many at a time (0: all at once).
-    clipping: how the per-example norms are found: 'vmap' (per-example gradients) or
-      'ghost' (from each layer's input and output gradient, `privacy.ghost`; the same sum).
+    clipping: how the per-example norms are found: 'vmap' (per-example gradients),
+      'ghost' (from each layer's input and output gradient, `privacy.ghost`; the same sum)
+      or 'auto' (the default: ghost where it covers the model, else vmap).
   """
 
   clip_norm: float = 1.0
@@ -67,7 +68,7 @@ class DPSGDConfig:
   max_batch_size: int = 0
   per_layer: bool = False
   microbatch_size: int = 0
-  clipping: str = dataclasses.field(default="vmap", metadata={"choices": tuple(CLIPPING)})
+  clipping: str = dataclasses.field(default="auto", metadata={"choices": tuple(CLIPPING)})
 
   def __post_init__(self):
     accounting.check_clip_norm(self.clip_norm)

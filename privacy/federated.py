@@ -184,7 +184,7 @@ def local_dp_event(noise_multiplier: float) -> dp_event.DpEvent:
 
 def make_dpsgd_client_update(loss_fn: LossFn, cfg: fed.FedConfig, *, clip_norm: float,
                              noise_multiplier: float, per_layer: bool = False,
-                             clipping: str = "vmap") -> fed.ClientUpdateFn:
+                             clipping: str = "auto") -> fed.ClientUpdateFn:
   """Record-level DP: each client trains with DP-SGD; `client_update(params, data, key)`.
 
   A client with n_i examples takes s_i = E * ceil(n_i / B) local steps (FedAvg; one step

@@ -95,8 +95,9 @@ class PrivacyConfig:
     clip_lr: adaptive clipping's geometric learning rate.
     count_noise_multiplier: adaptive clipping's sigma_b (none: expected clients / 20).
     per_layer: dpsgd clips each parameter tensor to C / sqrt(L).
-    clipping: dpsgd's per-example norms: vmap (per-example gradients) or ghost (from each
-      layer's input and output gradient, `privacy.ghost`; the same clipped sum).
+    clipping: dpsgd's per-example norms: vmap (per-example gradients), ghost (from each
+      layer's input and output gradient, `privacy.ghost`; the same clipped sum) or auto
+      (ghost where it covers the model, else vmap; the default).
     prune_fraction: prune: fraction of update entries zeroed.
     quantize: quantize: fp16 or int8.
     secagg_clip: secagg without DP: each update coordinate is clipped to [-c, c] before
@@ -147,7 +148,8 @@ class PrivacyConfig:
   clip_lr: float = 0.2
   count_noise_multiplier: float | None = None
   per_layer: bool = False
-  clipping: str = dataclasses.field(default="vmap", metadata={"choices": ("vmap", "ghost")})
+  clipping: str = dataclasses.field(default="auto",
+                                    metadata={"choices": ("auto", "vmap", "ghost")})
   prune_fraction: float = 0.9
   quantize: str = "int8"
   secagg_clip: float = 1.0
@@ -173,8 +175,8 @@ class PrivacyConfig:
       raise ValueError(f"privacy.mechanism must be one of {MECHANISM_NAMES}, got {self.mechanism!r}")
     accounting.check_delta(self.delta)
     accounting.check_clip_norm(self.clip_norm)
-    if self.clipping not in ("vmap", "ghost"):
-      raise ValueError(f"privacy.clipping must be vmap or ghost, got {self.clipping!r}")
+    if self.clipping not in ("auto", "vmap", "ghost"):
+      raise ValueError(f"privacy.clipping must be auto, vmap or ghost, got {self.clipping!r}")
     if self.noise_multiplier is not None:
       accounting.check_noise_multiplier(self.noise_multiplier)
     if self.target_epsilon is not None and not self.target_epsilon > 0:

@@ -108,9 +108,12 @@ def test_participation_matches_the_round_sampling():
   assert set(np.flatnonzero(taken[2])) == set(np.asarray(idx))
 
 
-@pytest.mark.parametrize("batching", ["vmap", "map"])
-def test_private_rounds_on_four_devices_equal_one(batching):
-  """Record-level client DP-SGD, local DP and DP-FedAvg give the same round sharded."""
+@pytest.mark.parametrize("batching,clipping", [("vmap", "vmap"), ("map", "vmap"),
+                                               ("vmap", "ghost"), ("map", "ghost")])
+def test_private_rounds_on_four_devices_equal_one(batching, clipping):
+  """Record-level client DP-SGD, local DP and DP-FedAvg give the same round sharded (with
+  ghost norms too: their zero perturbations must vary over the mesh, or their gradients
+  are summed over it)."""
   rng = np.random.default_rng(1)
   sizes = [5, 9, 3, 6, 8, 2]
   x = rng.random((sum(sizes), 4, 4, 1), dtype=np.float32)
@@ -121,7 +124,8 @@ def test_private_rounds_on_four_devices_equal_one(batching):
   params = model.init(jax.random.key(3))
   cfg = fed.FedConfig(clients_per_round=0.5, local_batch_size=3, client_batching=batching)
   client_update = pfed.make_dpsgd_client_update(fed.make_loss_fn(model.apply), cfg,
-                                                clip_norm=0.5, noise_multiplier=1.0)
+                                                clip_norm=0.5, noise_multiplier=1.0,
+                                                clipping=clipping)
   aggregate = pfed.dp_fedavg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=3.0)
   results = []
   for mesh in (None, fed.make_mesh(4)):

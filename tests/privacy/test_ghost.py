@@ -89,3 +89,19 @@ def test_a_layer_it_cannot_cover_falls_back_with_one_warning_naming_it():
   assert len(caught) == 1
   want, _ = clipping.clipped_grad_sum(loss_fn, params, batch, jax.random.key(2), clip_norm=1.0)
   _close(total, want)
+
+
+def test_auto_takes_ghost_norms_where_they_cover_the_model_and_vmap_silently_elsewhere():
+  loss_fn, params, batch = _setup("cnn")
+  key = jax.random.key(3)
+  auto, _ = ghost.CLIPPING["auto"](loss_fn, params, batch, key, clip_norm=0.5)
+  _close(auto, ghost.clipped_grad_sum(loss_fn, params, batch, key, clip_norm=0.5)[0])
+  model = models.Model(_Shared(), (4, 4, 1))
+  params = model.init(jax.random.key(0))
+  loss_fn = fed.make_loss_fn(model.apply)
+  batch = Batch(x=jax.random.uniform(jax.random.key(1), (3, 4, 4, 1)),
+                y=jnp.array([0, 1, 2]), mask=jnp.ones(3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", ghost.GhostWarning)  # 'auto' falls back without one
+    total, _ = ghost.CLIPPING["auto"](loss_fn, params, batch, key, clip_norm=1.0)
+  _close(total, clipping.clipped_grad_sum(loss_fn, params, batch, key, clip_norm=1.0)[0])
