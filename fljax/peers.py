@@ -117,3 +117,78 @@ def steps(name: str, shape: tuple[int, int, int], batch: int, num_classes: int =
       params[k] = params[k] - 0.1 * total / batch
 
   return {"torch": plain_step, "opacus": opacus_step, "torch.func": func_step}
+
+
+def load_flax_lenet(net, params) -> None:
+  """Copies the flax LeNet's `params` (`fljax.models`, NHWC) into its torch twin `net`
+  (NCHW): conv kernels HWIO -> OIHW, and the dense kernel's rows from (H, W, C) order to
+  torch's flattening order (C, H, W)."""
+  import numpy as np
+  import torch
+  convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+  dense = [m for m in net if isinstance(m, torch.nn.Linear)][-1]
+  with torch.no_grad():
+    for i, conv in enumerate(convs):
+      p = params[f"Conv_{i}"]
+      conv.weight.copy_(torch.from_numpy(np.array(p["kernel"]).transpose(3, 2, 0, 1).copy()))
+      conv.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+    kernel = np.asarray(params["Dense_0"]["kernel"])  # [H * W * C, classes]
+    c = convs[-1].out_channels
+    hw = int(round((kernel.shape[0] // c) ** 0.5))
+    kernel = kernel.reshape(hw, hw, c, -1).transpose(2, 0, 1, 3).reshape(kernel.shape[0], -1)
+    dense.weight.copy_(torch.from_numpy(kernel.T.copy()))
+    dense.bias.copy_(torch.from_numpy(np.array(params["Dense_0"]["bias"])))
+
+
+def original_dlg(net, image, label: int, *, steps: int = 300, threshold: float = 30.0,
+                 seed: int = 0) -> dict[str, float]:
+  """The original DLG attack (Zhu et al. 2019, the authors' torch code, mit-han-lab/dlg):
+  random image and label logits, `torch.optim.LBFGS` (lr 1, its defaults) on the summed
+  squared gradient difference of soft-label cross-entropy, `steps` optimiser steps. It
+  stops early when the reconstruction (clipped to [0, 1]) reaches `threshold` dB PSNR,
+  checked after every step, as `studies.convergence` does for fljax's attacks.
+
+  `image`: [H, W, C] in [0, 1] (numpy); `net`: a torch twin (`model`) with its weights
+  set. Returns evaluations (closure calls) and seconds until it converged or ended, the
+  best PSNR, and whether it converged.
+  """
+  import math
+  import time
+
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  def soft_ce(pred, target):
+    return torch.mean(torch.sum(-target * F.log_softmax(pred, dim=-1), 1))
+
+  classes = net[-1].out_features
+  x = torch.from_numpy(np.ascontiguousarray(np.transpose(image, (2, 0, 1))[None]))
+  onehot = F.one_hot(torch.tensor([label]), classes).float()
+  params = list(net.parameters())
+  true = [g.detach() for g in torch.autograd.grad(soft_ce(net(x), onehot), params)]
+  gen = torch.Generator().manual_seed(seed)
+  dummy = torch.randn(x.shape, generator=gen).requires_grad_(True)
+  logits = torch.randn(onehot.shape, generator=gen).requires_grad_(True)
+  opt = torch.optim.LBFGS([dummy, logits])
+  evals, best, t0 = 0, -math.inf, time.perf_counter()
+
+  def closure():
+    nonlocal evals
+    evals += 1
+    opt.zero_grad()
+    loss = soft_ce(net(dummy), F.softmax(logits, dim=-1))
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    diff = sum(((g - t) ** 2).sum() for g, t in zip(grads, true))
+    diff.backward()
+    return diff
+
+  for _ in range(steps):
+    opt.step(closure)
+    with torch.no_grad():
+      mse = float(torch.mean((dummy.clamp(0, 1) - x) ** 2))
+    best = max(best, 10 * math.log10(1 / max(mse, 1e-12)))
+    if best >= threshold:
+      break
+  return {"evaluations": evals, "seconds": time.perf_counter() - t0, "best_psnr": best,
+          "converged": best >= threshold}

@@ -157,9 +157,11 @@ def test_bench_generative_attacks_quick_prints_result_line():
   assert last.startswith("RESULT bench_generative_attacks ratio=")
 
 
-def test_bench_vs_torch_without_its_peers_says_how_to_install_them(monkeypatch, capsys):
+@pytest.mark.parametrize("script", ["bench_vs_torch", "bench_attack_vs_torch"])
+def test_peer_benchmarks_without_their_peers_say_how_to_install_them(monkeypatch, capsys,
+                                                                     script):
   import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_vs_torch", ROOT / "scripts" / "bench_vs_torch.py")
+  spec = importlib.util.spec_from_file_location(script, ROOT / "scripts" / f"{script}.py")
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   monkeypatch.setitem(sys.modules, "opacus", None)  # import opacus raises ImportError
@@ -175,3 +177,25 @@ def test_bench_vs_torch_quick_prints_result_line():
   pytest.importorskip("opacus", reason="the peers extra is not installed")
   last = run_script("bench_vs_torch.py", "--quick", "--repeats", "1", "--rounds", "1")
   assert last.strip().splitlines()[-1].startswith("RESULT bench_vs_torch dp_ratio=")
+
+
+def test_the_torch_lenet_twin_takes_the_flax_weights():
+  torch = pytest.importorskip("torch", reason="the peers extra is not installed")
+  import jax
+  import numpy as np
+
+  from fljax import models, peers
+  model = models.make("lenet", num_classes=10, input_shape=(32, 32, 3), init="uniform")
+  params = model.init(jax.random.key(1))
+  x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+  net = peers.model("lenet", (32, 32, 3), 10)
+  peers.load_flax_lenet(net, params)
+  theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
+  np.testing.assert_allclose(theirs, np.asarray(model.apply(params, x)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # the attack peer benchmark's smoke test, where the peers extra is installed
+def test_bench_attack_vs_torch_quick_prints_result_line():
+  pytest.importorskip("opacus", reason="the peers extra is not installed")
+  last = run_script("bench_attack_vs_torch.py", "--quick")
+  assert last.strip().splitlines()[-1].startswith("RESULT bench_attack_vs_torch ratio=")

@@ -1,0 +1,100 @@
+"""Benchmark: fljax's iDLG against the original torch DLG, wall seconds per converged victim.
+
+DLG's setting (`studies.convergence`): its LeNet, untrained, weights uniform(-0.5, 0.5);
+one FedSGD gradient of one 32x32x3 photo (the `photos` test crops); a victim converges when
+its reconstruction reaches 30 dB, and stops there. fljax runs iDLG with L-BFGS and the
+periodic restart (every 1,500 evaluations, budget 3,000), each seed's victims in one
+compiled computation (`studies.convergence.run_optimizer`; its seconds include
+compilation). torch runs the authors' DLG (`fljax.peers.original_dlg`: L-BFGS, 300 steps)
+on the same images with the same weights (copied), one victim after the other, after fljax
+is done (never both at once).
+
+  pip install -e '.[peers]'          # torch==2.13.0 (CPU) and opacus==1.6.0
+  python scripts/bench_attack_vs_torch.py [--quick]
+
+Ends with `RESULT bench_attack_vs_torch ratio=<torch s / fljax s per converged victim>
+fljax_s=<fljax s per converged victim> torch_s=<torch's>`.
+"""
+
+import dataclasses
+import sys
+import time
+
+import jax
+import numpy as np
+
+from fljax import config as config_lib
+from fljax import datasets, models, peers
+from inversion import engine
+from inversion.specs import DataSpec
+from studies import convergence
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: 2 victims, fljax budget 200, torch 10 steps (seconds; a smoke test).
+    victims: victims per seed.
+    seeds: seeds (each: the model's weights, the victims, the attacks' starts).
+  """
+
+  quick: bool = False
+  victims: int = 16
+  seeds: tuple[int, ...] = (0,)
+
+  def __post_init__(self):
+    if self.victims < 1 or not self.seeds:
+      raise ValueError("--victims must be >= 1 and --seeds must name at least one seed")
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
+  try:
+    peers.require()
+  except peers.PeersMissing as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  victims = 2 if args.quick else args.victims
+  cfg = convergence.ConvergenceConfig(
+      optimizers=("lbfgs",), victims=victims, seeds=args.seeds,
+      budget=200 if args.quick else 3000, restart=True, restart_after=1500)
+  ours = convergence.run_optimizer("lbfgs", cfg, log=lambda line: None)
+  fl_conv = sum(0 <= f <= cfg.budget for f in ours["first"])
+  time.sleep(1.0)
+
+  ds = datasets.load(cfg.data)
+  model = models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape,
+                      init="uniform")
+  net = peers.model("lenet", ds.image_shape, ds.num_classes)
+  theirs = []
+  for seed in cfg.seeds:  # the victims and weights of studies.convergence, seed by seed
+    key = jax.random.key(seed)
+    data = DataSpec(name=cfg.data, image_size=None, channels=None)
+    vs = engine.load_victims(data, victims, 1, key=jax.random.fold_in(key, 0))
+    peers.load_flax_lenet(net, model.init(jax.random.fold_in(key, 1)))
+    for i in range(victims):
+      theirs.append(peers.original_dlg(net, np.asarray(vs.x[i, 0]), int(vs.y[i, 0]),
+                                       steps=10 if args.quick else 300, seed=1000 * seed + i))
+  th_conv = sum(r["converged"] for r in theirs)
+  th_s = sum(r["seconds"] for r in theirs)
+  n = len(theirs)
+  fl_per = ours["seconds"] / fl_conv if fl_conv else float("inf")
+  th_per = th_s / th_conv if th_conv else float("inf")
+  print(f"{n} victims ({', '.join(map(str, cfg.seeds))} seeds x {victims}), 32x32x3 photos, "
+        f"DLG's LeNet; jax {jax.__version__} ({jax.default_backend()}), {peers.versions()}")
+  print(f"{'attack':>28} {'converged':>9} {'median evals':>12} {'seconds':>8} {'s / converged':>13}")
+  fl_evals = [f for f in ours["first"] if 0 <= f <= cfg.budget]
+  th_evals = [r["evaluations"] for r in theirs if r["converged"]]
+  for name, conv, evals, secs, per in (
+      ("fljax iDLG (L-BFGS+restart)", fl_conv, fl_evals, ours["seconds"], fl_per),
+      ("torch DLG (original)", th_conv, th_evals, th_s, th_per)):
+    med = f"{np.median(evals):.0f}" if evals else "-"
+    print(f"{name:>28} {conv:>4}/{n:<4} {med:>12} {secs:8.1f} {per:13.2f}")
+  print(f"RESULT bench_attack_vs_torch ratio={th_per / fl_per:.2f} fljax_s={fl_per:.2f} "
+        f"torch_s={th_per:.2f}")
+
+
+if __name__ == "__main__":
+  main()
