@@ -72,12 +72,13 @@ def serve(variants: dict[str, Callable[[], object]], out=None) -> None:
 class Worker:
   """A child process that runs `serve` (its command line is `argv`): one framework's
   steps timed apart from the others', so that no framework's thread pool, still spinning
-  after its last call, slows another's next one."""
+  after its last call, slows another's next one. `env`: the child's environment (none:
+  this process's), e.g. XLA flags that only one variant should run under."""
 
-  def __init__(self, argv: list[str]):
+  def __init__(self, argv: list[str], env: dict[str, str] | None = None):
     import subprocess
     self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True)
+                                 text=True, env=env)
     self.argv = argv
     self.variants = self._answer()
 

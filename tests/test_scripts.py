@@ -199,3 +199,9 @@ def test_bench_attack_vs_torch_quick_prints_result_line():
   pytest.importorskip("opacus", reason="the peers extra is not installed")
   last = run_script("bench_attack_vs_torch.py", "--quick")
   assert last.strip().splitlines()[-1].startswith("RESULT bench_attack_vs_torch ratio=")
+
+
+@pytest.mark.slow  # two worker processes, each compiling both models
+def test_bench_cpu_split_quick_prints_result_line():
+  last = run_script("bench_cpu_split.py", "--quick")
+  assert last.strip().splitlines()[-1].startswith("RESULT bench_cpu_split speedup=")

@@ -1,0 +1,103 @@
+"""Benchmark: the non-private step split into one independent slice per core, each op on
+one thread, against the ordinary step (XLA's threads inside each op) on this CPU.
+
+On a CPU, XLA runs each op of a small model on all cores, and pays for the hand-offs. With
+`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` each op runs on one thread, and XLA runs
+independent ops concurrently; the step below computes the gradient of each of `--slices`
+slices of the batch separately (unrolled, so they are independent) and sums them
+(`slice_step`: the same gradient, summation order aside). Each variant runs in its own
+worker process (the flag is per process), round robin (`fljax.timing.round_robin`), on
+DLG's LeNet (32x32x3, batch 64) and the MNIST CNN (28x28x1, batch 256).
+
+  python scripts/bench_cpu_split.py [--quick]
+
+Ends with `RESULT bench_cpu_split speedup=<ordinary ms / split ms, worst model>`. A
+measurement, not yet a default: the flag is process-wide and slows any computation that is
+not split.
+"""
+
+import dataclasses
+import os
+import sys
+
+from fljax import config as config_lib
+from fljax.timing import Worker, classifier_workload, round_robin, serve
+
+FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+  """The benchmark's sizes.
+
+  Attributes:
+    quick: batches of 16 and 32, 2 rounds of 3 calls (seconds).
+    slices: slices of the batch (none: the number of cores).
+    worker: internal: serve one variant (ordinary or split) to the parent.
+  """
+
+  quick: bool = False
+  slices: int | None = None
+  worker: str = ""
+
+  def __post_init__(self):
+    if self.slices is not None and self.slices < 1:
+      raise ValueError(f"--slices must be >= 1, got {self.slices}")
+    if self.worker not in ("", "ordinary", "split"):
+      raise ValueError(f"--worker must be ordinary or split, got {self.worker!r}")
+
+
+def slice_step(loss_fn, slices):
+  """A jitted SGD step whose mean gradient is the count-weighted sum of `slices` slices'."""
+  import jax
+  import optax
+  sgd = optax.sgd(0.1)
+
+  def grad(p, d):
+    n = d.mask.shape[0] // slices
+    parts = [jax.tree.map(lambda a, i=i: a[i * n:(i + 1) * n], d) for i in range(slices)]
+    total = sum(part.mask.sum() for part in parts)
+    gs = [jax.tree.map(lambda g, c=part.mask.sum(): g * c / total,
+                       jax.grad(lambda q, b=part: loss_fn(q, b, None)[0])(p)) for part in parts]
+    return jax.tree.map(lambda *g: sum(g), *gs)
+
+  return jax.jit(lambda p, s, d: (lambda u: optax.apply_updates(p, u[0]))(
+      sgd.update(grad(p, d), s, p))), sgd
+
+
+def main(argv=None):
+  args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
+  cases = [("lenet", (32, 32, 3), 16 if args.quick else 64),
+           ("cnn", (28, 28, 1), 32 if args.quick else 256)]
+  slices = args.slices or os.cpu_count() or 1
+  if args.worker:
+    import jax
+    fns = {}
+    for name, shape, batch in cases:
+      _, params, loss_fn, data = classifier_workload(name, shape, batch)
+      step, sgd = slice_step(loss_fn, slices if args.worker == "split" else 1)
+      state = sgd.init(params)
+      fns[f"{name} {args.worker}"] = lambda step=step, p=params, s=state, d=data: (
+          jax.block_until_ready(step(p, s, d)))
+    serve(fns)
+    return
+  command = [sys.executable, __file__, "--slices", str(slices)] + (["--quick"] if args.quick else [])
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip())
+  workers = [Worker(command + ["--worker", "ordinary"]),
+             Worker(command + ["--worker", "split"], env=env)]
+  times = round_robin(workers, 3 if args.quick else 10, 2 if args.quick else 3)
+  for worker in workers:
+    worker.close()
+  print(f"{slices} slices, split variant with XLA_FLAGS={FLAG}; ms per step, median "
+        f"(round medians)")
+  speedups = []
+  for name, _, batch in cases:
+    (a, alo, ahi), (b, blo, bhi) = times[f"{name} ordinary"], times[f"{name} split"]
+    speedups.append(a / b)
+    print(f"{name:>6} batch {batch:>4}: ordinary {a:7.2f} ({alo:.2f}-{ahi:.2f})  split "
+          f"{b:7.2f} ({blo:.2f}-{bhi:.2f})  speedup {a / b:.2f}")
+  print(f"RESULT bench_cpu_split speedup={min(speedups):.2f}")
+
+
+if __name__ == "__main__":
+  main()
