@@ -35,6 +35,17 @@ def require() -> None:
                          f"{INSTALL}") from None
 
 
+def require_or_exit() -> None:
+  """`require`, for a script: on a missing peer, prints the install line to stderr and
+  exits with status 2."""
+  import sys
+  try:
+    require()
+  except PeersMissing as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def versions() -> str:
   """One line: the frameworks' versions, backend and torch's thread count."""
   import jax

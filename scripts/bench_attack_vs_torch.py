@@ -17,7 +17,6 @@ fljax_s=<fljax s per converged victim> torch_s=<torch's>`.
 """
 
 import dataclasses
-import sys
 import time
 
 import jax
@@ -51,11 +50,7 @@ class BenchConfig:
 
 def main(argv=None):
   args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
-  try:
-    peers.require()
-  except peers.PeersMissing as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  peers.require_or_exit()
   victims = 2 if args.quick else args.victims
   cfg = convergence.ConvergenceConfig(
       optimizers=("lbfgs",), victims=victims, seeds=args.seeds,

@@ -71,11 +71,7 @@ def fljax_steps(name, shape, batch):
 
 def main(argv=None):
   args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
-  try:
-    peers.require()
-  except peers.PeersMissing as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  peers.require_or_exit()
   cases = [("lenet", (32, 32, 3), 16 if args.quick else 64),
            ("cnn", (28, 28, 1), 32 if args.quick else 256)]
   if args.worker:
