@@ -3,9 +3,9 @@ one thread, against the ordinary step (XLA's threads inside each op) on this CPU
 
 On a CPU, XLA runs each op of a small model on all cores, and pays for the hand-offs. With
 `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` each op runs on one thread, and XLA runs
-independent ops concurrently; the step below computes the gradient of each of `--slices`
-slices of the batch separately (unrolled, so they are independent) and sums them
-(`slice_step`: the same gradient, summation order aside). Each variant runs in its own
+independent ops concurrently; the step computes the gradient of each of `--slices` slices
+of the batch separately and sums them (`privacy.dpsgd.make_batch_step` with
+`DPSGDConfig.slices`: the same gradient, summation order aside). Each variant runs in its own
 worker process (the flag is per process), round robin (`fljax.timing.round_robin`), on
 DLG's LeNet (32x32x3, batch 64) and the MNIST CNN (28x28x1, batch 256).
 
@@ -47,24 +47,6 @@ class BenchConfig:
       raise ValueError(f"--worker must be ordinary or split, got {self.worker!r}")
 
 
-def slice_step(loss_fn, slices):
-  """A jitted SGD step whose mean gradient is the count-weighted sum of `slices` slices'."""
-  import jax
-  import optax
-  sgd = optax.sgd(0.1)
-
-  def grad(p, d):
-    n = d.mask.shape[0] // slices
-    parts = [jax.tree.map(lambda a, i=i: a[i * n:(i + 1) * n], d) for i in range(slices)]
-    total = sum(part.mask.sum() for part in parts)
-    gs = [jax.tree.map(lambda g, c=part.mask.sum(): g * c / total,
-                       jax.grad(lambda q, b=part: loss_fn(q, b, None)[0])(p)) for part in parts]
-    return jax.tree.map(lambda *g: sum(g), *gs)
-
-  return jax.jit(lambda p, s, d: (lambda u: optax.apply_updates(p, u[0]))(
-      sgd.update(grad(p, d), s, p))), sgd
-
-
 def main(argv=None):
   args, _ = config_lib.parse(BenchConfig, argv, description=__doc__.split("\n")[0])
   cases = [("lenet", (32, 32, 3), 16 if args.quick else 64),
@@ -72,13 +54,18 @@ def main(argv=None):
   slices = args.slices or os.cpu_count() or 1
   if args.worker:
     import jax
+    import optax
+
+    from privacy import dpsgd
     fns = {}
     for name, shape, batch in cases:
       _, params, loss_fn, data = classifier_workload(name, shape, batch)
-      step, sgd = slice_step(loss_fn, slices if args.worker == "split" else 1)
-      state = sgd.init(params)
+      cfg = dpsgd.DPSGDConfig(batch_size=batch, sampling="fixed",
+                              slices=slices if args.worker == "split" else 1)
+      step = jax.jit(dpsgd.make_batch_step(loss_fn, cfg, optax.sgd(0.1), private=False))
+      state, key = optax.sgd(0.1).init(params), jax.random.key(2)
       fns[f"{name} {args.worker}"] = lambda step=step, p=params, s=state, d=data: (
-          jax.block_until_ready(step(p, s, d)))
+          jax.block_until_ready(step(p, s, d, key)))
     serve(fns)
     return
   command = [sys.executable, __file__, "--slices", str(slices)] + (["--quick"] if args.quick else [])

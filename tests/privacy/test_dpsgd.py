@@ -74,3 +74,32 @@ def test_config_rejects_bad_values():
     dpsgd.DPSGDConfig(clip_norm=-1.0)
   with pytest.raises(ValueError, match="exceeds the dataset size"):
     dpsgd.DPSGDConfig(batch_size=50).sampling_rate(10)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_slices_give_the_step_of_the_whole_batch(private):
+  model = models.make("lenet", num_classes=3, input_shape=(8, 8, 1))
+  params = model.init(jax.random.key(0))
+  loss_fn = fed.make_loss_fn(model.apply)
+  rng = np.random.default_rng(0)
+  batch = Batch(x=jnp.asarray(rng.random((8, 8, 8, 1), dtype=np.float32)),
+                y=jnp.asarray(rng.integers(0, 3, 8), jnp.int32),
+                mask=jnp.asarray([1.0] * 6 + [0.0] * 2))  # padding in the second slice
+
+  def run(**kw):
+    cfg = dpsgd.DPSGDConfig(clip_norm=0.3, noise_multiplier=1.0, batch_size=6,
+                            sampling="fixed", **kw)
+    tx = (dpsgd.dp_optimizer(cfg, optax.sgd(0.1), key=jax.random.key(1)) if private
+          else optax.sgd(0.1))
+    step = jax.jit(dpsgd.make_batch_step(loss_fn, cfg, tx, private=private))
+    return step(params, tx.init(params), batch, jax.random.key(2))
+
+  # sliced equals micro-batched over the same chunks with the same keys (private), and the
+  # whole batch (non-private: its loss ignores the key)
+  want = run(microbatch_size=4) if private else run()
+  got = run(slices=2)
+  for a, b in zip(jax.tree.leaves((got[0], got[2])), jax.tree.leaves((want[0], want[2]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert dpsgd.DPSGDConfig(batch_size=7, sampling="fixed", slices=2).static_batch_size(20) == 8
+  with pytest.raises(ValueError, match="slices must be >= 1"):
+    dpsgd.DPSGDConfig(slices=0)
