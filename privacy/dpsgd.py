@@ -25,6 +25,7 @@ Events per step (`DPSGDConfig.event`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -186,60 +187,51 @@ def make_batch_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.Gradient
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def clipped(params, batch, key):
-    return CLIPPING[cfg.clipping](
-        loss_fn, params, batch, key, clip_norm=cfg.clip_norm, per_layer=cfg.per_layer,
-        microbatch_size=cfg.microbatch_size)
-
-  def step(params, opt_state, batch, key):
-    if cfg.slices > 1:
-      return sliced_step(params, opt_state, batch, key)
-    if private:
-      grads, m = clipped(params, batch, key)
-      count = m["count"]
-      metrics = {"loss": m["loss_sum"] / jnp.maximum(count - m["nonfinite"], 1.0),
-                 "nonfinite": m["nonfinite"],
-                 "clipped_fraction": m["clipped"] / jnp.maximum(count, 1.0),
-                 "grad_norm": m["grad_norm"]}
-    else:
-      grads, aux = grad_fn(params, batch, key)
-      count = aux["count"]
-      metrics = {"loss": aux["loss_sum"] / jnp.maximum(count, 1.0)}
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    metrics.update(batch_size=count)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
-  def sliced_step(params, opt_state, batch, key):
+  def slices(batch, key):
+    """The batch's `cfg.slices` slices and their keys (one slice: the batch and `key`)."""
+    if cfg.slices == 1:
+      return [batch], [key]
     n = batch.mask.shape[0]
     if n % cfg.slices:
       raise ValueError(f"a batch of {n} rows does not split into {cfg.slices} slices; "
                        f"pad it to a multiple (DPSGDConfig.static_batch_size does)")
     size = n // cfg.slices
-    parts = [jax.tree.map(lambda a, i=i: a[i * size:(i + 1) * size], batch)
-             for i in range(cfg.slices)]
-    keys = jax.random.split(key, cfg.slices)
-    add = lambda *xs: jax.tree.map(lambda *v: sum(v), *xs)  # noqa: E731
+    return ([jax.tree.map(lambda a, i=i: a[i * size:(i + 1) * size], batch)
+             for i in range(cfg.slices)], list(jax.random.split(key, cfg.slices)))
+
+  def step(params, opt_state, batch, key):
+    # Each slice's share is weighted by its rows over all rows: with one slice the factor
+    # is exactly 1, so the unsliced step is unchanged.
+    parts, keys = slices(batch, key)
     if private:
-      outs = [clipped(params, p, k) for p, k in zip(parts, keys)]
-      grads = add(*[g for g, _ in outs])
-      m = add(*[{**mi, "norm_sum": mi["grad_norm"] * jnp.maximum(
-          mi["count"] - mi["nonfinite"], 1.0)} for _, mi in outs])
-      count = m["count"]
-      metrics = {"loss": m["loss_sum"] / jnp.maximum(count - m["nonfinite"], 1.0),
-                 "nonfinite": m["nonfinite"],
-                 "clipped_fraction": m["clipped"] / jnp.maximum(count, 1.0),
-                 "grad_norm": m["norm_sum"] / jnp.maximum(count - m["nonfinite"], 1.0)}
+      outs = [CLIPPING[cfg.clipping](
+          loss_fn, params, p, k, clip_norm=cfg.clip_norm, per_layer=cfg.per_layer,
+          microbatch_size=cfg.microbatch_size) for p, k in zip(parts, keys)]
+      grads = _add_all([g for g, _ in outs])
+      count, nonfinite, clipped, loss_sum = (_add_all([m[k] for _, m in outs]) for k in
+                                             ("count", "nonfinite", "clipped", "loss_sum"))
+      used = jnp.maximum(count - nonfinite, 1.0)
+      metrics = {"loss": loss_sum / used, "nonfinite": nonfinite,
+                 "clipped_fraction": clipped / jnp.maximum(count, 1.0),
+                 "grad_norm": _add_all([m["grad_norm"] * (jnp.maximum(
+                     m["count"] - m["nonfinite"], 1.0) / used) for _, m in outs])}
     else:
       outs = [grad_fn(params, p, k) for p, k in zip(parts, keys)]
-      count = sum(aux["count"] for _, aux in outs)
-      grads = add(*[jax.tree.map(lambda g, c=aux["count"]: g * c, g) for g, aux in outs])
-      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-      metrics = {"loss": sum(aux["loss_sum"] for _, aux in outs) / jnp.maximum(count, 1.0)}
+      count = _add_all([aux["count"] for _, aux in outs])
+      total = jnp.maximum(count, 1.0)
+      grads = _add_all([jax.tree.map(lambda x, w=aux["count"] / total: x * w, g)
+                        for g, aux in outs])
+      metrics = {"loss": _add_all([aux["loss_sum"] for _, aux in outs]) / total}
     updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics.update(batch_size=count)
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return step
+
+
+def _add_all(trees: list[Any]) -> Any:
+  """The leafwise sum of `trees` (one tree: itself, unchanged)."""
+  return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees)
 
 
 def make_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.GradientTransformation,
