@@ -275,7 +275,8 @@ def chunk_sum(loss_fn, params, batch: Batch, key: jax.Array, *, clip_norm: float
   total = params
   for path, layer in layers.items():
     sub = _get(params, path)
-    a, g = (jnp.where(clipping._expand(keep > 0, x), x, 0.0) for x in (inputs[path], outgrads[path]))
+    a, g = (jnp.where(clipping._expand(keep > 0, x), x, 0.0)
+            for x in (inputs[path], outgrads[path]))
     total = _set(total, path, _weighted(layer, sub, a, g, {
         leaf: weights[path + (leaf,)] for leaf in _direct(sub)}))
   finite_valid = valid & finite
@@ -295,14 +296,15 @@ def clipped_grad_sum(loss_fn, params, batch: Batch, key: jax.Array, *, clip_norm
   """`privacy.clipping.clipped_grad_sum` by ghost norms (same arguments and result). A
   model the interception cannot cover is clipped by the vmap path, after one warning
   naming the layer (none with `quiet`, as `auto_clipped_grad_sum` asks)."""
-  n = microbatch_size or batch.mask.shape[0]
-  reason = supported(loss_fn, params, jax.tree.map(lambda a: a[:n], batch), key)
-  if reason is not None and not quiet:
-    warnings.warn(f"ghost clipping cannot cover this model ({reason}): its per-example "
-                  f"gradients are clipped by the vmap path", GhostWarning, stacklevel=2)
-  return clipping.clipped_grad_sum(loss_fn, params, batch, key, clip_norm=clip_norm,
-                                   per_layer=per_layer, microbatch_size=microbatch_size,
-                                   chunk_sum=chunk_sum if reason is None else clipping.vmap_chunk_sum)
+  kwargs = dict(clip_norm=clip_norm, per_layer=per_layer, microbatch_size=microbatch_size)
+  try:  # chunk_sum finds the layers while tracing, and raises there if it cannot cover one
+    return clipping.clipped_grad_sum(loss_fn, params, batch, key, chunk_sum=chunk_sum,
+                                     **kwargs)
+  except GhostUnsupported as reason:
+    if not quiet:
+      warnings.warn(f"ghost clipping cannot cover this model ({reason}): its per-example "
+                    f"gradients are clipped by the vmap path", GhostWarning, stacklevel=2)
+  return clipping.clipped_grad_sum(loss_fn, params, batch, key, **kwargs)
 
 
 def auto_clipped_grad_sum(loss_fn, params, batch: Batch, key: jax.Array, *,

@@ -79,7 +79,8 @@ def main(argv=None):
   th_per = th_s / th_conv if th_conv else float("inf")
   print(f"{n} victims ({victims} per seed, seeds {', '.join(map(str, cfg.seeds))}), 32x32x3 "
         f"photos, DLG's LeNet; {peers.versions()}")
-  print(f"{'attack':>28} {'converged':>9} {'median evals':>12} {'seconds':>8} {'s / converged':>13}")
+  print(f"{'attack':>28} {'converged':>9} {'median evals':>12} {'seconds':>8} "
+        f"{'s / converged':>13}")
   fl_evals = [f for f in ours["first"] if 0 <= f <= cfg.budget]
   th_evals = [r["evaluations"] for r in theirs if r["converged"]]
   for name, conv, evals, secs, per in (

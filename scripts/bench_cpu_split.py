@@ -68,7 +68,8 @@ def main(argv=None):
           jax.block_until_ready(step(p, s, d, key)))
     serve(fns)
     return
-  command = [sys.executable, __file__, "--slices", str(slices)] + (["--quick"] if args.quick else [])
+  command = [sys.executable, __file__, "--slices", str(slices)]
+  command += ["--quick"] if args.quick else []
   env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip())
   workers = [Worker(command + ["--worker", "ordinary"]),
              Worker(command + ["--worker", "split"], env=env)]
