@@ -43,7 +43,7 @@ def classifier_workload(name: str, shape: tuple[int, int, int], batch: int,
 ANSWER = "@timing "
 
 
-def serve(variants: dict[str, Callable[[], object]], out=None) -> None:
+def serve(variants: dict[str, Callable[[], object]]) -> None:
   """A timing worker's loop (`Worker` runs one per framework, in its own process).
 
   Warms every variant up (compiles), writes their names as one JSON line, then answers
@@ -53,9 +53,8 @@ def serve(variants: dict[str, Callable[[], object]], out=None) -> None:
   import json
   import os
   import sys
-  if out is None:  # answer on the real stdout; anything else printed goes to stderr
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+  out = os.fdopen(os.dup(1), "w")  # answers go to the real stdout,
+  os.dup2(2, 1)  # and anything else printed goes to stderr
   for fn in variants.values():
     fn()
   print(ANSWER + json.dumps(list(variants)), file=out, flush=True)

@@ -19,13 +19,10 @@ fljax_s=<fljax s per converged victim> torch_s=<torch's>`.
 import dataclasses
 import time
 
-import jax
 import numpy as np
 
 from fljax import config as config_lib
-from fljax import datasets, models, peers
-from inversion import engine
-from inversion.specs import DataSpec
+from fljax import peers
 from studies import convergence
 
 
@@ -59,16 +56,12 @@ def main(argv=None):
   fl_conv = sum(0 <= f <= cfg.budget for f in ours["first"])
   time.sleep(1.0)
 
-  ds = datasets.load(cfg.data)
-  model = models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape,
-                      init="uniform")
-  net = peers.model("lenet", ds.image_shape, ds.num_classes)
+  model = convergence.dlg_model(cfg)
+  net = peers.model("lenet", model.input_shape, model.module.num_classes)
   theirs = []
-  for seed in cfg.seeds:  # the victims and weights of studies.convergence, seed by seed
-    key = jax.random.key(seed)
-    data = DataSpec(name=cfg.data, image_size=None, channels=None)
-    vs = engine.load_victims(data, victims, 1, key=jax.random.fold_in(key, 0))
-    peers.load_flax_lenet(net, model.init(jax.random.fold_in(key, 1)))
+  for seed in cfg.seeds:  # the weights and victims run_optimizer attacked, seed by seed
+    params, vs = convergence.seed_setting(cfg, model, seed)
+    peers.load_flax_lenet(net, params)
     for i in range(victims):
       theirs.append(peers.original_dlg(net, np.asarray(vs.x[i, 0]), int(vs.y[i, 0]),
                                        steps=10 if args.quick else 300, seed=1000 * seed + i))

@@ -115,17 +115,31 @@ def _tracked(attack):
   return init, advance
 
 
+def dlg_model(cfg: ConvergenceConfig) -> models.Model:
+  """DLG's LeNet (uniform init) for `cfg.data`'s RGB images."""
+  ds = datasets.load(cfg.data)
+  if ds.image_shape[-1] != 3:
+    raise ValueError(f"{cfg.data} has {ds.image_shape[-1]}-channel images; the DLG setting "
+                     f"attacks RGB images (use photos)")
+  return models.make("lenet", num_classes=ds.num_classes, input_shape=ds.image_shape,
+                     init="uniform")
+
+
+def seed_setting(cfg: ConvergenceConfig, model: models.Model, seed: int) -> tuple[Any, Any]:
+  """Seed `seed`'s model weights and its `cfg.victims` victims (B = 1), `(params,
+  victims)`: what `run_optimizer` attacks, for peers that attack the same."""
+  key = jax.random.key(seed)
+  data = DataSpec(name=cfg.data, image_size=None, channels=None)
+  victims = engine.load_victims(data, cfg.victims, 1, key=jax.random.fold_in(key, 0))
+  return model.init(jax.random.fold_in(key, 1)), victims
+
+
 def run_optimizer(optimizer: str, cfg: ConvergenceConfig, *,
                   log: Callable[[str], Any] = print) -> dict[str, Any]:
   """Every seed's victims attacked with `optimizer`: their evaluations to converge (-1:
   not within the budget), best PSNR, evaluations spent, inferred labels' correctness."""
-  data = DataSpec(name=cfg.data, image_size=None, channels=None)
-  ds = datasets.load(cfg.data)
-  shape, classes = ds.image_shape, ds.num_classes
-  if shape[-1] != 3:
-    raise ValueError(f"{cfg.data} has {shape[-1]}-channel images; the DLG setting attacks "
-                     f"RGB images (use photos)")
-  model = models.make("lenet", num_classes=classes, input_shape=shape, init="uniform")
+  model = dlg_model(cfg)
+  shape, classes = model.input_shape, model.module.num_classes
   threat = ob.ThreatModel(batch_size=1, input_shape=shape, num_classes=classes)
   attack = dlg.make(model.apply, threat, dlg.DLGConfig(
       optimizer=optimizer, labels="idlg", restart=cfg.restart and optimizer == "lbfgs",
@@ -148,8 +162,7 @@ def run_optimizer(optimizer: str, cfg: ConvergenceConfig, *,
   first, best, spent, labels_ok, clock = [], [], [], [], time.perf_counter()
   for seed in cfg.seeds:
     key = jax.random.key(seed)
-    victims = engine.load_victims(data, cfg.victims, 1, key=jax.random.fold_in(key, 0))
-    params = model.init(jax.random.fold_in(key, 1))
+    params, victims = seed_setting(cfg, model, seed)
     obs = engine.observe_all(model, params, victims.x, victims.y, threat,
                              fed.identity_defense, key=jax.random.fold_in(key, 2))
     truths = jnp.asarray(victims.x)
