@@ -312,10 +312,10 @@ def auto_clipped_grad_sum(loss_fn, params, batch: Batch, key: jax.Array, *,
                           microbatch_size: int = 0) -> tuple[Any, dict[str, jax.Array]]:
   """The default: ghost norms where they cover the model, else the vmap path, silently.
 
-  Chosen by measurement (`scripts/bench_ghost.py`, `scripts/bench_vs_torch.py`, on 2 CPU
-  cores): ghost norms were 1.2-1.5x faster than vmap on the MNIST CNN and 1.1-1.4x on
-  the LeNet over this session's runs (0.95x once, under load). The result is the same
-  sum (tests: to 1e-5)."""
+  Chosen by measurement on 2 CPU cores (docs/privacy.md): in the isolated peer benchmark
+  (`scripts/bench_vs_torch.py`) ghost norms were 1.26-1.31x faster than vmap on the MNIST
+  CNN and 1.32-1.35x on the LeNet; `scripts/bench_ghost.py` once measured 0.95x on the
+  LeNet, under load. The result is the same sum (tests: to 1e-5)."""
   return clipped_grad_sum(loss_fn, params, batch, key, clip_norm=clip_norm,
                           per_layer=per_layer, microbatch_size=microbatch_size, quiet=True)
 
