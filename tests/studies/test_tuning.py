@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import shutil
 
 import numpy as np
@@ -145,7 +146,15 @@ def test_victims_come_from_the_tuning_split_and_the_draws_from_the_seed():
           assert dim.low <= v <= dim.high
       if values.get("optimizer") == "lbfgs_zoom":
         assert values["lr"] is None  # its line search sets the step
-  assert tuning.draws("ig", 3, seed=0) == tuning.draws("ig", 8, seed=0)[:3]
+  # stratified: each of the 7 equal log-ranges of a continuous hyperparameter drawn once
+  for attack in ("ig", "dps", "ggdm"):
+    for name, dim in tuning.SPACES[attack].items():
+      drawn = [v[name] for v in tuning.draws(attack, 8, seed=0)[1:]]
+      to_u = ((lambda v, d=dim: math.log(v / d.low) / math.log(d.high / d.low))
+              if isinstance(dim, tuning.LogUniform) else
+              (lambda v, d=dim: (v - d.low) / (d.high - d.low)))
+      strata = sorted(min(int(to_u(v) * 7), 6) for v in drawn)
+      assert strata == list(range(7)), (attack, name, drawn)
 
 
 def test_the_best_trial_wins_ties_go_to_the_earlier_and_bad_settings_are_refused(monkeypatch):
