@@ -128,7 +128,7 @@ def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]
   return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
       name=cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
       num_clients=cfg.clients, pad_pow2=True, **grid.PARTITIONS[partition]),
-      "model": cfg.model,
+      "model": cfg.model, **grid.init_field(cfg.model),
       "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(grid.DEFENSES[defense].fed)},
       "rounds": cfg.rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
@@ -136,7 +136,8 @@ def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]
 def fl_experiment(cell: dict[str, Any], devices: int = 1) -> ptrain.PrivateExperimentConfig:
   """The `privacy.train` run of an FL cell."""
   return ptrain.PrivateExperimentConfig(
-      data=fl_train.DataConfig(**cell["data"]), model=fl_train.ModelConfig(name=cell["model"]),
+      data=fl_train.DataConfig(**cell["data"]), model=fl_train.ModelConfig(
+          name=cell["model"], init=cell.get("init", "default")),
       fed=fed.FedConfig(**cell["fed"]), rounds=cell["rounds"], seed=cell["seed"],
       eval_every=cell["eval_every"], checkpoint_every=cell["rounds"],
       devices=devices, privacy=ptrain.PrivacyConfig(**cell["privacy"]))
@@ -204,7 +205,7 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
       sigma = None if fl is None or fl["status"] != "done" else fl["final"].get("noise_multiplier")
       view.update(clip_norm=privacy["clip_norm"], sigma=sigma)
   model = {"name": cfg.model, "state": state, "seed": seed,
-           "fl": fl_hash if state == "trained" else None}
+           "fl": fl_hash if state == "trained" else None, **grid.init_field(cfg.model)}
   variant = grid.variant(attack, cfg.data.name, cfg.model)  # with its tuned values
   if attack == "adaptive" and d.view in ("clear", "aggregate"):
     # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
@@ -228,7 +229,7 @@ def check_budgets(cfg: grid.StudyConfig) -> None:
   attack's plan at that budget (no computation)."""
   from fljax import datasets
   ds = datasets.load(cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
-  model = models.make(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape)
+  model = grid.make_model(cfg.model, ds)
   for attack in cfg.attacks:
     budget = min(min(cfg.rungs(attack, d), default=math.inf) for d in cfg.defenses)
     if not math.isfinite(budget):
@@ -299,7 +300,8 @@ def victim_batches(cell: dict[str, Any], count: int) -> tuple[np.ndarray, np.nda
 
 def _model(cell: dict[str, Any]) -> models.Model:
   ds, _ = load_partition(cell)
-  return models.make(cell["model"]["name"], num_classes=ds.num_classes, input_shape=ds.image_shape)
+  return models.make(cell["model"]["name"], num_classes=ds.num_classes,
+                     input_shape=ds.image_shape, init=cell["model"].get("init", "default"))
 
 
 def _params(cell: dict[str, Any], cells_dir: Path) -> Any:

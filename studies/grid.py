@@ -38,6 +38,7 @@ from typing import Any
 
 from fljax import config as config_lib
 from fljax import federated as fed
+from fljax import models
 from inversion import specs
 from inversion.compare import parse_variant
 from privacy import accounting
@@ -155,6 +156,29 @@ STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", 
 DEFAULT_DEFENSES = ("none", "dp_fedavg_eps8", "dpsgd", "secagg_ddp", "forward", "hybrid",
                     "prune")
 MODEL_STATES = ("untrained", "trained")
+
+# the study's initialisation of each model where it is not Flax's default: DLG's LeNet keeps
+# DLG's uniform(-0.5, 0.5) (with LeCun-normal weights its sigmoids sit on a plateau: FedAvg
+# left it at 10 % test accuracy after 10 rounds, centralised SGD after 400 steps; uniform, it
+# reaches 82 % in 100 rounds; docs/study.md)
+MODEL_INITS = {"lenet": "uniform"}
+
+
+def model_init(name: str) -> str:
+  """The study's initialisation of model `name` (`fljax.models` init names)."""
+  return MODEL_INITS.get(name, "default")
+
+
+def make_model(name: str, ds: Any) -> models.Model:
+  """The study's model `name` for dataset `ds`, with its study initialisation."""
+  return models.make(name, num_classes=ds.num_classes, input_shape=ds.image_shape,
+                     init=model_init(name))
+
+
+def init_field(name: str) -> dict[str, str]:
+  """{"init": ...} where the model's initialisation is not the default, else {}: what a
+  cell or trial's config adds, so that the hashes of default-initialised models keep."""
+  return {} if model_init(name) == "default" else {"init": model_init(name)}
 # the attacks of the default grid under the defenses: the tuned strongest classical attack
 # and the diffusion attack that knows the defense (issue 20's first point)
 DEFENSE_ATTACKS = ("ig", "adaptive")

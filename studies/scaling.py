@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fljax import config as config_lib
-from fljax import datasets, models, partitions
+from fljax import datasets, partitions
 from fljax import federated as fed
 from fljax.plots import _pyplot
 from fljax.timing import timed
@@ -141,7 +141,7 @@ def fl_throughput(cfg: ScalingConfig, clients: tuple[int, ...], devices: int = 1
                   ) -> list[dict[str, Any]]:
   """Client updates per second of one jitted FedAvg round (every client participates)."""
   ds = datasets.load(cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
-  model = models.make(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape)
+  model = grid.make_model(cfg.model, ds)
   params = model.init(jax.random.key(0))
   mesh = fed.make_mesh(devices) if devices > 1 else None
   rows = []

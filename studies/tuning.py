@@ -263,7 +263,7 @@ def prepare(cfg: TuningConfig) -> Setup:
   budget), then observes the victims' updates."""
   ds = datasets.load(cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
   index = victim_indices(cfg, len(ds.y_test))
-  model = models.make(cfg.model, num_classes=ds.num_classes, input_shape=ds.image_shape)
+  model = grid.make_model(cfg.model, ds)
   threat = ob.ThreatModel(batch_size=cfg.batch_size, input_shape=ds.image_shape,
                           num_classes=ds.num_classes)
   for attack in cfg.attacks:  # every attack checked before any runs
@@ -321,7 +321,8 @@ def run_trial(setup: Setup, attack: str, values: dict[str, Any], budget: int, *,
 
 def trial_hash(cfg: TuningConfig, index: np.ndarray, attack: str, values: dict[str, Any]) -> str:
   """The cache key of a trial: everything that determines its result."""
-  content = {"data": dataclasses.asdict(cfg.data), "model": cfg.model, "seed": cfg.seed,
+  content = {"data": dataclasses.asdict(cfg.data), "model": cfg.model,
+             **grid.init_field(cfg.model), "seed": cfg.seed,
              "victims": index.tolist(), "budget": cfg.budget, "attack": attack,
              "variant": VARIANTS[attack], "values": values}
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -63,3 +63,19 @@ def test_the_study_runs_each_attack_with_its_tuned_values(tmp_path):
   assert "scale=64.0" in grid.variant("adaptive", "mnist", "cnn", path=path)  # dps's values
   assert grid.variant("ig", "mnist", "cnn", path=path) == "ig[tv=0.1]"
   assert grid.variant("ig", "mnist", "lenet", path=path) == "ig"  # not tuned there
+
+
+def test_the_lenet_is_dlgs_with_its_init_and_other_models_keep_their_cell_hashes():
+  import jax
+  from fljax import datasets
+  from studies import cells
+  ds = datasets.load("digits", image_size=32, channels=1)
+  params = grid.make_model("lenet", ds).init(jax.random.key(0))
+  leaves = jax.tree.leaves(params)
+  assert all(float(abs(p).max()) <= 0.5 for p in leaves)
+  assert max(float(abs(p).max()) for p in leaves) > 0.4  # uniform(-0.5, 0.5), not LeCun
+  cfg = grid.StudyConfig(model="lenet")
+  assert cells.fl_cell(cfg, "iid", "none", 0)["init"] == "uniform"
+  assert cells.fl_experiment(cells.fl_cell(cfg, "iid", "none", 0)).model.init == "uniform"
+  cnn = cells.fl_cell(grid.StudyConfig(), "iid", "none", 0)
+  assert "init" not in cnn  # the CNN's cells hash as before
