@@ -204,13 +204,19 @@ def _gram_norm2(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum(jnp.einsum("bti,bto->bio", a, g) ** 2, (1, 2))
 
 
+def _kernel_and_bias(own: dict) -> bool:
+  """Whether a layer's own parameters are a kernel and at most a bias (a dense or conv
+  layer the closed forms cover; any other layer goes through its per-row gradients)."""
+  return set(own) <= {"kernel", "bias"} and "kernel" in own
+
+
 def _layer_norms2(layer: _Layer, sub: dict, a: jax.Array, g: jax.Array) -> dict[str, jax.Array]:
   """Each of the layer's own parameters' squared per-row gradient norms `{leaf: [B]}`."""
   b = a.shape[0]
   a1, g1 = a.reshape((b,) + a.shape[2:]), g.reshape((b,) + g.shape[2:])
   own = _direct(sub)
   m = layer.module
-  fast = set(own) <= {"kernel", "bias"} and "kernel" in own
+  fast = _kernel_and_bias(own)
   if fast and isinstance(m, nn.Dense) and own["kernel"].ndim == 2:
     ga = g1.reshape(b, -1, g1.shape[-1])
     out = {"kernel": _gram_norm2(a1.reshape(b, -1, a1.shape[-1]), ga)}
@@ -328,8 +334,7 @@ def _weighted(layer: _Layer, sub: dict, a: jax.Array, g: jax.Array,
   weighted), any other layer's from its per-row gradients."""
   own = _direct(sub)
   m = layer.module
-  if not (set(own) <= {"kernel", "bias"} and "kernel" in own
-          and isinstance(m, (nn.Dense, nn.Conv))):
+  if not (_kernel_and_bias(own) and isinstance(m, (nn.Dense, nn.Conv))):
     grads = _row_grads(layer, sub, a, g)
     return {k: jnp.tensordot(weights[k], v, axes=1) for k, v in grads.items()}
   b = a.shape[0]
