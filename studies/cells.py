@@ -123,14 +123,16 @@ def failure(cell: dict[str, Any], e: BaseException, **extra: Any) -> dict[str, A
 
 def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]:
   """The JSON config of an FL cell (what its hash covers). `cfg` holds the run's `data`,
-  `clients`, `q`, `rounds`, `model` and `eval_every` (a `StudyConfig` or the like)."""
-  privacy = grid.privacy_fields(defense, rounds=cfg.rounds, q=cfg.q, clients=cfg.clients)
+  `clients`, `q`, `rounds` (or `fl_rounds`, a `StudyConfig`'s rounds resolved per model),
+  `model` and `eval_every` (a `StudyConfig` or the like)."""
+  rounds = getattr(cfg, "fl_rounds", cfg.rounds)
+  privacy = grid.privacy_fields(defense, rounds=rounds, q=cfg.q, clients=cfg.clients)
   return {"kind": "fl", "partition": partition, "defense": defense, "data": dict(
       name=cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
       num_clients=cfg.clients, pad_pow2=True, **grid.PARTITIONS[partition]),
       "model": cfg.model, **grid.init_field(cfg.model),
       "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(grid.DEFENSES[defense].fed)},
-      "rounds": cfg.rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
+      "rounds": rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
 
 def fl_experiment(cell: dict[str, Any], devices: int = 1) -> ptrain.PrivateExperimentConfig:

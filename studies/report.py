@@ -386,7 +386,7 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  f"{len(cfg.seeds)} seeds of FedAvg ({cfg.model}, {cfg.data.name} "
                  f"{cfg.data.image_size}x{cfg.data.image_size}x{cfg.data.channels}, "
                  f"{cfg.clients} clients, "
-                 f"Poisson q = {cfg.q}, {cfg.rounds} rounds); attacks {', '.join(cfg.attacks)} "
+                 f"Poisson q = {cfg.q}, {cfg.fl_rounds} rounds); attacks {', '.join(cfg.attacks)} "
                  f"on {cfg.victims} victims per cell (attack seeds {list(cfg.attack_seeds)}, "
                  f"batch {list(cfg.batch_sizes)}, local steps {list(cfg.local_steps)}, models "
                  f"{list(cfg.model_states)}; budgets {list(cfg.budgets)} double-backward "

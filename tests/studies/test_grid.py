@@ -78,4 +78,8 @@ def test_the_lenet_is_dlgs_with_its_init_and_other_models_keep_their_cell_hashes
   assert cells.fl_cell(cfg, "iid", "none", 0)["init"] == "uniform"
   assert cells.fl_experiment(cells.fl_cell(cfg, "iid", "none", 0)).model.init == "uniform"
   cnn = cells.fl_cell(grid.StudyConfig(), "iid", "none", 0)
-  assert "init" not in cnn  # the CNN's cells hash as before
+  assert "init" not in cnn and cnn["rounds"] == 10  # the CNN's cells hash as before
+  assert cells.fl_cell(cfg, "iid", "none", 0)["rounds"] == 100  # the LeNet needs more
+  assert cells.fl_cell(grid.StudyConfig(model="lenet", rounds=7), "iid", "none", 0)["rounds"] == 7
+  with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+    grid.StudyConfig(rounds=0)
