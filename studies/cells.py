@@ -486,6 +486,12 @@ def unit_flops(p: Prepared) -> dict[str, float]:
   return _UNIT_FLOPS[key]
 
 
+# a victim whose attack diverged (every restart) is scored as this grey image, in the study
+# as in tuning: leaving it out would raise the median of an attack that fails on the hard
+# victims, scoring it at 0 dB would let one divergence decide a comparison
+FAILED_IMAGE = 0.5
+
+
 def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
                counts: np.ndarray, seconds: float, steps: int, cost_: dict[str, Any]
                ) -> tuple[dict[str, Any], np.ndarray]:
@@ -495,11 +501,12 @@ def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
   psnr, ssim, label_acc, failed = [], [], [], []
   for i in range(len(p.y)):
     label_acc.append(metrics.label_accuracy(rec_y[i], p.y[i]))
-    if not ok[i] or not np.isfinite(rec[i]).all():
+    image = rec[i]
+    if not ok[i] or not np.isfinite(image).all():
       failed.append(i)
-      continue
-    s = metrics.score(rec[i], p.x[i])
-    matched[i] = rec[i][s["order"]]
+      image = np.full_like(p.x[i], FAILED_IMAGE, dtype=np.float32)
+    s = metrics.score(image, p.x[i])
+    matched[i] = image[s["order"]]
     psnr += [float(v) for v in s["psnr"]]
     ssim += [float(v) for v in s["ssim"]]
   result = {

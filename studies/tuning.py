@@ -55,7 +55,7 @@ from studies import cells, grid
 # the tuned values live with the study's registries, which read them (`grid.variant`)
 TUNED, tuned_overrides, with_overrides = grid.TUNED, grid.tuned_overrides, grid.with_overrides
 COUNTER = dict(zip(attacks.COUNTERS, range(len(attacks.COUNTERS))))
-BLANK = 0.5  # a victim whose attack diverged is scored as this grey image (the blank baseline)
+BLANK = cells.FAILED_IMAGE  # a victim whose attack diverged is scored as this grey image
 
 # ----------------------------------------------------------------------------- search spaces
 

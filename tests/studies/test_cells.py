@@ -63,3 +63,21 @@ def test_victims_are_held_out_test_images_with_their_clients_labels():
   assert len({row.tobytes() for row in flat}) == 12       # each test image serves one victim
   client_labels = {tuple(sorted(r)) for r in np.asarray(clients.y)[:, :4]}
   assert all(tuple(sorted(r)) in client_labels for r in y)  # a client's label mix
+
+
+def test_a_diverged_victim_is_scored_as_the_grey_image_not_left_out():
+  import numpy as np
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(3, 1, 8, 8, 1)).astype(np.float32)
+  p = cells.Prepared(cell={"kind": "attack"}, hash="h", params=None, obs=None, x=x,
+                     y=np.zeros((3, 1), np.int32), threat=None, spec=None, defense=None)
+  rec = x.copy()
+  rec[1] = np.nan
+  cost_ = {"seconds_per_victim": 1.0, "compile_seconds": 0.0,
+           "flops_per": {"double_backward": 1.0, "grad": 1.0}}
+  result, matched = cells.score_cell(p, rec, np.zeros((3, 1), np.int32), np.array([True, True, False]),
+                                     np.zeros((3, len(cells.attacks.COUNTERS))), 3.0, 10, cost_)
+  assert result["failed_victims"] == [1, 2] and len(result["psnr"]) == 3
+  grey = cells.metrics.score(np.full_like(x[1], cells.FAILED_IMAGE), x[1])["psnr"][0]
+  assert result["psnr"][1] == grey and result["psnr"][0] > 60  # an exact copy
+  assert (matched[2] == cells.FAILED_IMAGE).all()
