@@ -492,6 +492,14 @@ def unit_flops(p: Prepared) -> dict[str, float]:
 FAILED_IMAGE = 0.5
 
 
+def scored_image(rec: np.ndarray, ok: bool, truth: np.ndarray) -> tuple[np.ndarray, bool]:
+  """What a victim's reconstruction is scored as, and whether its attack failed: the grey
+  `FAILED_IMAGE` in place of a diverged or non-finite reconstruction."""
+  if ok and np.isfinite(rec).all():
+    return rec, False
+  return np.full_like(truth, FAILED_IMAGE, dtype=np.float32), True
+
+
 def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
                counts: np.ndarray, seconds: float, steps: int, cost_: dict[str, Any]
                ) -> tuple[dict[str, Any], np.ndarray]:
@@ -501,10 +509,9 @@ def score_cell(p: Prepared, rec: np.ndarray, rec_y: np.ndarray, ok: np.ndarray,
   psnr, ssim, label_acc, failed = [], [], [], []
   for i in range(len(p.y)):
     label_acc.append(metrics.label_accuracy(rec_y[i], p.y[i]))
-    image = rec[i]
-    if not ok[i] or not np.isfinite(image).all():
+    image, diverged = scored_image(rec[i], ok[i], p.x[i])
+    if diverged:
       failed.append(i)
-      image = np.full_like(p.x[i], FAILED_IMAGE, dtype=np.float32)
     s = metrics.score(image, p.x[i])
     matched[i] = image[s["order"]]
     psnr += [float(v) for v in s["psnr"]]

@@ -55,7 +55,6 @@ from studies import cells, grid
 # the tuned values live with the study's registries, which read them (`grid.variant`)
 TUNED, tuned_overrides, with_overrides = grid.TUNED, grid.tuned_overrides, grid.with_overrides
 COUNTER = dict(zip(attacks.COUNTERS, range(len(attacks.COUNTERS))))
-BLANK = cells.FAILED_IMAGE  # a victim whose attack diverged is scored as this grey image
 
 # ----------------------------------------------------------------------------- search spaces
 
@@ -152,10 +151,11 @@ def draws(attack: str, trials: int, seed: int) -> list[dict[str, Any]]:
     for attempt in range(100):  # a draw equal to an earlier candidate is drawn again
       keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_within, t), attempt),
                               len(space))
-      stratum = lambda name: int(order[name][t - 1]) / n if attempt == 0 else 0.0  # noqa: E731
-      width = 1.0 / n if attempt == 0 else 1.0
-      values = {name: dim.at(stratum(name) + width * float(jax.random.uniform(k)))
-                for (name, dim), k in zip(space.items(), keys)}
+      values = {}
+      for (name, dim), k in zip(space.items(), keys):
+        u = float(jax.random.uniform(k))
+        # the first attempt within the trial's stratum, a repeat anywhere in the range
+        values[name] = dim.at(int(order[name][t - 1]) / n + (1.0 / n) * u if attempt == 0 else u)
       if values.get("optimizer") == "lbfgs_zoom":
         values["lr"] = None  # its line search sets the step
       if values not in out:
@@ -299,10 +299,9 @@ def run_trial(setup: Setup, attack: str, values: dict[str, Any], budget: int, *,
   ok = ~np.asarray(states.diverged) & np.isfinite(np.asarray(states.loss))
   psnr, ssim, labels, failed = [], [], [], []
   for i in range(len(setup.y)):
-    rec = xs[i]
-    if not ok[i] or not np.isfinite(rec).all():
+    rec, diverged = cells.scored_image(xs[i], ok[i], setup.x[i])
+    if diverged:
       failed.append(i)
-      rec = np.full_like(setup.x[i], BLANK)
     s = metrics.score(rec, setup.x[i])
     psnr += [float(v) for v in s["psnr"]]
     ssim += [float(v) for v in s["ssim"]]
