@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -58,10 +59,13 @@ class DPSGDConfig:
     per_layer: clip each parameter tensor to C / sqrt(L) instead of the whole gradient.
     microbatch_size: per-example gradients computed this many at a time (0: all at once).
     slices: the step's gradient computed as this many independent slices of the batch,
-      summed: the same sums, and on a CPU whose XLA runs each op on one thread
-      (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`) one slice per core runs the
-      slices concurrently (`scripts/bench_cpu_split.py`: 1.20-1.32x on 2 cores). Each
-      slice draws its own key, as each micro-batch does.
+      summed (the same sums, in another order). XLA:CPU runs independent ops
+      concurrently, and on a small model one slice per core keeps both cores busy where
+      one batch's ops do not (`scripts/bench_cpu_split.py`: 1.13-1.24x on the LeNet and
+      1.14-1.22x on the CNN on 2 cores). 0 (the default) is `auto_slices`: one per CPU
+      core on a CPU backend while each slice keeps `MIN_SLICE_ROWS` rows and they divide
+      the batch, else 1 (accelerators: 1). Each slice draws its own key, as each
+      micro-batch does.
     clipping: how the per-example norms are found: 'vmap' (per-example gradients),
       'ghost' (from each layer's input and output gradient, `privacy.ghost`; the same sum)
       or 'auto' (the default: ghost where it covers the model, else vmap).
@@ -74,7 +78,7 @@ class DPSGDConfig:
   max_batch_size: int = 0
   per_layer: bool = False
   microbatch_size: int = 0
-  slices: int = 1
+  slices: int = 0
   clipping: str = dataclasses.field(default="auto", metadata={"choices": tuple(CLIPPING)})
 
   def __post_init__(self):
@@ -89,8 +93,8 @@ class DPSGDConfig:
       raise ValueError(f"sampling must be 'poisson' or 'fixed', got {self.sampling!r}")
     if self.max_batch_size < 0 or self.microbatch_size < 0:
       raise ValueError("max_batch_size and microbatch_size must be >= 0")
-    if self.slices < 1:
-      raise ValueError(f"slices must be >= 1, got {self.slices}")
+    if self.slices < 0:
+      raise ValueError(f"slices must be >= 1, or 0 for one per CPU core, got {self.slices}")
 
   def sampling_rate(self, n: int) -> float:
     if self.batch_size > n:
@@ -105,8 +109,12 @@ class DPSGDConfig:
     else:
       size = self.max_batch_size or poisson_max_batch_size(n, self.sampling_rate(n))
       size = min(size, n)
-    unit = (self.microbatch_size or 1) * self.slices
+    unit = (self.microbatch_size or 1) * (self.slices or 1)  # auto never pads
     return -(-size // unit) * unit
+
+  def num_slices(self, rows: int) -> int:
+    """The slices of a step on `rows` rows: `slices`, or for 0 `auto_slices`."""
+    return self.slices or auto_slices(rows, self.microbatch_size or 1)
 
   def event(self, n: int, steps: int, accountant: str = "pld") -> dp_event.DpEvent:
     """The dp_accounting event of `steps` steps on a dataset of n examples."""
@@ -122,6 +130,22 @@ class DPSGDConfig:
                        f"by PLD: use accountant 'pld', or max_batch_size={n} (no truncation)")
     return accounting.dpsgd_event(q, self.noise_multiplier, steps, sampling="truncated_poisson",
                                   dataset_size=n, batch_size=cap)
+
+
+MIN_SLICE_ROWS = 32  # at batch 16 (8 rows a slice) the LeNet's split step was 1.2x slower
+
+
+def auto_slices(rows: int, unit: int = 1) -> int:
+  """One slice per CPU core this process may run on, on a CPU backend, as many as keep
+  `MIN_SLICE_ROWS` rows each and divide `rows` into multiples of `unit` (the
+  micro-batch size); 1 on accelerators, and where no split fits."""
+  if jax.default_backend() != "cpu":
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  for k in range(min(cores or 1, rows // MIN_SLICE_ROWS), 1, -1):
+    if rows % (k * unit) == 0:
+      return k
+  return 1
 
 
 def calibrate(cfg: DPSGDConfig, n: int, steps: int, target_epsilon: float, delta: float, *,
@@ -188,16 +212,17 @@ def make_batch_step(loss_fn: LossFn, cfg: DPSGDConfig, optimizer: optax.Gradient
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def slices(batch, key):
-    """The batch's `cfg.slices` slices and their keys (one slice: the batch and `key`)."""
-    if cfg.slices == 1:
-      return [batch], [key]
+    """The batch's slices (`cfg.num_slices`) and their keys (one: the batch and `key`)."""
     n = batch.mask.shape[0]
-    if n % cfg.slices:
-      raise ValueError(f"a batch of {n} rows does not split into {cfg.slices} slices; "
+    k = cfg.num_slices(n)
+    if k == 1:
+      return [batch], [key]
+    if n % k:
+      raise ValueError(f"a batch of {n} rows does not split into {k} slices; "
                        f"pad it to a multiple (DPSGDConfig.static_batch_size does)")
-    size = n // cfg.slices
+    size = n // k
     return ([jax.tree.map(lambda a, i=i: a[i * size:(i + 1) * size], batch)
-             for i in range(cfg.slices)], list(jax.random.split(key, cfg.slices)))
+             for i in range(k)], list(jax.random.split(key, k)))
 
   def step(params, opt_state, batch, key):
     # Each slice's share is weighted by its rows over all rows: with one slice the factor

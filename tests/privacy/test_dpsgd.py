@@ -102,4 +102,17 @@ def test_slices_give_the_step_of_the_whole_batch(private):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert dpsgd.DPSGDConfig(batch_size=7, sampling="fixed", slices=2).static_batch_size(20) == 8
   with pytest.raises(ValueError, match="slices must be >= 1"):
-    dpsgd.DPSGDConfig(slices=0)
+    dpsgd.DPSGDConfig(slices=-1)
+
+
+def test_auto_slices_split_only_what_each_core_can_keep_busy(monkeypatch):
+  monkeypatch.setattr(dpsgd.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+  assert dpsgd.auto_slices(256) == 4
+  assert dpsgd.auto_slices(96) == 3  # 4 would leave 24 rows a slice
+  assert dpsgd.auto_slices(100) == 2  # 3 does not divide it
+  assert dpsgd.auto_slices(64, unit=32) == 2
+  assert dpsgd.auto_slices(63) == 1 and dpsgd.auto_slices(16) == 1
+  cfg = dpsgd.DPSGDConfig(batch_size=7, sampling="fixed")  # auto never pads
+  assert cfg.slices == 0 and cfg.static_batch_size(20) == 7 and cfg.num_slices(7) == 1
+  monkeypatch.setattr(dpsgd.jax, "default_backend", lambda: "gpu")
+  assert dpsgd.auto_slices(256) == 1
