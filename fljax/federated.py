@@ -113,24 +113,25 @@ class FedConfig:
 
   def __post_init__(self):
     checks = [
-        (self.algorithm in ("fedavg", "fedsgd"), "algorithm must be 'fedavg' or 'fedsgd'"),
-        (self.local_epochs >= 1, "local_epochs must be >= 1"),
-        (self.local_batch_size >= 1, "local_batch_size must be >= 1"),
-        (self.local_lr > 0, "local_lr must be > 0"),
-        (0 < self.clients_per_round <= 1, "clients_per_round must be in (0, 1]"),
-        (self.sampling in ("fixed", "poisson"), "sampling must be 'fixed' or 'poisson'"),
-        (self.poisson_cap >= 0, "poisson_cap must be >= 0"),
-        (self.server_optimizer in SERVER_OPTIMIZERS,
-         f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}"),
-        (self.server_lr > 0, "server_lr must be > 0"),
-        (self.client_batching in ("auto", "vmap", "map"),
-         "client_batching must be 'auto', 'vmap' or 'map'"),
-        (self.map_batch_size >= 0, "map_batch_size must be >= 0"),
-        (self.local_unroll >= 0, "local_unroll must be >= 0"),
+        ("algorithm", self.algorithm in ("fedavg", "fedsgd"), "must be 'fedavg' or 'fedsgd'"),
+        ("local_epochs", self.local_epochs >= 1, "must be >= 1"),
+        ("local_batch_size", self.local_batch_size >= 1, "must be >= 1"),
+        ("local_lr", self.local_lr > 0, "must be > 0"),
+        ("clients_per_round", 0 < self.clients_per_round <= 1,
+         "is the fraction of all clients sampled each round, in (0, 1]"),
+        ("sampling", self.sampling in ("fixed", "poisson"), "must be 'fixed' or 'poisson'"),
+        ("poisson_cap", self.poisson_cap >= 0, "must be >= 0"),
+        ("server_optimizer", self.server_optimizer in SERVER_OPTIMIZERS,
+         f"must be one of {sorted(SERVER_OPTIMIZERS)}"),
+        ("server_lr", self.server_lr > 0, "must be > 0"),
+        ("client_batching", self.client_batching in ("auto", "vmap", "map"),
+         "must be 'auto', 'vmap' or 'map'"),
+        ("map_batch_size", self.map_batch_size >= 0, "must be >= 0"),
+        ("local_unroll", self.local_unroll >= 0, "must be >= 0"),
     ]
-    for ok, message in checks:
+    for name, ok, message in checks:
       if not ok:
-        raise ValueError(f"FedConfig: {message} (got {self})")
+        raise ValueError(f"FedConfig: {name} {message}, got {getattr(self, name)!r}")
 
 
 SERVER_OPTIMIZERS: dict[str, Callable[[FedConfig], optax.GradientTransformation]] = {

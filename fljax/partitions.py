@@ -5,6 +5,8 @@
   vector of client proportions is drawn from Dir(alpha), clients already holding N/C
   examples get no more, and the draw is repeated until every client has `min_size`
   examples. Small alpha (0.1) is extreme skew, large alpha (100) is close to i.i.d.
+- `dirichlet_per_client(alpha)`: the same skew drawn per client (Hsu et al. 2019), with
+  equal client sizes; it always fits, so it is the one for thousands of small clients.
 - `shards(k)`: the pathological split of McMahan et al. (AISTATS 2017): sort by label, cut
   into C*k shards, give each client k random shards (so at most k classes each).
 - `quantity_skew`: i.i.d. labels but client sizes drawn from Dir(beta) proportions
@@ -85,29 +87,82 @@ def dirichlet(labels: np.ndarray, num_clients: int, *, key: jax.Array, alpha: fl
       lowered to N // C when the data cannot give that many to every client.
     max_tries: redraws allowed to meet `min_size` before a ValueError.
   """
-  if not alpha > 0:
-    raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+  _check_alpha(alpha)
   n = len(labels)
   _check_clients(n, num_clients)
   min_size = min(min_size, n // num_clients)
   rng = _rng(key)
   classes = np.unique(labels)
   for _ in range(max_tries):
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    sizes = np.zeros(num_clients, np.int64)
+    chunks = []  # (the class's shuffled indices, each one's client)
     for c in classes:
       idx = np.flatnonzero(labels == c)
       rng.shuffle(idx)
       p = rng.dirichlet(np.full(num_clients, alpha))
       # NIID-Bench's balancing: a client that already has N/C examples gets no more.
-      p = p * np.array([len(part) < n / num_clients for part in parts])
+      p = p * (sizes < n / num_clients)
       p = p / p.sum()
       cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
-      for part, chunk in zip(parts, np.split(idx, cuts)):
-        part.extend(chunk.tolist())
-    if min(len(part) for part in parts) >= min_size:
-      return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
+      counts = np.diff(np.concatenate([[0], cuts, [len(idx)]]))
+      sizes += counts
+      chunks.append((idx, np.repeat(np.arange(num_clients), counts)))
+    if sizes.min() >= min_size:
+      return _group(np.concatenate([i for i, _ in chunks]),
+                    np.concatenate([o for _, o in chunks]), num_clients)
   raise ValueError(f"could not give every one of {num_clients} clients {min_size} examples "
-                   f"in {max_tries} Dirichlet({alpha}) draws; lower min_size or num_clients")
+                   f"in {max_tries} Dirichlet({alpha}) draws; lower min_size or num_clients, "
+                   f"or use the partition dirichlet_per_client, which always fits")
+
+
+def dirichlet_per_client(labels: np.ndarray, num_clients: int, *, key: jax.Array,
+                         alpha: float) -> Partition:
+  """Label skew as in Hsu et al. (2019): each client's class mix is drawn from
+  Dir(alpha K p) (K classes, p their frequencies: concentration alpha per class when they
+  are balanced, the skew of NIID-Bench's split), and every client gets N // C or N // C + 1
+  examples, drawn from its mix renormalised over the classes not yet used up.
+
+  It always fits: every example goes to exactly one client and every client gets its size,
+  at any C <= N, where `dirichlet`'s per-class draw cannot give thousands of small clients
+  their minimum. Clients are filled in a random order; the last ones filled find some
+  classes used up, so their mix is the most distorted (randomly chosen clients).
+  """
+  _check_alpha(alpha)
+  n = len(labels)
+  _check_clients(n, num_clients)
+  rng = _rng(key)
+  classes, counts = np.unique(labels, return_counts=True)
+  pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+  mixes = rng.dirichlet(alpha * len(classes) * counts / n, size=num_clients)
+  sizes = np.full(num_clients, n // num_clients)
+  sizes[:n % num_clients] += 1
+  remaining, taken = counts.copy(), np.zeros(num_clients * len(classes), np.int64)
+  for i in rng.permutation(num_clients):
+    need = sizes[i]
+    while need:
+      p = mixes[i] * (remaining > 0)
+      p = p / p.sum() if p.sum() > 0 else (remaining > 0) / (remaining > 0).sum()
+      take = np.minimum(rng.multinomial(need, p), remaining)
+      taken[i * len(classes):(i + 1) * len(classes)] += take
+      remaining -= take
+      need -= take.sum()
+  # Every example is taken: client i gets the next per[i, c] of class c's shuffled pool.
+  per = taken.reshape(num_clients, len(classes))
+  owner = np.concatenate([np.repeat(np.arange(num_clients), per[:, c])
+                          for c in range(len(classes))])
+  return _group(np.concatenate(pools), owner, num_clients)
+
+
+def _check_alpha(alpha: float) -> None:
+  if not alpha > 0:
+    raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+
+
+def _group(idx: np.ndarray, owner: np.ndarray, num_clients: int) -> Partition:
+  """The sorted indices of each client, from every index and its client."""
+  order = np.lexsort((idx, owner))
+  bounds = np.cumsum(np.bincount(owner, minlength=num_clients))[:-1]
+  return [part.astype(np.int64) for part in np.split(idx[order], bounds)]
 
 
 def shards(labels: np.ndarray, num_clients: int, *, key: jax.Array, k: int = 2) -> Partition:
@@ -160,6 +215,7 @@ def quantity_skew(labels: np.ndarray, num_clients: int, *, key: jax.Array,
 PARTITIONS: dict[str, Callable[..., Partition]] = {
     "iid": iid,
     "dirichlet": dirichlet,
+    "dirichlet_per_client": dirichlet_per_client,
     "shards": shards,
     "quantity_skew": quantity_skew,
 }

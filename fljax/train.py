@@ -47,8 +47,10 @@ class DataConfig:
     train_subset: keep this many training examples, stratified (none: all).
     test_subset: keep this many test examples, stratified (none: all).
     num_clients: number of clients C.
-    partition: iid, dirichlet, shards or quantity_skew.
-    alpha: Dirichlet label-skew concentration (partition=dirichlet).
+    partition: iid, dirichlet (NIID-Bench's per-class draw), dirichlet_per_client (each
+      client's class mix drawn, equal sizes: the one that fits thousands of small
+      clients), shards or quantity_skew.
+    alpha: Dirichlet label-skew concentration (partition=dirichlet or dirichlet_per_client).
     min_size: minimum examples per client (partition=dirichlet). NIID-Bench uses 10, which
       100 clients on the 4,000 embedded digits cannot meet at alpha=0.1.
     shards_per_client: k label-sorted shards per client (partition=shards).
@@ -80,6 +82,7 @@ class DataConfig:
     return {
         "iid": {},
         "dirichlet": {"alpha": self.alpha, "min_size": self.min_size},
+        "dirichlet_per_client": {"alpha": self.alpha},
         "shards": {"k": self.shards_per_client},
         "quantity_skew": {"method": self.quantity_method, "beta": self.quantity_beta,
                           "sigma": self.quantity_sigma},

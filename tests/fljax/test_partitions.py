@@ -12,6 +12,7 @@ KEY = jax.random.key(0)
 CASES = {
     "iid": {},
     "dirichlet": {"alpha": 0.5},
+    "dirichlet_per_client": {"alpha": 0.5},
     "shards": {"k": 2},
     "quantity_skew": {"method": "dirichlet", "beta": 0.5},
     "quantity_skew_lognormal": {"method": "lognormal", "sigma": 1.0},
@@ -30,6 +31,35 @@ def test_every_example_exactly_once(name):
   assert len(parts) == 20
   np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
   assert min(len(p) for p in parts) >= 1
+
+
+@pytest.mark.parametrize("name,kwargs", [("iid", {}), ("shards", {"k": 2}),
+                                         ("dirichlet_per_client", {"alpha": 0.5}),
+                                         ("dirichlet_per_client", {"alpha": 0.1})])
+def test_six_thousand_clients_keep_every_example_once(name, kwargs):
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 6000))
+  parts = partitions.partition(name, labels, 6000, key=KEY, **kwargs)
+  assert len(parts) == 6000 and {len(p) for p in parts} == {10}
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+  if name == "dirichlet_per_client":  # skewed: a median client holds few of the 10 classes
+    classes = (partitions.label_histogram(labels, parts, 10) > 0).sum(axis=1)
+    assert np.median(classes) <= (5 if kwargs["alpha"] == 0.5 else 2)
+
+
+def test_dirichlet_per_client_has_niid_benchs_skew():
+  skew = {(name, a): partitions.label_skew(partitions.label_histogram(
+      LABELS, _run(name, alpha=a), 10)) for name in ("dirichlet", "dirichlet_per_client")
+      for a in (0.1, 0.5, 100.0)}
+  for a in (0.1, 0.5):  # the same skew, within 0.05 of total variation
+    assert abs(skew["dirichlet_per_client", a] - skew["dirichlet", a]) < 0.05
+  # near i.i.d. at alpha 100 (50 examples a client: sampling noise alone gives about 0.17)
+  assert skew["dirichlet_per_client", 0.1] > skew["dirichlet_per_client", 0.5] > 0.4 > (
+      skew["dirichlet_per_client", 100.0])
+
+
+def test_niid_bench_dirichlet_that_cannot_fit_points_to_the_per_client_split():
+  with pytest.raises(ValueError, match="use the partition dirichlet_per_client"):
+    partitions.dirichlet(LABELS, 400, key=KEY, alpha=0.1, min_size=2, max_tries=20)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -60,7 +60,9 @@ def test_main_help_and_bad_values_end_in_one_line(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "--fed.local_epochs" in out and "--data.alpha" in out and "--num_processes" in out
   assert _error(["--workdir", str(tmp_path / "x"), "--fed.clients_per_round", "0"]) == 2
-  assert "clients_per_round must be in (0, 1]" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "clients_per_round is the fraction of all clients sampled each round" in err
+  assert "in (0, 1], got 0.0" in err
   code = _error(["--workdir", str(tmp_path / "y"), "--data.name", "cifar11", "--rounds", "1"])
   assert code.startswith("error: ") and "unknown dataset 'cifar11'" in code and "\n" not in code
 
