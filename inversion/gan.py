@@ -64,6 +64,7 @@ from fljax import config as config_lib
 from fljax import datasets, runs
 
 MNIST_GAN = Path(__file__).resolve().parent / "priors" / "mnist_dcgan"
+FASHION_MNIST_GAN = Path(__file__).resolve().parent / "priors" / "fashion_mnist_dcgan"
 NUM_STAGES = 4  # z, and the outputs of the three first blocks
 INIT = nn.initializers.normal(0.02)  # Radford et al.'s weight initialisation
 

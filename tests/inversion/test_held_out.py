@@ -28,6 +28,20 @@ def test_both_shipped_priors_saw_all_of_the_embedded_mnist_training_split(folder
                           "was trained on (all of it); draw the victims from the test split")
 
 
+def test_the_fashion_mnist_gan_loads_samples_and_saw_its_training_split_only():
+  gan = gan_lib.load(gan_lib.FASHION_MNIST_GAN)
+  images = gan_lib.to_unit(gan_lib.generate(
+      gan, gan.variables, jax.random.normal(jax.random.key(0), (4, gan.config.latent_dim))))
+  assert images.shape == (4, 32, 32, 1) and bool(np.isfinite(images).all())
+  assert float(images.std()) > 0.05  # not a constant image
+  seen = held_out.training_data(gan_lib.FASHION_MNIST_GAN)
+  assert seen == held_out.TrainingData(name="fashion_mnist", split="train", image_size=32,
+                                       channels=1, subset=None)
+  held_out.check(seen, dataset="fashion_mnist", split="test")
+  with pytest.raises(held_out.HeldOutError):
+    held_out.check(seen, dataset="fashion_mnist", split="train")
+
+
 def test_what_the_trainers_write_is_what_is_read(tmp_path):
   diffusion_run = training.TrainConfig(data=training.DataConfig(name="digits", image_size=16,
                                                                 train_subset=500))
