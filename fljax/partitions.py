@@ -136,19 +136,19 @@ def dirichlet_per_client(labels: np.ndarray, num_clients: int, *, key: jax.Array
   mixes = rng.dirichlet(alpha * len(classes) * counts / n, size=num_clients)
   sizes = np.full(num_clients, n // num_clients)
   sizes[:n % num_clients] += 1
-  remaining, taken = counts.copy(), np.zeros(num_clients * len(classes), np.int64)
+  remaining, taken = counts.copy(), np.zeros((num_clients, len(classes)), np.int64)
   for i in rng.permutation(num_clients):
     need = sizes[i]
     while need:
-      p = mixes[i] * (remaining > 0)
-      p = p / p.sum() if p.sum() > 0 else (remaining > 0) / (remaining > 0).sum()
+      left = remaining > 0
+      p = mixes[i] * left
+      p = p / p.sum() if p.sum() > 0 else left / left.sum()
       take = np.minimum(rng.multinomial(need, p), remaining)
-      taken[i * len(classes):(i + 1) * len(classes)] += take
+      taken[i] += take
       remaining -= take
       need -= take.sum()
-  # Every example is taken: client i gets the next per[i, c] of class c's shuffled pool.
-  per = taken.reshape(num_clients, len(classes))
-  owner = np.concatenate([np.repeat(np.arange(num_clients), per[:, c])
+  # Every example is taken: client i gets the next taken[i, c] of class c's shuffled pool.
+  owner = np.concatenate([np.repeat(np.arange(num_clients), taken[:, c])
                           for c in range(len(classes))])
   return _group(np.concatenate(pools), owner, num_clients)
 

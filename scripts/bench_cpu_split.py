@@ -7,9 +7,9 @@ also runs independent ops concurrently. The split step computes the gradient of 
 with `DPSGDConfig.slices`: the same gradient, summation order aside; the default, slices
 0, is one per core). Each variant runs in its own worker process, round robin
 (`fljax.timing.round_robin`), on DLG's LeNet (32x32x3, batch 64) and the MNIST CNN
-(28x28x1, batch 256). `--flag` runs the split worker under `XLA_FLAGS=FLAG` (one thread an
-op), which an earlier note thought the split needed; on jax 0.10.2 it changes nothing
-measurable.
+(28x28x1, batch 256). `--flag` runs the split worker under
+`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (one thread an op), which an earlier note
+thought the split needed; on jax 0.10.2 it changes nothing measurable.
 
   python scripts/bench_cpu_split.py [--quick] [--flag]
 

@@ -99,10 +99,10 @@ def main(argv=None):
     best = max(ups["vmap"], ups["map"])
     ratio = best / ups["loop"]
     n = int(clients.mask.sum(1).max())
-    print(f"{c:>6} {m:>6} {n:>9} {ups['vmap']:>10.1f} {ups['map']:>10.1f} {ups['loop']:>10.1f} "
-          f"{ratio:>7.2f}", flush=True)
-    result = {"ratio": ratio, "clients": c, "per_round": m, "vmap_ups": ups["vmap"], "map_ups": ups["map"],
-              "loop_ups": ups["loop"]}
+    print(f"{c:>6} {m:>6} {n:>9} {ups['vmap']:>10.1f} {ups['map']:>10.1f} "
+          f"{ups['loop']:>10.1f} {ratio:>7.2f}", flush=True)
+    result = {"ratio": ratio, "clients": c, "per_round": m, "vmap_ups": ups["vmap"],
+              "map_ups": ups["map"], "loop_ups": ups["loop"]}
   print("RESULT bench_fl_round " + " ".join(
       f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
       + f" backend={jax.default_backend()}")

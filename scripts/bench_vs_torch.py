@@ -107,5 +107,6 @@ def main(argv=None):
       ratios.setdefault(key, []).append(ms[peer] / ms[ours])
   print("RESULT bench_vs_torch " + " ".join(f"{k}={min(v):.2f}" for k, v in ratios.items()))
 
+
 if __name__ == "__main__":
   main()
