@@ -152,18 +152,9 @@ def calibrate(cfg: DPSGDConfig, n: int, steps: int, target_epsilon: float, delta
               accountant: str = "pld") -> DPSGDConfig:
   """`cfg` with the smallest noise multiplier whose `steps` steps on n examples meet
   (target_epsilon, delta) under the config's own event (truncation included)."""
-  def eps(c: DPSGDConfig) -> float:
-    return accounting.epsilon(c.event(n, steps, accountant), delta, accountant=accountant)
-
-  # Calibrate on the untruncated event (fast, bracketed by RDP), then raise sigma until
-  # the exact (possibly truncated) event meets the target too; the default static batch
-  # size makes the two agree, so this loop rarely turns.
-  untruncated = dataclasses.replace(cfg, max_batch_size=n) if cfg.sampling == "poisson" else cfg
   sigma = accounting.calibrate(
-      lambda s: dataclasses.replace(untruncated, noise_multiplier=s).event(n, steps, accountant),
+      lambda s: dataclasses.replace(cfg, noise_multiplier=s).event(n, steps, accountant),
       target_epsilon, delta, accountant=accountant)
-  while eps(dataclasses.replace(cfg, noise_multiplier=sigma)) > target_epsilon:
-    sigma *= 1.002
   return dataclasses.replace(cfg, noise_multiplier=sigma)
 
 

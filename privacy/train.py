@@ -407,11 +407,12 @@ class _RoundAccountant:
   """epsilon(r) after r rounds of the same event (a function of r only, so resumable)."""
 
   def __init__(self, name: str, neighbouring: str, delta: float, event):
-    self.args, self.event = (name, neighbouring, delta), event
+    self.key = ("round_epsilon", (name, neighbouring, delta), repr(event))
+    self.repeated = accounting.RepeatedEvent(event, accountant=name, neighbouring=neighbouring,
+                                             delta=delta)  # one composition more per round
 
   def epsilon(self, r: int) -> float:
-    return _memo(("round_epsilon", self.args, repr(self.event), r),
-                 lambda: accounting.Accountant(*self.args).compose(self.event, r).epsilon())
+    return _memo(self.key + (r,), lambda: self.repeated.epsilon(r))
 
 
 def _participation_counts(ctx: fl_train.RunContext) -> np.ndarray:

@@ -198,3 +198,37 @@ def test_pld_epsilon_is_dp_accountings_own(monkeypatch):
   fast = acc.epsilon(event, 1e-5)
   monkeypatch.setattr(acc, "_vector_gaussian", contextlib.nullcontext)
   assert fast == acc.epsilon(event, 1e-5)
+
+
+def _truncated(sigma, n=400, q=0.05, m=40):
+  return dp_event.TruncatedSubsampledGaussianDpEvent(
+      dataset_size=n, sampling_probability=q, truncated_batch_size=m, noise_multiplier=sigma)
+
+
+def test_untruncated_replaces_every_truncated_leaf():
+  nested = acc.compose([(_truncated(1.0), 3), (dp_event.GaussianDpEvent(2.0), 1)])
+  plain = acc.untruncated(nested)
+  assert plain == acc.compose([(dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(1.0)),
+                                3), (dp_event.GaussianDpEvent(2.0), 1)])
+  assert not acc._contains(plain, dp_event.TruncatedSubsampledGaussianDpEvent)
+
+
+@pytest.mark.parametrize("m", [40, 24])  # a cap 4 sd above the mean (rare), and one at +1 sd
+def test_truncated_calibration_is_exact_and_tight(m):
+  make = lambda s: acc.compose([(_truncated(s, m=m), 30)])  # noqa: E731
+  sigma = acc.calibrate(make, 2.0, 1e-5)
+  assert acc.epsilon(make(sigma), 1e-5) <= 2.0  # under the exact (truncated) event
+  assert acc.epsilon(make(sigma / 1.002), 1e-5) > 2.0  # and the smallest, to rtol
+  if m == 40:  # rare truncation: the untruncated surrogate is within a percent
+    surrogate = acc.calibrate(lambda s: acc.untruncated(make(s)), 2.0, 1e-5)
+    assert sigma == pytest.approx(surrogate, rel=0.01)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_repeated_event_matches_the_accountant_in_any_order(accountant):
+  event = _truncated(1.0) if accountant == "pld" else acc.dpsgd_event(0.05, 1.0)
+  repeated = acc.RepeatedEvent(event, accountant=accountant)
+  for r in [1, 2, 3, 4, 9, 8, 0, 5, 6]:  # consecutive (one composition each), jumps, back
+    want = acc.Accountant(accountant).compose(event, r).epsilon() if r else 0.0
+    assert repeated.epsilon(r) == pytest.approx(want, rel=1e-6)
+  assert acc.RepeatedEvent(dp_event.NonPrivateDpEvent()).epsilon(2) == math.inf
