@@ -27,6 +27,31 @@ Params = Any
 
 #: The MNIST prior that ships with fljax (see docs/diffusion.md: how it was trained, its quality).
 MNIST_PRIOR = Path(__file__).parent / "priors" / "mnist32"
+#: The shipped priors by the dataset they model (what `--attack.prior NAME` and a study on
+#: that dataset sample); a name whose folder is absent is not trained yet.
+SHIPPED: dict[str, Path] = {
+    "mnist": MNIST_PRIOR,
+    "fashion_mnist": Path(__file__).parent / "priors" / "fashion_mnist32",
+}
+TRAIN_COMMAND = ("python scripts/train_diffusion.py --workdir runs/ddpm_{name} --data.name {name} "
+                 "--steps 5000, then copy runs/ddpm_{name}/prior to {folder}")
+
+
+def shipped(name: str) -> Path:
+  """The folder of the shipped prior for dataset `name` (`SHIPPED`).
+
+  Raises:
+    PriorError: no prior is registered for `name`, or it is not trained yet (the message
+      gives the command that trains it).
+  """
+  if name not in SHIPPED:
+    raise PriorError(f"no shipped diffusion prior for {name!r} (shipped: {', '.join(SHIPPED)}); "
+                     f"pass a prior folder instead")
+  folder = SHIPPED[name]
+  if not (folder / "params.msgpack").is_file():
+    raise PriorError(f"the {name} diffusion prior is not trained yet: "
+                     + TRAIN_COMMAND.format(name=name, folder=folder))
+  return folder
 
 
 class PriorError(ValueError):

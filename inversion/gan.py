@@ -65,6 +65,8 @@ from fljax import datasets, runs
 
 MNIST_GAN = Path(__file__).resolve().parent / "priors" / "mnist_dcgan"
 FASHION_MNIST_GAN = Path(__file__).resolve().parent / "priors" / "fashion_mnist_dcgan"
+#: The shipped GAN priors by the dataset they model (`--attack.gan NAME`).
+SHIPPED: dict[str, Path] = {"mnist": MNIST_GAN, "fashion_mnist": FASHION_MNIST_GAN}
 NUM_STAGES = 4  # z, and the outputs of the three first blocks
 INIT = nn.initializers.normal(0.02)  # Radford et al.'s weight initialisation
 

@@ -194,10 +194,12 @@ def prior_folder(spec: AttackSpec) -> Path | None:
   else the shipped one); None for the attacks without one (dlg, idlg, ig)."""
   if spec.name in diffusion_guided.MODES:
     from diffusion import prior as prior_lib
+    if spec.prior in prior_lib.SHIPPED:
+      return prior_lib.shipped(spec.prior)
     return Path(spec.prior) if spec.prior else prior_lib.MNIST_PRIOR
   if spec.name == "gifd":
     from inversion import gan as gan_lib
-    return Path(spec.gan) if spec.gan else gan_lib.MNIST_GAN
+    return gan_lib.SHIPPED.get(spec.gan) or (Path(spec.gan) if spec.gan else gan_lib.MNIST_GAN)
   return None
 
 
@@ -344,8 +346,10 @@ class AttackSpec:
       norm under local DP (diffusion attacks and gifd).
     control: none, or random_observation: attack a random Gaussian update with the
       observed one's per-layer scale instead (what the prior and labels alone give).
-    prior: the diffusion prior folder (none: the shipped MNIST prior).
-    gan: the GAN prior folder (none: the shipped MNIST DCGAN).
+    prior: the diffusion prior: a folder, or a shipped prior's dataset name
+      (`diffusion.prior.SHIPPED`: mnist, fashion_mnist); none: the shipped MNIST prior.
+    gan: the GAN prior: a folder, or a shipped GAN's dataset name (`inversion.gan.SHIPPED`);
+      none: the shipped MNIST DCGAN.
     denoise: the adaptive attacker's processing of the observed update before the attack,
       steps joined by '+' (`inversion.adaptive`): rescale, average (over `rounds`), svd,
       wiener, pca; none: the update as received.

@@ -131,7 +131,8 @@ def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]
       name=cfg.data.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
       num_clients=cfg.clients, pad_pow2=True, **grid.PARTITIONS[partition]),
       "model": cfg.model, **grid.init_field(cfg.model),
-      "fed": {"clients_per_round": cfg.q, "sampling": "poisson", **dict(grid.DEFENSES[defense].fed)},
+      "fed": grid.fed_fields(defense, q=cfg.q, clients=cfg.clients,
+                             poisson_cap=getattr(cfg, "poisson_cap", 0)),
       "rounds": rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
 
@@ -560,7 +561,9 @@ def baseline_cell(attack: dict[str, Any], prior_steps: int) -> dict[str, Any]:
   baselines)."""
   return {**{k: attack[k] for k in ("view", "model", "data", "partition_seed", "batch",
                                     "local_steps", "victims", "local_lr")},
-          "kind": "baseline", "variant": grid.ATTACKS["dps"][0], "budget": max(prior_steps, 1),
+          "kind": "baseline", "budget": max(prior_steps, 1),
+          "variant": grid.with_overrides(grid.ATTACKS["dps"][0],
+                                         grid.prior_overrides("dps", attack["data"]["name"])),
           "prior_steps": prior_steps, "scores": "per image"}
 
 
@@ -599,7 +602,8 @@ def run_baseline_cell(cell: dict[str, Any], h: str, cells_dir: Path) -> dict[str
       sample = baselines.prior_only(_model(cell).apply, p.threat, prior_lib.load(
           specs.prior_folder(p.spec)), p.obs, key=key, cfg=cfg)
       samples["prior_only"], nfe = np.clip(sample.x, 0.0, 1.0), float(sample.counts[:, 2].mean())
-      samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan_lib.MNIST_GAN), p.threat,
+      gan = gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN)
+      samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan), p.threat,
                                                    len(p.x), key=jax.random.fold_in(key, 1))
     except ValueError as e:
       skipped["prior_only"] = skipped["gan_sample"] = str(e)

@@ -72,6 +72,7 @@ LOCAL_Z = 0.3  # forward noise's z per upload (empirically protective at issue 8
 TARGET_EPSILON = 8.0  # the calibrated defenses' epsilon, at DELTA
 DELTA = 1e-5
 CALIBRATED = "eps8"  # a noise multiplier resolved by `privacy_fields`
+TWICE_EXPECTED = "2qC"  # a Poisson cap of twice the expected clients, resolved by `fed_fields`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +98,13 @@ def _dp_fedavg(epsilon: float) -> Defense:
 DEFENSES: dict[str, Defense] = {
     "none": Defense(dict(mechanism="none"), "clear", "-", dp=False),
     "dp_fedavg_eps1": _dp_fedavg(1.0),
+    "dp_fedavg_eps2": _dp_fedavg(2.0),
     "dp_fedavg_eps4": _dp_fedavg(4.0),
     "dp_fedavg_eps8": _dp_fedavg(8.0),
+    "dp_fedavg_adaptive_eps8": Defense(
+        dict(mechanism="dp_fedavg", target_epsilon=8.0, clip_norm=0.5, adaptive_clipping=True),
+        "clear", "DP-FedAvg with adaptive clipping to the median norm (Andrew et al. 2021), "
+                 "user level"),
     # forward noise's z* as DP-FedAvg's sigma: the two at equal epsilon under replace-one
     "dp_fedavg_replace_one_eps8": Defense(
         dict(mechanism="dp_fedavg", noise_multiplier=CALIBRATED, clip_norm=0.5), "clear",
@@ -142,7 +148,7 @@ DEFENSES: dict[str, Defense] = {
     "topup": Defense(_forward(topup_noise_multiplier=CALIBRATED), "forward",
                      "forward noise z = 0.3 topped up by the trusted server to a "
                      "participation-independent total (epsilon <= 8, add/remove, amplified)",
-                     fed=(("poisson_cap", 20),)),
+                     fed=(("poisson_cap", TWICE_EXPECTED),)),
     "pfdm": Defense(dict(mechanism="pfdm", t_start=500), None,
                     "clients train on forward-diffused data, t0 = 500 (one release per image)"),
     "prune": Defense(dict(mechanism="prune", prune_fraction=0.9), "prune",
@@ -156,6 +162,11 @@ STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", 
 DEFAULT_DEFENSES = ("none", "dp_fedavg_eps8", "dpsgd", "secagg_ddp", "forward", "hybrid",
                     "prune")
 MODEL_STATES = ("untrained", "trained")
+# the scale preset's defenses: every mechanism, the epsilon sweep with fixed and adaptive
+# clipping, and forward noise with its schedules, alone, topped up and with central noise
+SCALE_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps2", "dp_fedavg_eps4", "dp_fedavg_eps8",
+                  "dp_fedavg_adaptive_eps8", "secagg_ddp", "dpsgd", "secagg", "prune", "forward",
+                  "forward_eps8", "forward_anneal_eps8", "forward_cosine_eps8", "hybrid", "topup")
 
 # the study's initialisation of each model where it is not Flax's default: DLG's LeNet keeps
 # DLG's uniform(-0.5, 0.5) (with LeCun-normal weights its sigmoids sit on a plateau: FedAvg
@@ -241,6 +252,9 @@ class StudyConfig:
     data: the data.
     clients: clients C of the federated run.
     q: Poisson sampling rate: q C clients a round on average.
+    poisson_cap: static client slots a round (0: all C, exact Poisson; with thousands of
+      clients every round then gathers them all). A cap truncates the rare rounds where
+      more join, which DP accounting charges for (`TruncatedSubsampledGaussianDpEvent`).
     rounds: FedAvg rounds (none: the model's, `MODEL_ROUNDS`: 10, DLG's LeNet 100).
     model: the model (fljax.models).
     victims: attacked uploads per attack cell.
@@ -277,6 +291,7 @@ class StudyConfig:
   data: DataSpec = DataSpec()
   clients: int = 100
   q: float = 0.1
+  poisson_cap: int = 0
   rounds: int | None = None
   model: str = "cnn"
   victims: int = 16
@@ -302,6 +317,12 @@ class StudyConfig:
     check_names("defense model state", self.defense_model_states, MODEL_STATES)
     if not 0 < self.q <= 1:
       raise ValueError(f"q must be in (0, 1], got {self.q}")
+    if not 0 <= self.poisson_cap <= self.clients:
+      raise ValueError(f"poisson_cap must be in [0, clients={self.clients}], got {self.poisson_cap}")
+    if 0 < self.poisson_cap < self.expected_clients():
+      raise ValueError(f"poisson_cap {self.poisson_cap} is below the {self.expected_clients()} "
+                       f"clients expected a round (q C): most rounds would be truncated; use "
+                       f"at least 1.5 q C, or 0 (no cap)")
     if not self.seeds or not set(self.attack_seeds) <= set(self.seeds):
       raise ValueError(f"attack_seeds {list(self.attack_seeds)} must be among seeds {list(self.seeds)}")
     for name in ("clients", "fl_rounds", "victims", "generative_budget", "defense_budget",
@@ -376,6 +397,14 @@ PRESETS: dict[str, dict[str, Any]] = {
              "defense_attacks": tuple(ATTACKS), "defense_model_states": MODEL_STATES,
              "batch_attacks": tuple(ATTACKS), "batch_budget": 10000, "defenses": STUDY_DEFENSES,
              "attacks": tuple(ATTACKS), "defense_victims": 32},
+    # populations at scale (issue 22): Fashion-MNIST over 3,000 clients, about 100 a round
+    # (Poisson into 160 slots: 6 sd above the mean, so truncation is rare and PLD charges it)
+    # for 100 rounds, every defense, attacked on the untrained and the trained model; about
+    # 2.5 min per FL cell here (48 cells), 4 to 5 hours in all with the attacks
+    "scale": {"data.name": "fashion_mnist", "clients": 3000, "q": 1 / 30, "poisson_cap": 160,
+              "rounds": 100, "eval_every": 10, "partitions": ("iid",), "seeds": (0, 1, 2),
+              "attack_seeds": (0,), "defenses": SCALE_DEFENSES, "batch_sizes": (1,),
+              "defense_model_states": MODEL_STATES, "defense_victims": 8},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
              "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),
@@ -423,6 +452,18 @@ def topup_z(rounds: int, q: float, clients: int, slots: int) -> float:
                               neighbouring="add_remove", sigma_min=floor)
 
 
+def fed_fields(defense: str, *, q: float, clients: int, poisson_cap: int = 0) -> dict[str, Any]:
+  """The FL cell's `FedConfig` fields: Poisson sampling at rate q (into `poisson_cap`
+  slots when given, all C otherwise), then the defense's overrides, `TWICE_EXPECTED`
+  resolved."""
+  out = {"clients_per_round": q, "sampling": "poisson"}
+  if poisson_cap:
+    out["poisson_cap"] = poisson_cap
+  for name, value in DEFENSES[defense].fed:
+    out[name] = 2 * max(1, round(q * clients)) if value == TWICE_EXPECTED else value
+  return out
+
+
 def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict[str, Any]:
   """The defense's `PrivacyConfig` fields for a run of `rounds` at rate q over `clients`,
   its `CALIBRATED` noise multipliers resolved (rounded to 6 digits: they enter cell hashes)."""
@@ -431,7 +472,8 @@ def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict
   resolve = {
       "noise_multiplier": lambda: replace_one_z(rounds, q),
       "central_noise_multiplier": lambda: central_z(rounds, q),
-      "topup_noise_multiplier": lambda: topup_z(rounds, q, clients, dict(d.fed)["poisson_cap"]),
+      "topup_noise_multiplier": lambda: topup_z(rounds, q, clients, fed_fields(
+          defense, q=q, clients=clients)["poisson_cap"]),
   }
   for name, value in resolve.items():
     if privacy.get(name) == CALIBRATED:
@@ -485,8 +527,36 @@ def _written(value: Any) -> str:
   return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+# a dataset whose attacks have not been tuned on it takes the tuning of one with the same
+# image geometry and model (every attack alike, so the comparison stays equal-effort)
+TUNING_FALLBACK = {"fashion_mnist": "mnist"}
+
+
+def tuning_dataset(dataset: str, model: str, *, path: str | Path = TUNED) -> str:
+  """The dataset whose tuned values a study on `dataset` uses (`TUNING_FALLBACK`)."""
+  path = Path(path)
+  tuned = json.loads(path.read_text()) if path.exists() else {}
+  if f"{dataset}/{model}" not in tuned and dataset in TUNING_FALLBACK:
+    return TUNING_FALLBACK[dataset]
+  return dataset
+
+
+def prior_overrides(attack: str, dataset: str) -> dict[str, str]:
+  """The generative prior an attack samples on `dataset`: the one trained on that dataset
+  when one ships (`diffusion.prior.SHIPPED`, `inversion.gan.SHIPPED`), by name; {} for
+  MNIST (the default priors) and for datasets without their own."""
+  from diffusion import prior as prior_lib
+  from inversion import gan as gan_lib
+  if attack not in GENERATIVE or dataset == "mnist":
+    return {}
+  field, shipped = ("gan", gan_lib.SHIPPED) if attack == "gifd" else ("prior", prior_lib.SHIPPED)
+  return {field: dataset} if dataset in shipped else {}
+
+
 def variant(attack: str, dataset: str, model: str, *, path: str | Path = TUNED) -> str:
   """The variant a study runs for `attack` on `dataset` and `model`: its registry variant
-  with the values tuned there (`studies.tuning`) merged in; `adaptive` takes dps's."""
-  tuned = tuned_overrides(dataset, model, "dps" if attack == "adaptive" else attack, path=path)
-  return with_overrides(ATTACKS[attack][0], tuned)
+  with the values tuned there (`studies.tuning`; `TUNING_FALLBACK`) and the dataset's own
+  prior merged in; `adaptive` takes dps's tuning."""
+  tuned = tuned_overrides(tuning_dataset(dataset, model, path=path), model,
+                          "dps" if attack == "adaptive" else attack, path=path)
+  return with_overrides(ATTACKS[attack][0], {**tuned, **prior_overrides(attack, dataset)})

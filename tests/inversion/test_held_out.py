@@ -80,3 +80,16 @@ def test_the_tuning_and_evaluation_splits_partition_the_test_split():
     held_out.check_disjoint([3, 5], evaluation)
   with pytest.raises(ValueError, match="'tuning' or 'evaluation'"):
     held_out.split_indices(10, "train")
+
+
+def test_shipped_priors_are_named_by_their_dataset(monkeypatch, tmp_path):
+  from inversion import specs
+  assert specs.prior_folder(specs.AttackSpec(name="gifd", gan="fashion_mnist")) == \
+      gan_lib.FASHION_MNIST_GAN
+  assert specs.prior_folder(specs.AttackSpec(name="dps", prior="mnist")) == prior_lib.MNIST_PRIOR
+  monkeypatch.setitem(prior_lib.SHIPPED, "fashion_mnist", tmp_path / "untrained")
+  with pytest.raises(prior_lib.PriorError, match="fashion_mnist diffusion prior is not trained "
+                                                 "yet: python scripts/train_diffusion.py"):
+    specs.prior_folder(specs.AttackSpec(name="dps", prior="fashion_mnist"))
+  with pytest.raises(prior_lib.PriorError, match="no shipped diffusion prior for 'cifar10'"):
+    prior_lib.shipped("cifar10")

@@ -212,3 +212,33 @@ def test_defense_and_batch_attacks_fall_back_to_the_attacks_and_bad_rates_are_re
     grid.make(grid.StudyConfig, {"q": 1.5})
   only_clear = grid.make(grid.StudyConfig, {"defenses": ("none",), "attacks": ("idlg",)})
   assert only_clear.states("none") == grid.MODEL_STATES
+
+
+def test_scale_preset_plans_valid_cells(tmp_path):
+  scale = grid.make(grid.StudyConfig, grid.PRESETS["scale"])
+  assert (scale.data.name, scale.clients, scale.expected_clients(), scale.fl_rounds) == (
+      "fashion_mnist", 3000, 100, 100)
+  fl = runner.plan_fl(scale)
+  assert len(fl) == len(grid.SCALE_DEFENSES) * 3
+  for (_, defense, _), (_, cell) in fl.items():
+    config = cells.fl_experiment(cell)  # a valid run config, its noise calibrated as released
+    assert grid.CALIBRATED not in cell["privacy"].values()
+    if defense != "dpsgd":  # Poisson into 160 slots; the top-up's own cap is 2 q C
+      assert config.fed.sampling == "poisson"
+      assert config.fed.poisson_cap == (200 if defense == "topup" else 160)
+  assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * grid.LOCAL_Z
+  attacks = runner.plan_attacks(scale, fl, tmp_path)
+  # the clear update: 2 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 15 other
+  # defenses: ig and adaptive x 2 states at one rung
+  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 2
+  variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
+  # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
+  assert "gan=fashion_mnist" in variants["gifd"] and "prior=fashion_mnist" in variants["ggdm"]
+  assert variants["ig"] == grid.variant("ig", "mnist", "cnn")
+  baseline = cells.baseline_cell(attacks[next(iter(attacks))][1], scale.prior_only_steps)
+  assert "prior=fashion_mnist" in baseline["variant"]
+
+
+def test_a_cap_below_the_expected_clients_is_refused():
+  with pytest.raises(ValueError, match="poisson_cap 50 is below the 100 clients expected"):
+    grid.make(grid.StudyConfig, {"clients": 1000, "q": 0.1, "poisson_cap": 50})
