@@ -184,11 +184,30 @@ def _server_z(defense: grid.Defense, fl: dict[str, Any] | None) -> float | None:
   return float(min(fl["privacy"]["event_z"]))
 
 
+def released_view(cfg: grid.StudyConfig, d: grid.Defense, upload: dict[str, Any],
+                  fl: dict[str, Any] | None) -> dict[str, Any]:
+  """What a model observer recovers from two consecutive global models: the round's mean
+  update over its n = q C clients, each the client's `upload` (its server view), with
+  DP-FedAvg's central noise sigma C / n (`fl`'s calibrated sigma; None while unknown).
+  Secure aggregation's view already is this. The hybrid's central noise and the top-up's
+  are left out: in the attacker's favour."""
+  if upload["kind"] == "aggregate":
+    return upload
+  view: dict[str, Any] = {"kind": "aggregate", "clients": cfg.expected_clients()}
+  if d.privacy.get("mechanism") == "dp_fedavg":
+    sigma = None if fl is None or fl["status"] != "done" else fl["final"].get("noise_multiplier")
+    view.update(clip_norm=d.privacy["clip_norm"], sigma=sigma)
+  elif upload["kind"] != "clear":
+    view["upload"] = upload
+  return view
+
+
 def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, attack: str,
                 batch: int, steps: int, state: str, fl_hash: str, fl: dict[str, Any] | None,
-                budget: int) -> dict[str, Any]:
+                budget: int, *, released: bool = False) -> dict[str, Any]:
   """The JSON config of an attack cell at `budget` double-backward evaluations per victim,
-  given its FL cell's hash and outcome (None if not run). The hash covers what determines the result only (the view, the model, the
+  given its FL cell's hash and outcome (None if not run); `released`: against the released
+  model (`released_view`) instead of what the server sees. The hash covers what determines the result only (the view, the model, the
   victims, the attack), so cells that coincide (e.g. DP-FedAvg at every epsilon on the
   untrained model: the server sees the same clear update) run once."""
   d = grid.DEFENSES[defense]
@@ -207,10 +226,12 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
     if "target_epsilon" in privacy or "noise_multiplier" in privacy:
       sigma = None if fl is None or fl["status"] != "done" else fl["final"].get("noise_multiplier")
       view.update(clip_norm=privacy["clip_norm"], sigma=sigma)
+  if released:
+    view = released_view(cfg, d, view, fl)
   model = {"name": cfg.model, "state": state, "seed": seed,
            "fl": fl_hash if state == "trained" else None, **grid.init_field(cfg.model)}
   variant = grid.variant(attack, cfg.data.name, cfg.model)  # with its tuned values
-  if attack == "adaptive" and d.view in ("clear", "aggregate"):
+  if attack == "adaptive" and view["kind"] in ("clear", "aggregate"):
     # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
     # noised updates is not one clipped update): the dps attack itself, one shared cell
     variant = grid.variant("dps", cfg.data.name, cfg.model)
@@ -221,7 +242,7 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
                    **grid.PARTITIONS[partition]},
           "partition_seed": seed, "batch": batch, "local_steps": steps,
           # an aggregate already holds n B images: one per cell keeps its cost near the others'
-          "victims": 1 if d.view == "aggregate" else cfg.victims if defense == "none"
+          "victims": 1 if view["kind"] == "aggregate" else cfg.victims if defense == "none"
                      else cfg.defense_victims,
           "local_lr": 0.1}
 
@@ -339,6 +360,8 @@ def defense_spec(view: dict[str, Any]) -> specs.DefenseSpec:
                              noise_multiplier=view["z"], rescale=False)
   if kind == "prune":
     return specs.DefenseSpec(name="prune", fraction=view["fraction"])
+  if kind == "aggregate" and "upload" in view:  # each client's upload, defended, then the mean
+    return defense_spec(view["upload"])
   if kind == "aggregate" and view.get("sigma") is not None:
     # each of the n clients clips and adds its share: the mean carries sigma C / n (the
     # distributed discrete Gaussian's shares are sized for n_min <= n survivors, so the real
@@ -367,8 +390,9 @@ class Prepared:
 def prepare(cell: dict[str, Any], h: str, cells_dir: Path) -> Prepared:
   """What the server sees in this cell, V times (one upload, or one round's aggregate)."""
   view = cell["view"]
+  upload = view.get("upload", view)
   if (view["kind"] == "aggregate" and "clip_norm" in view and view["sigma"] is None
-      or view["kind"] == "forward" and view["z"] is None):
+      or upload["kind"] == "forward" and upload["z"] is None):
     raise ValueError("the defense's calibrated noise is unknown: its FL cell failed")
   model = _model(cell)
   params = _params(cell, cells_dir)

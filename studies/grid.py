@@ -72,6 +72,7 @@ LOCAL_Z = 0.3  # forward noise's z per upload (empirically protective at issue 8
 TARGET_EPSILON = 8.0  # the calibrated defenses' epsilon, at DELTA
 DELTA = 1e-5
 CALIBRATED = "eps8"  # a noise multiplier resolved by `privacy_fields`
+RELEASED = "@released"  # suffix of an attack's plan name when it attacks the released model
 TWICE_EXPECTED = "2qC"  # a Poisson cap of twice the expected clients, resolved by `fed_fields`
 
 
@@ -275,6 +276,10 @@ class StudyConfig:
       of `attacks` when none of them is listed).
     defense_victims: attacked uploads per attack cell under defenses other than `none`.
     defense_model_states: the model states attacked under defenses other than `none`.
+    released_attacks: attacks also run against the released model, under every defense
+      (a model observer's view: two consecutive global models give the round's mean
+      update over its n = q C clients, with DP-FedAvg's central noise; `RELEASED`), at
+      `defense_budget`, B in `defense_batch_sizes`, models `defense_model_states`.
     prior_only_steps: sampler steps of the prior-only baseline (the diffusion prior's
       sample at the labels inferred from the update; 0: no prior baselines).
     eval_every: test accuracy every this many rounds.
@@ -304,6 +309,7 @@ class StudyConfig:
   defense_attacks: tuple[str, ...] = _names(DEFENSE_ATTACKS, ATTACKS)
   defense_victims: int = 8
   defense_model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
+  released_attacks: tuple[str, ...] = _names((), ATTACKS)
   prior_only_steps: int = 30
   eval_every: int = 2
 
@@ -315,6 +321,9 @@ class StudyConfig:
     check_names("defense attack", self.defense_attacks, ATTACKS)
     check_names("batch attack", self.batch_attacks, ATTACKS)
     check_names("defense model state", self.defense_model_states, MODEL_STATES)
+    bad = [a for a in self.released_attacks if a not in ATTACKS]
+    if bad:
+      raise ValueError(f"unknown released attack {bad[0]!r}; valid: {', '.join(ATTACKS)}")
     if not 0 < self.q <= 1:
       raise ValueError(f"q must be in (0, 1], got {self.q}")
     if not 0 <= self.poisson_cap <= self.clients:
@@ -369,6 +378,11 @@ class StudyConfig:
     among = self.batch_attacks if defense == "none" else self.defense_attacks
     return tuple(a for a in self.attacks if a in among) or self.attacks
 
+  def released_rung(self) -> tuple[int, ...]:
+    """The budget of the attacks on the released model: the largest rung not above
+    `defense_budget`."""
+    return tuple(x for x in self.budgets if x <= self.defense_budget)[-1:]
+
   def states(self, defense: str) -> tuple[str, ...]:
     return self.model_states if defense == "none" else self.defense_model_states
 
@@ -404,7 +418,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scale": {"data.name": "fashion_mnist", "clients": 3000, "q": 1 / 30, "poisson_cap": 160,
               "rounds": 100, "eval_every": 10, "partitions": ("iid",), "seeds": (0, 1, 2),
               "attack_seeds": (0,), "defenses": SCALE_DEFENSES, "batch_sizes": (1,),
-              "defense_model_states": MODEL_STATES, "defense_victims": 8},
+              "defense_model_states": MODEL_STATES, "defense_victims": 8,
+              "released_attacks": ("ig",)},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,
              "q": 0.5, "rounds": 2, "model": "mlp", "victims": 1, "budgets": (2, 4),

@@ -53,11 +53,22 @@ def _epsilon(final: dict[str, Any], defense: str) -> float:
   return float(final.get("epsilon", math.inf))
 
 
+MODEL_STATES_ORDER = grid.MODEL_STATES
+
+
+def _top(by_attack: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, float]]:
+  """The best attack (highest median PSNR over the attack seeds) and its median scores."""
+  scores = {a: {k: float(np.median([e[k] for e in es])) for k in ("psnr", "ssim", "label_accuracy")}
+            for a, es in by_attack.items()}
+  top = max(scores, key=lambda a: scores[a]["psnr"])
+  return top, scores[top]
+
+
 def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dict[str, Any]:
   """Rows for the tables and figures from the cells' results."""
   cells_dir = out / "cells"
   summary, failed, curves = [], [], {}
-  attack_rows = []
+  attack_rows, released_rows = [], []
   for p in cfg.partitions:
     for d in cfg.defenses:
       runs = []
@@ -78,7 +89,7 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
         curves[(p, d)] = [([x["round"] for x in r["records"] if "test_accuracy" in x],
                            [x["test_accuracy"] for x in r["records"] if "test_accuracy" in x])
                           for r in runs]
-      best = {}
+      best, released = {}, {}
       for key, (h, cell) in attack_plan.items():
         if key[0] != p or key[1] != d:
           continue
@@ -100,16 +111,21 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
                  "flops": r.get("flops_per_victim"),
                  "first_psnr": r["psnr"][0] if r["psnr"] and 0 not in r["failed_victims"] else None,
                  "failed_victims": len(r["failed_victims"])}
+        if attack.endswith(grid.RELEASED):  # against the released model: its own column
+          released_rows.append(entry)
+          released.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
+          continue
         attack_rows.append(entry)
         if budget == max(cfg.rungs(attack, d, b)):  # each attack at its largest budget here
           best.setdefault((b, steps, state), {}).setdefault(attack, []).append(entry)
       point = (cfg.batch_sizes[0], cfg.local_steps[0], cfg.model_states[0])
-      if point in best:  # each attack's median over the attack seeds, then the best attack
-        scores = {a: {k: float(np.median([e[k] for e in es]))
-                      for k in ("psnr", "ssim", "label_accuracy")}
-                  for a, es in best[point].items()}
-        top = max(scores, key=lambda a: scores[a]["psnr"])
-        row.update(best_attack=top, **scores[top])
+      if point in best:
+        top, scores = _top(best[point])
+        row.update(best_attack=top, **scores)
+      for name, found in (("psnr_by_state", best), ("released_by_state", released)):
+        at = (cfg.batches(d)[0], cfg.local_steps[0])
+        row[name] = {state: _top(found[at + (state,)]) for state in MODEL_STATES_ORDER
+                     if at + (state,) in found}
       summary.append(row)
   base = []
   for h, cell in cells.plan_baselines(attack_plan, cfg.prior_only_steps).items():
@@ -121,8 +137,8 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
     base.append({"batch": cell["batch"], "local_steps": cell["local_steps"],
                  "state": cell["model"]["state"], "seed": cell["partition_seed"],
                  "data": cell["data"], "scores": r["baselines"]})
-  return {"summary": summary, "attacks": attack_rows, "failed": failed, "curves": curves,
-          "baselines": base}
+  return {"summary": summary, "attacks": attack_rows, "released": released_rows,
+          "failed": failed, "curves": curves, "baselines": base}
 
 
 
@@ -345,6 +361,14 @@ def _grid(plt, cfg, out: Path, data: dict, partition: str, path: Path) -> bool:
 # ----------------------------------------------------------------------------- documents
 
 
+def _by_state(found: dict[str, Any] | None) -> str:
+  """'untrained 14.2 (ig); trained 11.0 (ig)': the best attack's median PSNR per model."""
+  if not found:
+    return "-"
+  return "; ".join(f"{state} {scores['psnr']:.1f} ({attack.removesuffix(grid.RELEASED)})"
+                   for state, (attack, scores) in found.items())
+
+
 def _fmt(v, spec="{:.3g}") -> str:
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "-"
@@ -405,9 +429,14 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  "Epsilon at delta 1e-5 after the last round, with its relation and "
                  "accountant. Best attack: the highest median PSNR among the attacks on the "
                  f"first grid point (B = {cfg.batch_sizes[0]}, {cfg.local_steps[0]} local "
-                 f"step(s), {cfg.model_states[0]} model)."))
+                 f"step(s), {cfg.model_states[0]} model); by model: the same at each model "
+                 "state attacked. Released model: the best of the attacks "
+                 f"({', '.join(cfg.released_attacks) or 'none in this grid'}) on what a model "
+                 "observer recovers from two consecutive global models (the round's mean "
+                 "update over its q C clients, with DP-FedAvg's central noise)."))
   header = ["partition", "defense", "accuracy", "seeds", "epsilon", "accountant",
-            "best attack", "PSNR dB", "SSIM", "label acc"]
+            "best attack", "PSNR dB", "SSIM", "label acc", "best PSNR by model",
+            "released model: best PSNR"]
   rows = []
   for r in data["summary"]:
     acc = "failed" if "accuracy" not in r else (
@@ -418,7 +447,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
     rows.append([r["partition"], r["defense"], acc, str(r["seeds"]), eps,
                  r.get("accountant", "-"), r.get("best_attack", "-"),
                  _fmt(r.get("psnr"), "{:.1f}"), _fmt(r.get("ssim"), "{:.3f}"),
-                 _fmt(r.get("label_accuracy"), "{:.2f}")])
+                 _fmt(r.get("label_accuracy"), "{:.2f}"),
+                 _by_state(r.get("psnr_by_state")), _by_state(r.get("released_by_state"))])
   b.append(("table", header, rows))
   b.append(("h", 2, "Quality against compute (clear update)"))
   b.append(("p", "Each attack at each budget of the ladder on the clear update (defense "

@@ -88,6 +88,15 @@ def plan_attacks(cfg: grid.StudyConfig, fl: FlPlan, cells_dir: Path) -> AttackPl
             for budget in cfg.rungs(a, d, b):
               cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result, budget)
               out[(p, d, s, a, b, steps, state, budget)] = (cells.config_hash(cell), cell)
+    for a in cfg.released_attacks:  # what a model observer recovers (grid.RELEASED)
+      for b in cfg.defense_batch_sizes:
+        for steps in cfg.local_steps:
+          for state in cfg.defense_model_states:
+            for budget in cfg.released_rung():
+              cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result, budget,
+                                       released=True)
+              out[(p, d, s, a + grid.RELEASED, b, steps, state, budget)] = (
+                  cells.config_hash(cell), cell)
   return out
 
 

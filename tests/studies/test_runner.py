@@ -229,8 +229,8 @@ def test_scale_preset_plans_valid_cells(tmp_path):
   assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * grid.LOCAL_Z
   attacks = runner.plan_attacks(scale, fl, tmp_path)
   # the clear update: 2 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 15 other
-  # defenses: ig and adaptive x 2 states at one rung
-  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 2
+  # defenses: ig and adaptive x 2 states at one rung; ig on the released model under all 16
+  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 2 + 16 * 2
   variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
   # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
   assert "gan=fashion_mnist" in variants["gifd"] and "prior=fashion_mnist" in variants["ggdm"]
@@ -242,3 +242,28 @@ def test_scale_preset_plans_valid_cells(tmp_path):
 def test_a_cap_below_the_expected_clients_is_refused():
   with pytest.raises(ValueError, match="poisson_cap 50 is below the 100 clients expected"):
     grid.make(grid.StudyConfig, {"clients": 1000, "q": 0.1, "poisson_cap": 50})
+
+
+def test_attacks_on_the_released_model(study_copy):
+  cfg, out = study_copy
+  cfg = grid.make(grid.StudyConfig, TINY, {"seeds": (0,), "attack_seeds": (0,),
+                                           "defenses": ("none", "forward", "dp_fedavg_eps8"),
+                                           "released_attacks": ("ig",)})
+  data = runner.run(cfg, out, progress=False)
+  assert not data["failed"]
+  released = {r["defense"]: r for r in data["released"]}
+  assert set(released) == {"none", "forward", "dp_fedavg_eps8"}
+  assert all(r["attack"] == "ig" + grid.RELEASED for r in data["released"])
+  assert not any(r["attack"].endswith(grid.RELEASED) for r in data["attacks"])
+  plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
+  views = {k[1]: c["view"] for k, (_, c) in plan.items() if k[3].endswith(grid.RELEASED)}
+  n = cfg.expected_clients()
+  assert views["none"] == {"kind": "aggregate", "clients": n}  # SecAgg's view, one cell
+  assert views["forward"]["upload"]["kind"] == "forward" and views["forward"]["clients"] == n
+  dp = views["dp_fedavg_eps8"]  # the run's calibrated sigma on the mean of n clipped updates
+  assert dp["clip_norm"] == 0.5 and dp["sigma"] > 0.5
+  assert all(c["victims"] == 1 for k, (_, c) in plan.items() if k[3].endswith(grid.RELEASED))
+  summary = {r["defense"]: r for r in data["summary"]}
+  assert set(summary["forward"]["released_by_state"]) == {"untrained"}
+  md = (out / "report.md").read_text()
+  assert "released model: best PSNR" in md and "untrained" in md
