@@ -112,6 +112,8 @@ class ExperimentConfig:
     eval_every: evaluate on the test split every this many rounds (and at the end).
     checkpoint_every: save the server state every this many rounds (and at the end).
     devices: shard the client axis over this many local devices (0: all of them).
+    snapshot_rounds: also write the global model after each of these rounds, as
+      `params_round<r>.msgpack` (for attacks on a model midway through training).
   """
 
   data: DataConfig = DataConfig()
@@ -122,11 +124,15 @@ class ExperimentConfig:
   eval_every: int = 1
   checkpoint_every: int = 10
   devices: int = 1
+  snapshot_rounds: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name in ("rounds", "eval_every", "checkpoint_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    bad = [r for r in self.snapshot_rounds if not 1 <= r <= self.rounds]
+    if bad:
+      raise ValueError(f"snapshot_rounds must be rounds in [1, {self.rounds}], got {bad[0]}")
     if self.devices < 0:
       raise ValueError(f"devices must be >= 0, got {self.devices}")
 
@@ -272,6 +278,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | os.PathLike, *,
   def on_log(state, record):
     r = record["round"]
     more = dict(extra.round_metrics(r)) if extra.round_metrics is not None else {}
+    if primary and r in config.snapshot_rounds:
+      (workdir / f"params_round{r}.msgpack").write_bytes(
+          flax.serialization.to_bytes(jax.device_get(state.params)))
     if r % config.eval_every == 0 or r == config.rounds:
       ev = jax.device_get(evaluate(state.params, x_test, y_test))
       more.update(test_accuracy=float(ev["accuracy"]), test_loss=float(ev["loss"]))

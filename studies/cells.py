@@ -136,9 +136,15 @@ def fl_cell(cfg: Any, partition: str, defense: str, seed: int) -> dict[str, Any]
       "rounds": rounds, "seed": seed, "eval_every": cfg.eval_every, "privacy": privacy}
 
 
+def midway_round(rounds: int) -> int:
+  """The round after which an FL cell's `midway` model is taken: half its rounds."""
+  return max(1, rounds // 2)
+
+
 def fl_experiment(cell: dict[str, Any], devices: int = 1) -> ptrain.PrivateExperimentConfig:
-  """The `privacy.train` run of an FL cell."""
+  """The `privacy.train` run of an FL cell (which also keeps its `midway` model)."""
   return ptrain.PrivateExperimentConfig(
+      snapshot_rounds=(midway_round(cell["rounds"]),),
       data=fl_train.DataConfig(**cell["data"]), model=fl_train.ModelConfig(
           name=cell["model"], init=cell.get("init", "default")),
       fed=fed.FedConfig(**cell["fed"]), rounds=cell["rounds"], seed=cell["seed"],
@@ -229,7 +235,9 @@ def attack_cell(cfg: grid.StudyConfig, partition: str, defense: str, seed: int, 
   if released:
     view = released_view(cfg, d, view, fl)
   model = {"name": cfg.model, "state": state, "seed": seed,
-           "fl": fl_hash if state == "trained" else None, **grid.init_field(cfg.model)}
+           "fl": fl_hash if state != "untrained" else None, **grid.init_field(cfg.model)}
+  if state == "midway":
+    model["round"] = midway_round(getattr(cfg, "fl_rounds", cfg.rounds))
   variant = grid.variant(attack, cfg.data.name, cfg.model)  # with its tuned values
   if attack == "adaptive" and view["kind"] in ("clear", "aggregate"):
     # nothing to adapt to (clear), or no model of it (an aggregate of per-client clipped and
@@ -330,12 +338,18 @@ def _model(cell: dict[str, Any]) -> models.Model:
 
 def _params(cell: dict[str, Any], cells_dir: Path) -> Any:
   """The model the server holds: the FL run's initial parameters (same key as
-  `fljax.train`) or its final ones (params.msgpack of the FL cell)."""
+  `fljax.train`), its global model after the midway round, or its final one (the FL
+  cell's params_round<r>.msgpack or params.msgpack)."""
   import flax.serialization
   init = _model(cell).init(jax.random.split(jax.random.key(cell["model"]["seed"]), 3)[1])
-  if cell["model"]["state"] == "untrained":
+  state = cell["model"]["state"]
+  if state == "untrained":
     return init
-  path = cells_dir / "fl" / cell["model"]["fl"] / "run" / "params.msgpack"
+  run = cells_dir / "fl" / cell["model"]["fl"] / "run"
+  path = run / ("params.msgpack" if state == "trained" else f"params_round{cell['model']['round']}.msgpack")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing: the FL cell ran before its midway model was "
+                            f"kept; delete {run.parent} and rerun the study to retrain it")
   return flax.serialization.from_bytes(init, path.read_bytes())
 
 

@@ -163,6 +163,9 @@ STUDY_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps4", "dp_fedavg_eps8", 
 DEFAULT_DEFENSES = ("none", "dp_fedavg_eps8", "dpsgd", "secagg_ddp", "forward", "hybrid",
                     "prune")
 MODEL_STATES = ("untrained", "trained")
+# every model state an attack can hit: also the global model after half the FL rounds
+# (`fljax.train.ExperimentConfig.snapshot_rounds`)
+ALL_MODEL_STATES = ("untrained", "midway", "trained")
 # the scale preset's defenses: every mechanism, the epsilon sweep with fixed and adaptive
 # clipping, and forward noise with its schedules, alone, topped up and with central noise
 SCALE_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps2", "dp_fedavg_eps4", "dp_fedavg_eps8",
@@ -249,7 +252,8 @@ class StudyConfig:
     batch_sizes: B, the images behind each attacked upload.
     local_steps: local SGD steps behind it (1: a FedSGD gradient; s > 1: FedAvg, s
       full-batch steps).
-    model_states: untrained (the run's initial model) and/or trained (its final model).
+    model_states: untrained (the run's initial model), midway (its global model after half
+      the rounds) and/or trained (its final model).
     data: the data.
     clients: clients C of the federated run.
     q: Poisson sampling rate: q C clients a round on average.
@@ -292,7 +296,7 @@ class StudyConfig:
   attack_seeds: tuple[int, ...] = (0,)
   batch_sizes: tuple[int, ...] = (1, 4)
   local_steps: tuple[int, ...] = (1,)
-  model_states: tuple[str, ...] = _names(MODEL_STATES, MODEL_STATES)
+  model_states: tuple[str, ...] = _names(MODEL_STATES, ALL_MODEL_STATES)
   data: DataSpec = DataSpec()
   clients: int = 100
   q: float = 0.1
@@ -308,7 +312,7 @@ class StudyConfig:
   batch_budget: int = 100
   defense_attacks: tuple[str, ...] = _names(DEFENSE_ATTACKS, ATTACKS)
   defense_victims: int = 8
-  defense_model_states: tuple[str, ...] = _names(("untrained",), MODEL_STATES)
+  defense_model_states: tuple[str, ...] = _names(("untrained",), ALL_MODEL_STATES)
   released_attacks: tuple[str, ...] = _names((), ATTACKS)
   prior_only_steps: int = 30
   eval_every: int = 2
@@ -317,10 +321,10 @@ class StudyConfig:
     check_names("partition", self.partitions, PARTITIONS)
     check_names("defense", self.defenses, DEFENSES)
     check_names("attack", self.attacks, ATTACKS)
-    check_names("model state", self.model_states, MODEL_STATES)
+    check_names("model state", self.model_states, ALL_MODEL_STATES)
     check_names("defense attack", self.defense_attacks, ATTACKS)
     check_names("batch attack", self.batch_attacks, ATTACKS)
-    check_names("defense model state", self.defense_model_states, MODEL_STATES)
+    check_names("defense model state", self.defense_model_states, ALL_MODEL_STATES)
     bad = [a for a in self.released_attacks if a not in ATTACKS]
     if bad:
       raise ValueError(f"unknown released attack {bad[0]!r}; valid: {', '.join(ATTACKS)}")
@@ -413,12 +417,12 @@ PRESETS: dict[str, dict[str, Any]] = {
              "attacks": tuple(ATTACKS), "defense_victims": 32},
     # populations at scale (issue 22): Fashion-MNIST over 3,000 clients, about 100 a round
     # (Poisson into 160 slots: 6 sd above the mean, so truncation is rare and PLD charges it)
-    # for 100 rounds, every defense, attacked on the untrained and the trained model; about
+    # for 100 rounds, every defense, attacked on the untrained, midway and trained model; about
     # 2.5 min per FL cell here (48 cells), 4 to 5 hours in all with the attacks
     "scale": {"data.name": "fashion_mnist", "clients": 3000, "q": 1 / 30, "poisson_cap": 160,
               "rounds": 100, "eval_every": 10, "partitions": ("iid",), "seeds": (0, 1, 2),
               "attack_seeds": (0,), "defenses": SCALE_DEFENSES, "batch_sizes": (1,),
-              "defense_model_states": MODEL_STATES, "defense_victims": 8,
+              "defense_model_states": ALL_MODEL_STATES, "defense_victims": 8,
               "released_attacks": ("ig",)},
     "tiny": {"data.name": "digits", "partitions": ("iid",), "defenses": ("none", "forward"),
              "attacks": ("ig",), "seeds": (0, 1), "attack_seeds": (0, 1), "clients": 8,

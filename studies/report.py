@@ -53,7 +53,7 @@ def _epsilon(final: dict[str, Any], defense: str) -> float:
   return float(final.get("epsilon", math.inf))
 
 
-MODEL_STATES_ORDER = grid.MODEL_STATES
+MODEL_STATES_ORDER = grid.ALL_MODEL_STATES
 
 
 def _top(by_attack: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, float]]:

@@ -229,8 +229,10 @@ def test_scale_preset_plans_valid_cells(tmp_path):
   assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * grid.LOCAL_Z
   attacks = runner.plan_attacks(scale, fl, tmp_path)
   # the clear update: 2 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 15 other
-  # defenses: ig and adaptive x 2 states at one rung; ig on the released model under all 16
-  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 2 + 16 * 2
+  # defenses: ig and adaptive x 3 states (midway too) at one rung; ig on the released model
+  # under all 16, at the 3 states
+  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 3 + 16 * 3
+  assert {c["model"].get("round") for k, (_, c) in attacks.items() if k[6] == "midway"} == {50}
   variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
   # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
   assert "gan=fashion_mnist" in variants["gifd"] and "prior=fashion_mnist" in variants["ggdm"]
@@ -267,3 +269,25 @@ def test_attacks_on_the_released_model(study_copy):
   assert set(summary["forward"]["released_by_state"]) == {"untrained"}
   md = (out / "report.md").read_text()
   assert "released model: best PSNR" in md and "untrained" in md
+
+
+def test_attacks_on_the_midway_model(study_copy):
+  cfg, out = study_copy
+  cfg = grid.make(grid.StudyConfig, TINY, {"seeds": (0,), "attack_seeds": (0,),
+                                           "defenses": ("none", "forward"),
+                                           "defense_model_states": grid.ALL_MODEL_STATES})
+  data = runner.run(cfg, out, progress=False)
+  assert not data["failed"]
+  plan = runner.plan_attacks(cfg, runner.plan_fl(cfg), out / "cells")
+  midway = [c for k, (_, c) in plan.items() if k[6] == "midway"]
+  assert len(midway) == 1 and midway[0]["model"]["round"] == 1  # half of the 2 rounds
+  fl_run = out / "cells" / "fl" / midway[0]["model"]["fl"] / "run"
+  params = {r: (fl_run / f"params_round{r}.msgpack").read_bytes() for r in (1,)}
+  assert params[1] != (fl_run / "params.msgpack").read_bytes()  # round 1's model, not the last
+  forward = {r["defense"]: r for r in data["summary"]}["forward"]
+  assert list(forward["psnr_by_state"]) == ["untrained", "midway", "trained"]
+  (fl_run / "params_round1.msgpack").unlink()  # an FL cell run before midway models were kept
+  h = next(h for k, (h, _) in plan.items() if k[6] == "midway")
+  (out / "cells" / "attack" / h / "done.json").unlink()
+  data = runner.run(cfg, out, progress=False)
+  assert "params_round1.msgpack is missing: the FL cell ran before" in data["failed"][0]["reason"]
