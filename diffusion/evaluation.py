@@ -83,23 +83,42 @@ def evaluate(prior: prior_lib.Prior, ds: datasets.Dataset, *, key: jax.Array, nu
   if ds.image_shape != prior.unet_config.input_shape:
     raise ValueError(f"the prior makes {prior.unet_config.input_shape} images, the dataset holds "
                      f"{ds.image_shape}; load it with the prior's image_size and channels")
-  model, params, acc = classifier.reference_classifier(ds, cache_dir, steps=classifier_steps)
   k_labels, k_gen, k_test, k_train = jax.random.split(key, 4)
-  # Random subsets: the datasets may be stored sorted by class.
-  test = ds.x_test[np.asarray(jax.random.permutation(k_test, len(ds.x_test)))[:num]]
-  train = ds.x_train[np.asarray(jax.random.permutation(k_train, len(ds.x_train)))[:num]]
   labels = None
   if prior.num_classes:
     labels = np.asarray(jax.random.randint(k_labels, (num,), 0, prior.num_classes))
   x = generate(prior, labels, key=k_gen, num=num, num_steps=num_steps, guidance_weight=guidance_weight)
+  return {**score(x, ds, test_key=k_test, train_key=k_train, labels=labels, cache_dir=cache_dir,
+                  classifier_steps=classifier_steps),
+          "ddim_steps": num_steps, "guidance_weight": guidance_weight}
+
+
+def score(x: np.ndarray, ds: datasets.Dataset, *, test_key: jax.Array, train_key: jax.Array,
+          labels: np.ndarray | None = None, cache_dir: str | None = None,
+          classifier_steps: int = 400) -> dict[str, float]:
+  """The scores of samples `x [num, H, W, C]` in [0, 1] from any generative prior (a GAN's
+  too): the Frechet distance to as many test images and its train-vs-test floor, the class
+  accuracy when `labels` (what each sample was drawn for) are given, the total variation
+  between the classes the reference classifier assigns to the samples and to the test
+  images (0: every class as often as in the data; mode collapse raises it), and the
+  memorisation check. The keys draw the random test and training subsets."""
+  if x.shape[1:] != ds.image_shape:
+    raise ValueError(f"the samples are {x.shape[1:]} images, the dataset holds {ds.image_shape}; "
+                     f"load it with the prior's image_size and channels")
+  num = len(x)
+  model, params, acc = classifier.reference_classifier(ds, cache_dir, steps=classifier_steps)
+  # Random subsets: the datasets may be stored sorted by class.
+  test = ds.x_test[np.asarray(jax.random.permutation(test_key, len(ds.x_test)))[:num]]
+  train = ds.x_train[np.asarray(jax.random.permutation(train_key, len(ds.x_train)))[:num]]
   features = jax.jit(lambda x: model.features(params, x))
-  logits = jax.jit(lambda x: model.apply(params, x))
-  result = {"classifier_test_accuracy": acc, "num_samples": num, "ddim_steps": num_steps,
-            "guidance_weight": guidance_weight,
+  predicted = jax.jit(lambda x: jnp.argmax(model.apply(params, x), -1))
+  share = lambda c: np.bincount(np.asarray(c), minlength=ds.num_classes) / num  # noqa: E731
+  result = {"classifier_test_accuracy": acc, "num_samples": num,
             "frechet_distance": frechet_distance(features(x), features(test)),
-            "reference_fd_train_vs_test": frechet_distance(features(train), features(test))}
+            "reference_fd_train_vs_test": frechet_distance(features(train), features(test)),
+            "class_share_tv": float(0.5 * np.abs(share(predicted(x)) - share(predicted(test))).sum())}
   if labels is not None:
-    result["class_accuracy"] = float(np.mean(np.argmax(logits(x), -1) == labels))
+    result["class_accuracy"] = float(np.mean(np.asarray(predicted(x)) == labels))
   result["median_nearest_train_psnr"] = float(np.median(nearest_psnr(x, ds.x_train)))
   result["median_nearest_train_psnr_of_test_images"] = float(np.median(nearest_psnr(test, ds.x_train)))
   return result

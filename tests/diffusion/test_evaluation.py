@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.linalg
 
 from diffusion import evaluation
@@ -53,3 +54,20 @@ def test_evaluation_compares_random_subsets_of_class_sorted_data(tmp_path):
   # Train and test are exchangeable random draws: their distance is small next to the
   # untrained prior's.
   assert r["reference_fd_train_vs_test"] < 0.2 * r["frechet_distance"]
+
+
+def test_score_sees_mode_collapse_and_copies(tmp_path):
+  import jax
+  from fljax import datasets
+  ds = datasets.load("digits", image_size=8, channels=1)
+  keys = dict(test_key=jax.random.key(0), train_key=jax.random.key(1), cache_dir=str(tmp_path))
+  fresh = evaluation.score(ds.x_train[:200], ds, classifier_steps=50, **keys)  # the data itself
+  collapsed = evaluation.score(np.repeat(ds.x_train[:1], 200, axis=0), ds, classifier_steps=50,
+                               **keys)  # one copied training image
+  assert fresh["class_share_tv"] < 0.2 and collapsed["class_share_tv"] > 0.7
+  assert collapsed["frechet_distance"] > 5 * fresh["frechet_distance"]
+  assert collapsed["median_nearest_train_psnr"] == float("inf") or \
+      collapsed["median_nearest_train_psnr"] > 2 * collapsed["median_nearest_train_psnr_of_test_images"]
+  assert "class_accuracy" not in fresh  # unconditional samples
+  with pytest.raises(ValueError, match="load it with the prior's image_size"):
+    evaluation.score(np.zeros((4, 16, 16, 1)), ds, **keys)
