@@ -443,6 +443,7 @@ def _calibrate_truncated(make_event, target_epsilon, delta, neighbouring, **kwar
   usually agree within a percent: dp_accounting's truncated PLD is a slightly pessimistic
   bound), then shrink it as `calibrate_noise` does. About 3 to 6 exact evaluations."""
   rtol, floor = kwargs.get("rtol", 1e-3), kwargs.get("sigma_min", 0.05)
+  ceiling = kwargs.get("sigma_max", 500.0)
   exact = lambda s: epsilon(make_event(s), delta, accountant="pld",  # noqa: E731
                             neighbouring=neighbouring)
   start = calibrate(lambda s: untruncated(make_event(s)), target_epsilon, delta,
@@ -451,6 +452,10 @@ def _calibrate_truncated(make_event, target_epsilon, delta, neighbouring, **kwar
   meets = eps_near <= target_epsilon
   while True:  # the far end moves away from `start` until the target lies in between
     far = max(near / ratio, floor) if meets else near * ratio
+    if far > ceiling:
+      raise ValueError(f"target_epsilon={target_epsilon} cannot be reached with a noise "
+                       f"multiplier up to sigma_max={ceiling} under truncated Poisson sampling; "
+                       f"raise the cap (--fed.poisson_cap) or target_epsilon")
     eps_far = exact(far)
     if (eps_far <= target_epsilon) != meets or (meets and far == floor):
       break

@@ -232,3 +232,11 @@ def test_repeated_event_matches_the_accountant_in_any_order(accountant):
     want = acc.Accountant(accountant).compose(event, r).epsilon() if r else 0.0
     assert repeated.epsilon(r) == pytest.approx(want, rel=1e-6)
   assert acc.RepeatedEvent(dp_event.NonPrivateDpEvent()).epsilon(2) == math.inf
+
+
+def test_truncated_calibration_refuses_an_unreachable_target(monkeypatch):
+  # a surrogate far more private than the exact event: the bracket grows past sigma_max
+  monkeypatch.setattr(acc, "untruncated", lambda e: dp_event.GaussianDpEvent(1e3))
+  make = lambda s: acc.compose([(_truncated(s), 30)])  # noqa: E731
+  with pytest.raises(ValueError, match="cannot be reached .* under truncated Poisson"):
+    acc.calibrate(make, 2.0, 1e-5, sigma_min=0.45, sigma_max=0.5)
