@@ -632,19 +632,31 @@ def run_baseline_cell(cell: dict[str, Any], h: str, cells_dir: Path) -> dict[str
     ds, _ = load_partition(cell)
     key = jax.random.fold_in(_cell_key(cell), 5)
     samples, skipped, nfe = {}, {}, None
-    try:  # the shipped priors make 32x32 images: other victims get no prior baselines
-      if not cell["prior_steps"]:
-        raise ValueError("not asked for (prior_only_steps 0)")
-      cfg = diffusion_guided.DiffusionAttackConfig(num_steps=cell["prior_steps"],
-                                                   labels=specs.label_method(p.spec, p.threat))
-      sample = baselines.prior_only(_model(cell).apply, p.threat, prior_lib.load(
-          specs.prior_folder(p.spec)), p.obs, key=key, cfg=cfg)
-      samples["prior_only"], nfe = np.clip(sample.x, 0.0, 1.0), float(sample.counts[:, 2].mean())
-      gan = gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN)
-      samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan), p.threat,
-                                                   len(p.x), key=jax.random.fold_in(key, 1))
-    except ValueError as e:
-      skipped["prior_only"] = skipped["gan_sample"] = str(e)
+    # A prior that is not trained yet fails the cell (a rerun retries it once it is); a
+    # prior that cannot serve these victims (the shipped priors make 32x32 images) skips
+    # its baseline, with the reason.
+    if not cell["prior_steps"]:
+      skipped["prior_only"] = skipped["gan_sample"] = "not asked for (prior_only_steps 0)"
+    else:
+      try:
+        cfg = diffusion_guided.DiffusionAttackConfig(
+            num_steps=cell["prior_steps"], labels=specs.label_method(p.spec, p.threat))
+        sample = baselines.prior_only(_model(cell).apply, p.threat, prior_lib.load(
+            specs.prior_folder(p.spec)), p.obs, key=key, cfg=cfg)
+        samples["prior_only"] = np.clip(sample.x, 0.0, 1.0)
+        nfe = float(sample.counts[:, 2].mean())
+      except (prior_lib.PriorError, gan_lib.GANError):
+        raise
+      except ValueError as e:
+        skipped["prior_only"] = str(e)
+      try:
+        gan = gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN)
+        samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan), p.threat, len(p.x),
+                                                     key=jax.random.fold_in(key, 1))
+      except gan_lib.GANError:
+        raise
+      except ValueError as e:
+        skipped["gan_sample"] = str(e)
     scores = baselines.evaluate(p.x, ds.x_train, samples=samples)
     result = {"status": "done", "config": cell, "baselines": scores, "skipped": skipped,
               "prior_only_nfe_per_victim": nfe,

@@ -291,3 +291,18 @@ def test_attacks_on_the_midway_model(study_copy):
   (out / "cells" / "attack" / h / "done.json").unlink()
   data = runner.run(cfg, out, progress=False)
   assert "params_round1.msgpack is missing: the FL cell ran before" in data["failed"][0]["reason"]
+
+
+def test_a_baseline_whose_prior_is_not_trained_fails_and_is_retried(study_copy, monkeypatch):
+  from diffusion import prior as prior_lib
+  cfg, out = study_copy
+  h = next(p.name for p in (out / "cells" / "baseline").iterdir())
+  cell = {**json.loads((out / "cells" / "baseline" / h / "done.json").read_text())["config"],
+          "prior_steps": 2}
+
+  def untrained(path):
+    raise prior_lib.PriorError("the fashion_mnist diffusion prior is not trained yet: ...")
+  monkeypatch.setattr(prior_lib, "load", untrained)
+  result = cells.run_baseline_cell(cell, h, out / "cells")
+  assert result["status"] == "failed" and "not trained yet" in result["reason"]
+  assert not cells.is_done(out / "cells" / "baseline" / h)  # a rerun retries it
