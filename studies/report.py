@@ -53,9 +53,6 @@ def _epsilon(final: dict[str, Any], defense: str) -> float:
   return float(final.get("epsilon", math.inf))
 
 
-MODEL_STATES_ORDER = grid.ALL_MODEL_STATES
-
-
 def _top(by_attack: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, float]]:
   """The best attack (highest median PSNR over the attack seeds) and its median scores."""
   scores = {a: {k: float(np.median([e[k] for e in es])) for k in ("psnr", "ssim", "label_accuracy")}
@@ -124,7 +121,7 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
         row.update(best_attack=top, **scores)
       for name, found in (("psnr_by_state", best), ("released_by_state", released)):
         at = (cfg.batches(d)[0], cfg.local_steps[0])
-        row[name] = {state: _top(found[at + (state,)]) for state in MODEL_STATES_ORDER
+        row[name] = {state: _top(found[at + (state,)]) for state in grid.ALL_MODEL_STATES
                      if at + (state,) in found}
       summary.append(row)
   base = []
