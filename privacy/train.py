@@ -607,7 +607,8 @@ def _forward_noise(cfg: PrivacyConfig, ctx: fl_train.RunContext) -> fl_train.Plu
   }
   if topup is not None:
     guarantees["epsilon"] = _guarantee("model observer (trusted server hides participation)",
-                                       topup.args[1], topup.event, topup.args[0])
+                                       topup.repeated.neighbouring, topup.repeated.event,
+                                       topup.repeated.accountant)
     guarantees["epsilon_visible"] = _guarantee(*observer)
   else:
     guarantees["epsilon"] = _guarantee(*observer)

@@ -39,7 +39,6 @@ SLOW = {
     "tests/privacy/test_train.py::test_forward_noise_variants_run",
     "tests/privacy/test_train.py::test_adaptive_dp_fedavg_resumes_identically",
     "tests/privacy/test_train.py::test_every_mechanism_runs[privacy1]",
-    "tests/privacy/test_train.py::test_topup_hides_participation_and_is_accounted_as_dp_fedavg",
     "tests/privacy/test_train.py::test_noise_seed_os_draws_noise_nobody_can_regenerate_from_the_seed",
     "tests/privacy/test_centralized.py::test_a_run_with_a_fixed_sigma_extends_as_if_uninterrupted",
     "tests/fljax/test_train.py::test_main_two_rounds_then_resume",
