@@ -150,6 +150,13 @@ DEFENSES: dict[str, Defense] = {
                      "forward noise z = 0.3 topped up by the trusted server to a "
                      "participation-independent total (epsilon <= 8, add/remove, amplified)",
                      fed=(("poisson_cap", TWICE_EXPECTED),)),
+    # the top-up at a tenth of forward noise's z: its floor sqrt(2 q C) z_L is a tenth too
+    "topup_z0.03": Defense(_forward(0.03, topup_noise_multiplier=CALIBRATED), "forward",
+                           "forward noise z = 0.03 topped up by the trusted server (as topup)",
+                           fed=(("poisson_cap", TWICE_EXPECTED),)),
+    "topup_z0.1": Defense(_forward(0.1, topup_noise_multiplier=CALIBRATED), "forward",
+                          "forward noise z = 0.1 topped up by the trusted server (as topup)",
+                          fed=(("poisson_cap", TWICE_EXPECTED),)),
     "pfdm": Defense(dict(mechanism="pfdm", t_start=500), None,
                     "clients train on forward-diffused data, t0 = 500 (one release per image)"),
     "prune": Defense(dict(mechanism="prune", prune_fraction=0.9), "prune",
@@ -170,7 +177,8 @@ ALL_MODEL_STATES = ("untrained", "midway", "trained")
 # clipping, and forward noise with its schedules, alone, topped up and with central noise
 SCALE_DEFENSES = ("none", "dp_fedavg_eps1", "dp_fedavg_eps2", "dp_fedavg_eps4", "dp_fedavg_eps8",
                   "dp_fedavg_adaptive_eps8", "secagg_ddp", "dpsgd", "secagg", "prune", "forward",
-                  "forward_eps8", "forward_anneal_eps8", "forward_cosine_eps8", "hybrid", "topup")
+                  "forward_eps8", "forward_anneal_eps8", "forward_cosine_eps8", "hybrid", "topup",
+                  "topup_z0.1", "topup_z0.03")
 
 # the study's initialisation of each model where it is not Flax's default: DLG's LeNet keeps
 # DLG's uniform(-0.5, 0.5) (with LeCun-normal weights its sigmoids sit on a plateau: FedAvg
@@ -458,13 +466,13 @@ def central_z(rounds: int, q: float) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def topup_z(rounds: int, q: float, clients: int, slots: int) -> float:
+def topup_z(rounds: int, q: float, clients: int, slots: int, local_z: float = LOCAL_Z) -> float:
   """The top-up's total z_T: sqrt(slots) z_L (the least the server can top up to), or
   DP-FedAvg's noise for epsilon 8 (add/remove, Poisson q truncated to `slots`, PLD) when
   that floor does not reach epsilon 8."""
   fed_cfg = fed.FedConfig(clients_per_round=q, sampling="poisson", poisson_cap=slots)
   run = lambda s: accounting.compose([(pfed.dp_fedavg_event(fed_cfg, clients, s)[0], rounds)])  # noqa: E731
-  floor = math.sqrt(slots) * LOCAL_Z
+  floor = math.sqrt(slots) * local_z
   if accounting.epsilon(run(floor), DELTA, neighbouring="add_remove") <= TARGET_EPSILON:
     return floor
   return accounting.calibrate(run, TARGET_EPSILON, DELTA, accountant="pld",
@@ -492,7 +500,7 @@ def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict
       "noise_multiplier": lambda: replace_one_z(rounds, q),
       "central_noise_multiplier": lambda: central_z(rounds, q),
       "topup_noise_multiplier": lambda: topup_z(rounds, q, clients, fed_fields(
-          defense, q=q, clients=clients)["poisson_cap"]),
+          defense, q=q, clients=clients)["poisson_cap"], privacy["noise_multiplier"]),
   }
   for name, value in resolve.items():
     if privacy.get(name) == CALIBRATED:

@@ -225,13 +225,14 @@ def test_scale_preset_plans_valid_cells(tmp_path):
     assert grid.CALIBRATED not in cell["privacy"].values()
     if defense != "dpsgd":  # Poisson into 160 slots; the top-up's own cap is 2 q C
       assert config.fed.sampling == "poisson"
-      assert config.fed.poisson_cap == (200 if defense == "topup" else 160)
-  assert fl[("iid", "topup", 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * grid.LOCAL_Z
+      assert config.fed.poisson_cap == (200 if defense.startswith("topup") else 160)
+  for name, z in (("topup", grid.LOCAL_Z), ("topup_z0.1", 0.1), ("topup_z0.03", 0.03)):
+    assert fl[("iid", name, 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * z
   attacks = runner.plan_attacks(scale, fl, tmp_path)
   # the clear update: 2 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 15 other
   # defenses: ig and adaptive x 3 states (midway too) at one rung; ig on the released model
-  # under all 16, at the 3 states
-  assert len(attacks) == 2 * (2 * 4 + 4) + 15 * 2 * 3 + 16 * 3
+  # under all 18, at the 3 states
+  assert len(attacks) == 2 * (2 * 4 + 4) + 17 * 2 * 3 + 18 * 3
   assert {c["model"].get("round") for k, (_, c) in attacks.items() if k[6] == "midway"} == {50}
   variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
   # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
