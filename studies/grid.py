@@ -228,6 +228,11 @@ def check_names(kind: str, names: Iterable[str], valid: Iterable[str]) -> list[s
   return names
 
 
+def expected_clients(q: float, clients: int) -> int:
+  """q C clients a round on average, at least one (what a study's views and caps use)."""
+  return max(1, round(q * clients))
+
+
 def _names(default: tuple[str, ...], registry: Iterable[str]) -> Any:
   return dataclasses.field(default=default, metadata={"choices": tuple(registry)})
 
@@ -291,7 +296,8 @@ class StudyConfig:
     released_attacks: attacks also run against the released model, under every defense
       (a model observer's view: two consecutive global models give the round's mean
       update over its n = q C clients, with DP-FedAvg's central noise; `RELEASED`), at
-      `defense_budget`, B in `defense_batch_sizes`, models `defense_model_states`.
+      one rung as under a defense (`rungs`), B in `defense_batch_sizes`, models
+      `defense_model_states`.
     prior_only_steps: sampler steps of the prior-only baseline (the diffusion prior's
       sample at the labels inferred from the update; 0: no prior baselines).
     eval_every: test accuracy every this many rounds.
@@ -333,9 +339,8 @@ class StudyConfig:
     check_names("defense attack", self.defense_attacks, ATTACKS)
     check_names("batch attack", self.batch_attacks, ATTACKS)
     check_names("defense model state", self.defense_model_states, ALL_MODEL_STATES)
-    bad = [a for a in self.released_attacks if a not in ATTACKS]
-    if bad:
-      raise ValueError(f"unknown released attack {bad[0]!r}; valid: {', '.join(ATTACKS)}")
+    if self.released_attacks:  # none is a valid choice here
+      check_names("released attack", self.released_attacks, ATTACKS)
     if not 0 < self.q <= 1:
       raise ValueError(f"q must be in (0, 1], got {self.q}")
     if not 0 <= self.poisson_cap <= self.clients:
@@ -370,8 +375,9 @@ class StudyConfig:
 
   def rungs(self, attack: str, defense: str, batch: int = 1) -> tuple[int, ...]:
     """The budgets an attack runs at under a defense: every rung up to the attack's cap
-    on the clear update (`none`; at B > 1 also up to `batch_budget`), else the largest
-    one not above `defense_budget`."""
+    on the clear update (`none`; at B > 1 also up to `batch_budget`), else (any other
+    defense, or the released model, `RELEASED`) the largest one not above
+    `defense_budget`."""
     cap = self.generative_budget if attack in GENERATIVE else max(self.budgets)
     ladder = tuple(x for x in self.budgets if x <= cap)
     if defense == "none":
@@ -390,16 +396,11 @@ class StudyConfig:
     among = self.batch_attacks if defense == "none" else self.defense_attacks
     return tuple(a for a in self.attacks if a in among) or self.attacks
 
-  def released_rung(self) -> tuple[int, ...]:
-    """The budget of the attacks on the released model: the largest rung not above
-    `defense_budget`."""
-    return tuple(x for x in self.budgets if x <= self.defense_budget)[-1:]
-
   def states(self, defense: str) -> tuple[str, ...]:
     return self.model_states if defense == "none" else self.defense_model_states
 
   def expected_clients(self) -> int:
-    return max(1, round(self.q * self.clients))
+    return expected_clients(self.q, self.clients)
 
 
 # StudyConfig overrides of `scripts/study.py --compare`, `--full` and `--tiny`, as flags
@@ -489,7 +490,7 @@ def fed_fields(defense: str, *, q: float, clients: int, poisson_cap: int = 0) ->
   if poisson_cap:
     out["poisson_cap"] = poisson_cap
   for name, value in DEFENSES[defense].fed:
-    out[name] = 2 * max(1, round(q * clients)) if value == TWICE_EXPECTED else value
+    out[name] = 2 * expected_clients(q, clients) if value == TWICE_EXPECTED else value
   return out
 
 
@@ -515,6 +516,16 @@ def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict
 TUNED = Path(__file__).with_name("tuned.json")  # written by studies.tuning (--write_defaults)
 
 
+def _read_tuned(path: Path) -> dict[str, Any]:
+  """The tuned values file ({} when absent); ValueError when it cannot be read."""
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read ({e}); restore it from git") from None
+
+
 def tuned_overrides(dataset: str, model: str, attack: str, *,
                     path: str | Path = TUNED) -> dict[str, Any]:
   """The tuned `AttackSpec` overrides of `attack` (a study name) on `dataset` and `model`
@@ -524,13 +535,7 @@ def tuned_overrides(dataset: str, model: str, attack: str, *,
     ValueError: the file is unreadable or names a key that is not an AttackSpec field.
   """
   path = Path(path)
-  if not path.exists():
-    return {}
-  try:
-    tuned = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} cannot be read ({e}); restore it from git") from None
-  values = dict(tuned.get(f"{dataset}/{model}", {}).get(attack, {}))
+  values = dict(_read_tuned(path).get(f"{dataset}/{model}", {}).get(attack, {}))
   fields = {f.name for f in dataclasses.fields(specs.AttackSpec)} - {"name"}
   bad = sorted(set(values) - fields)
   if bad:
@@ -563,9 +568,7 @@ TUNING_FALLBACK = {"fashion_mnist": "mnist"}
 
 def tuning_dataset(dataset: str, model: str, *, path: str | Path = TUNED) -> str:
   """The dataset whose tuned values a study on `dataset` uses (`TUNING_FALLBACK`)."""
-  path = Path(path)
-  tuned = json.loads(path.read_text()) if path.exists() else {}
-  if f"{dataset}/{model}" not in tuned and dataset in TUNING_FALLBACK:
+  if f"{dataset}/{model}" not in _read_tuned(Path(path)) and dataset in TUNING_FALLBACK:
     return TUNING_FALLBACK[dataset]
   return dataset
 

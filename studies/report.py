@@ -119,8 +119,8 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
       if point in best:
         top, scores = _top(best[point])
         row.update(best_attack=top, **scores)
+      at = (cfg.batches(d)[0], cfg.local_steps[0])
       for name, found in (("psnr_by_state", best), ("released_by_state", released)):
-        at = (cfg.batches(d)[0], cfg.local_steps[0])
         row[name] = {state: _top(found[at + (state,)]) for state in grid.ALL_MODEL_STATES
                      if at + (state,) in found}
       summary.append(row)

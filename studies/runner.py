@@ -92,7 +92,7 @@ def plan_attacks(cfg: grid.StudyConfig, fl: FlPlan, cells_dir: Path) -> AttackPl
       for b in cfg.defense_batch_sizes:
         for steps in cfg.local_steps:
           for state in cfg.defense_model_states:
-            for budget in cfg.released_rung():
+            for budget in cfg.rungs(a, grid.RELEASED):  # one rung, as under any defense
               cell = cells.attack_cell(cfg, p, d, s, a, b, steps, state, h, result, budget,
                                        released=True)
               out[(p, d, s, a + grid.RELEASED, b, steps, state, budget)] = (
