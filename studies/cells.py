@@ -608,10 +608,11 @@ def baseline_cell(attack: dict[str, Any], prior_steps: int) -> dict[str, Any]:
 def plan_baselines(attack_plan: dict[tuple, tuple[str, dict[str, Any]]], prior_steps: int
                    ) -> dict[str, dict[str, Any]]:
   """hash -> config of the baseline cells: one per victim set and model of the ladder (the
-  attack cells on the clear update, defense `none`; keys as `studies.runner.plan_attacks`)."""
+  attack cells on the clear update, defense `none`, not those on the released model; keys as
+  `studies.runner.plan_attacks`)."""
   out = {}
   for key, (_, cell) in attack_plan.items():
-    if key[1] == "none":
+    if key[1] == "none" and not key[3].endswith(grid.RELEASED):
       b = baseline_cell(cell, prior_steps)
       out[config_hash(b)] = b
   return out

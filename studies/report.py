@@ -366,6 +366,21 @@ def _by_state(found: dict[str, Any] | None) -> str:
                    for state, (attack, scores) in found.items())
 
 
+def _baselines_by_state(found: list[dict[str, Any]], batch: int, steps: int) -> str:
+  """'prior_only: untrained 9.1, trained 9.4 (n = 16); ...': each baseline's median PSNR
+  per model state at one grid point, pooled over seeds ('' when none ran)."""
+  pooled: dict[str, dict[str, list[float]]] = {}
+  for bl in found:
+    if (bl["batch"], bl["local_steps"]) == (batch, steps):
+      for name, sc in bl["scores"].items():
+        pooled.setdefault(name, {}).setdefault(bl["state"], []).extend(sc["psnr"])
+  order = {s: i for i, s in enumerate(grid.ALL_MODEL_STATES)}
+  return "; ".join(
+      f"{name}: " + ", ".join(f"{state} {float(np.median(baselines.cap_psnr(v))):.1f}"
+                             for state, v in sorted(by.items(), key=lambda kv: order[kv[0]]))
+      + f" (n = {len(next(iter(by.values())))})" for name, by in sorted(pooled.items()))
+
+
 def _fmt(v, spec="{:.3g}") -> str:
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "-"
@@ -447,6 +462,13 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  _fmt(r.get("label_accuracy"), "{:.2f}"),
                  _by_state(r.get("psnr_by_state")), _by_state(r.get("released_by_state"))])
   b.append(("table", header, rows))
+  baseline_line = _baselines_by_state(data.get("baselines", []), cfg.batch_sizes[0],
+                                      cfg.local_steps[0])
+  if baseline_line:
+    b.append(("p", "What an attacker gets without the gradient (the baselines on the clear "
+                   "update's victims, median PSNR dB by model; the prior-only baseline is the "
+                   "diffusion prior's sample at the labels inferred from the update): "
+                   + baseline_line + "."))
   b.append(("h", 2, "Quality against compute (clear update)"))
   b.append(("p", "Each attack at each budget of the ladder on the clear update (defense "
                  "`none`), a run of its own per budget. PSNR: median over every victim image "

@@ -3,6 +3,7 @@ the budget, several hosts, the planned grids."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,10 @@ def test_tiny_study_writes_every_table_and_figure(tiny_study):
                   "## Every attack under every defense", "## Figures",
                   "## Defenses and attacks", "## Failed cells", "## Cells"):
     assert heading in md
+  # the baselines by model state under the summary (2 attack seeds x 1 victim)
+  assert re.search(r"without the gradient .*: blank: untrained [\d.]+ \(n = 2\); mean_image: "
+                   r"untrained [\d.]+ \(n = 2\); nearest_training: untrained [\d.]+ \(n = 2\)\.",
+                   md)
   for fig in ("psnr_vs_evaluations.png", "psnr_vs_seconds.png", "accuracy_per_round.png",
               "accuracy_vs_epsilon.png", "psnr_vs_epsilon.png", "frontier.png",
               "reconstructions_iid.png"):
@@ -229,11 +234,14 @@ def test_scale_preset_plans_valid_cells(tmp_path):
   for name, z in (("topup", grid.LOCAL_Z), ("topup_z0.1", 0.1), ("topup_z0.03", 0.03)):
     assert fl[("iid", name, 0)][1]["privacy"]["topup_noise_multiplier"] >= 200 ** 0.5 * z
   attacks = runner.plan_attacks(scale, fl, tmp_path)
-  # the clear update: 2 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 15 other
+  # the clear update: 3 states x (idlg, ig x 4 rungs + 4 generative x 1); under the 17 other
   # defenses: ig and adaptive x 3 states (midway too) at one rung; ig on the released model
   # under all 18, at the 3 states
-  assert len(attacks) == 2 * (2 * 4 + 4) + 17 * 2 * 3 + 18 * 3
+  assert len(attacks) == 3 * (2 * 4 + 4) + 17 * 2 * 3 + 18 * 3
   assert {c["model"].get("round") for k, (_, c) in attacks.items() if k[6] == "midway"} == {50}
+  base = cells.plan_baselines(attacks, scale.prior_only_steps)  # one per model state
+  assert sorted(c["model"]["state"] for c in base.values()) == sorted(grid.ALL_MODEL_STATES)
+  assert all(c["view"] == {"kind": "clear"} for c in base.values())  # not the released model
   variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
   # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
   assert "gan=fashion_mnist" in variants["gifd"] and "prior=fashion_mnist" in variants["ggdm"]
