@@ -1,7 +1,9 @@
-"""The MNIST prior that ships in the repository (see docs/diffusion.md: how it was trained)."""
+"""The priors that ship in the repository (see docs/diffusion.md: how it was trained)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from diffusion import prior as prior_lib
 from diffusion import schedules, training
@@ -22,4 +24,37 @@ def test_shipped_prior_loads_and_denoises():
   t = jnp.array([100, 300, 500, 700])
   x_t = schedules.q_sample(p.schedule, x0, t, noise)
   eps = jax.jit(p.denoiser(jnp.asarray(ds.y_test[:4])))(x_t, t)
+  assert float(jnp.mean((eps - noise) ** 2)) < 0.1
+
+
+FASHION_DATA = (datasets.Path(datasets.FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_the_fashion_mnist_prior_loads_samples_and_saw_its_training_split_only():
+  from diffusion import evaluation
+  from inversion import held_out
+  folder = prior_lib.shipped("fashion_mnist")
+  assert (folder / "params.msgpack").stat().st_size <= 20 * 2 ** 20
+  p = prior_lib.load(folder)
+  assert p.unet_config.input_shape == (32, 32, 1) and p.num_classes == 10
+  images = evaluation.generate(p, np.arange(4), key=jax.random.key(0), num=4, num_steps=5)
+  assert images.shape == (4, 32, 32, 1) and bool(np.isfinite(images).all())
+  assert images.min() >= 0.0 and images.max() <= 1.0 and float(images.std()) > 0.05
+  seen = held_out.training_data(folder)
+  assert seen == held_out.TrainingData(name="fashion_mnist", split="train", image_size=32,
+                                       channels=1, subset=None)
+  held_out.check(seen, dataset="fashion_mnist", split="test")
+
+
+@pytest.mark.skipif(not FASHION_DATA, reason="Fashion-MNIST is not installed: "
+                                             "apt-get install dataset-fashion-mnist")
+def test_the_fashion_mnist_prior_denoises_held_out_test_images():
+  p = prior_lib.load(prior_lib.shipped("fashion_mnist"))
+  ds = datasets.load("fashion_mnist", image_size=32, channels=1, train_subset=10,
+                     test_subset=20)
+  x0 = training.to_model_range(jnp.asarray(ds.x_test[:4]))
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  t = jnp.array([100, 300, 500, 700])
+  eps = jax.jit(p.denoiser(jnp.asarray(ds.y_test[:4])))(
+      schedules.q_sample(p.schedule, x0, t, noise), t)
   assert float(jnp.mean((eps - noise) ** 2)) < 0.1
