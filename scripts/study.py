@@ -5,6 +5,7 @@
   python scripts/study.py --tiny --workdir /tmp/s      # seconds: digits, 2 defenses, 2 seeds
   python scripts/study.py --preset scale --workdir runs/scale --budget_minutes 0  # hours
   python scripts/study.py --defenses none,forward --partitions iid --attacks ig,dps
+  python scripts/study.py --preset scale --workdir runs/scale --report_only  # so far
 
 Trains FedAvg (100 clients, embedded MNIST) under every defense, partition and seed,
 attacks what the server sees with every attack on the same victims, and writes
@@ -48,6 +49,7 @@ class Options:
       the estimate counts the first cell's compilation in every cell).
     hosts: hosts sharing the cells (none: $SLURM_NTASKS or 1).
     host: this host's index (none: $SLURM_PROCID or 0).
+    report_only: write the report of the cells finished so far; run none.
   """
 
   workdir: str = "runs/study"
@@ -59,6 +61,7 @@ class Options:
   budget_minutes: float = 90.0
   hosts: int | None = None
   host: int | None = None
+  report_only: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,13 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = grid.make(grid.StudyConfig, preset, flags)
     data = runner.run(cfg, opts.workdir, progress=opts.progress,
                       budget_minutes=opts.budget_minutes or None,
-                      hosts=runner.Hosts.from_env(opts.host, opts.hosts))
+                      hosts=runner.Hosts.from_env(opts.host, opts.hosts),
+                      report_only=opts.report_only)
   except (ValueError, datasets.DatasetError, runner.BudgetError) as e:
     raise SystemExit(f"error: {e}") from None
   except KeyboardInterrupt:
     raise SystemExit(f"interrupted: finished cells are kept in {opts.workdir}/cells; rerun the "
                      f"same command to resume") from None
-  failed = data.get("failed", [])
+  failed = [f for f in data.get("failed", [])
+            if not (opts.report_only and f["reason"] == "not run")]
   if failed:
     named = "; ".join(f["what"] for f in failed[:5]) + (f"; {len(failed) - 5} more" if len(failed) > 5 else "")
     raise SystemExit(f"error: {len(failed)} cell(s) failed ({named}); their reasons are under "

@@ -125,8 +125,10 @@ def _pending(folder: Path, hashes: list[str], hosts: Hosts) -> list[str]:
 
 def run(cfg: grid.StudyConfig, workdir: str | os.PathLike, *, progress: bool = True,
         budget_minutes: float | None = None, chunk: int = 25, hosts: Hosts = Hosts(),
-        say: Callable[[str], Any] = print) -> dict[str, Any]:
-  """Runs (or resumes) the study in `workdir` and writes the report (host 0).
+        say: Callable[[str], Any] = print, report_only: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the study in `workdir` and writes the report (host 0); with
+  `report_only`, writes the report of the cells finished so far and runs none (the others
+  are listed as not run: a look at a study that is still running, or one stopped part way).
 
   Returns the report's data (`studies.report.gather`): its `failed` entry lists the cells
   that failed (their reasons are also in the report); {} on hosts other than 0.
@@ -143,6 +145,12 @@ def run(cfg: grid.StudyConfig, workdir: str | os.PathLike, *, progress: bool = T
   (workdir / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
   t_start = time.perf_counter()
   fl = plan_fl(cfg)
+  if report_only:
+    data = report.write(cfg, workdir, fl, plan_attacks(cfg, fl, cells_dir), wall_seconds=0.0)
+    missing = sum(f["reason"] == "not run" for f in data["failed"])
+    say(f"report of the finished cells: {workdir / 'report.md'} ({missing} cell(s) not run "
+        f"yet)")
+    return data
   unique_fl = {h: c for h, c in fl.values()}
   pending = _pending(cells_dir / "fl", list(unique_fl), hosts)
   say(f"study: {len(cfg.partitions)} partitions x {len(cfg.defenses)} defenses x "

@@ -315,3 +315,18 @@ def test_a_baseline_whose_prior_is_not_trained_fails_and_is_retried(study_copy, 
   result = cells.run_baseline_cell(cell, h, out / "cells")
   assert result["status"] == "failed" and "not trained yet" in result["reason"]
   assert not cells.is_done(out / "cells" / "baseline" / h)  # a rerun retries it
+
+
+def test_report_only_writes_the_finished_cells_and_runs_none(study_copy):
+  cfg, out = study_copy
+  wider = grid.make(grid.StudyConfig, TINY, {"defenses": ("none", "forward", "prune")})
+  before = sorted(p.name for p in (out / "cells" / "fl").iterdir())
+  said = []
+  data = runner.run(wider, out, progress=False, report_only=True, say=said.append)
+  assert sorted(p.name for p in (out / "cells" / "fl").iterdir()) == before
+  assert {f["what"] for f in data["failed"] if f["kind"] == "fl"} == {
+      "iid / prune / seed 0", "iid / prune / seed 1"}
+  assert all(f["reason"] == "not run" for f in data["failed"])
+  rows = {r["defense"]: r for r in data["summary"]}
+  assert rows["prune"]["seeds"] == 0 and rows["forward"]["seeds"] == 2
+  assert "not run yet" in said[-1] and "| prune |" in (out / "report.md").read_text()
