@@ -1,0 +1,39 @@
+"""studies.report: the best attack under each defense against the prior-only baseline."""
+
+import numpy as np
+import pytest
+
+from studies import grid, report
+from tests.studies.conftest import TINY
+
+
+def _attack(defense, attack, state, psnrs, budget=4, seed=0):
+  return {"defense": defense, "attack": attack, "state": state, "seed": seed, "batch": 1,
+          "local_steps": 1, "budget": budget, "psnrs": list(psnrs)}
+
+
+def test_the_best_attack_is_paired_with_the_prior_only_baseline_on_its_victims():
+  cfg = grid.make(grid.StudyConfig, TINY, {"defenses": ("none", "forward", "prune", "secagg"),
+                                           "model_states": ("untrained", "trained")})
+  prior = np.linspace(10.0, 14.0, 16)  # the clear update's 16 victims
+  data = {"baselines": [{"batch": 1, "local_steps": 1, "state": s, "seed": 0,
+                         "scores": {"prior_only": {"psnr": list(prior)},
+                                    "blank": {"psnr": [5.0] * 16}}}
+                        for s in ("untrained", "trained")],
+          "attacks": [_attack("none", "ig", "untrained", prior + 9),  # the clear update: no row
+                      _attack("forward", "ig", "untrained", prior[:8] - 3),
+                      _attack("forward", "ig", "untrained", prior[:8] + 50, budget=2),  # a
+                      # lower rung: not the defense's budget
+                      _attack("forward", "ig", "trained", prior[:8] + 0.5),
+                      _attack("prune", "ig", "untrained", prior[:8] + 4),
+                      {**_attack("secagg", "ig", "untrained", np.zeros(100)), "view": "aggregate"}]}
+  rows = {(r["defense"], r["state"]): r for r in report.against_prior_only(cfg, data)}
+  assert set(rows) == {("forward", "untrained"), ("forward", "trained"),
+                       ("prune", "untrained")}
+  far_below = rows[("forward", "untrained")]
+  assert far_below["difference"] == pytest.approx(-3) and far_below["n"] == 8
+  assert far_below["within"] == "yes" and far_below["prior_only"] == pytest.approx(
+      np.median(prior[:8]))
+  assert rows[("forward", "trained")]["within"] == "yes"  # +0.5 on every victim
+  assert rows[("prune", "untrained")]["within"] == "no"
+  assert rows[("prune", "untrained")]["low"] == pytest.approx(4)
