@@ -367,19 +367,17 @@ def _by_state(found: dict[str, Any] | None) -> str:
                    for state, (attack, scores) in found.items())
 
 
-def _baselines_by_state(found: list[dict[str, Any]], batch: int, steps: int) -> str:
+def _baselines_by_state(ladder_: list[dict[str, Any]], batch: int, steps: int) -> str:
   """'prior_only: untrained 9.1, trained 9.4 (n = 16); ...': each baseline's median PSNR
-  per model state at one grid point, pooled over seeds ('' when none ran)."""
-  pooled: dict[str, dict[str, list[float]]] = {}
-  for bl in found:
-    if (bl["batch"], bl["local_steps"]) == (batch, steps):
-      for name, sc in bl["scores"].items():
-        pooled.setdefault(name, {}).setdefault(bl["state"], []).extend(sc["psnr"])
+  per model state at one grid point, from the ladder's pooled baselines ('' when none ran)."""
+  by_name: dict[str, list[tuple[str, stats.Interval]]] = {}
   order = {s: i for i, s in enumerate(grid.ALL_MODEL_STATES)}
-  return "; ".join(
-      f"{name}: " + ", ".join(f"{state} {float(np.median(baselines.cap_psnr(v))):.1f}"
-                             for state, v in sorted(by.items(), key=lambda kv: order[kv[0]]))
-      + f" (n = {len(next(iter(by.values())))})" for name, by in sorted(pooled.items()))
+  for e in sorted(ladder_, key=lambda e: order[e["point"][2]]):
+    if e["point"][:2] == (batch, steps):
+      for name, iv in e["baselines"].items():
+        by_name.setdefault(name, []).append((e["point"][2], iv))
+  return "; ".join(f"{name}: " + ", ".join(f"{state} {iv.estimate:.1f}" for state, iv in found)
+                   + f" (n = {found[0][1].n})" for name, found in sorted(by_name.items()))
 
 
 def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: float = 1.0
@@ -396,12 +394,12 @@ def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: f
            for e in data.get("baselines", [])
            if (e["batch"], e["local_steps"]) == (b, steps) and "prior_only" in e["scores"]}
   out = []
-  for d in cfg.defenses:
+  for d in (d for d in cfg.defenses if d != "none"):
     for state in grid.ALL_MODEL_STATES:
       runs: dict[str, tuple[list[float], list[float]]] = {}
       for e in data["attacks"]:
         if ((e["defense"], e["batch"], e["local_steps"], e["state"]) != (d, b, steps, state)
-            or d == "none" or e.get("view") == "aggregate"  # not the clear update's victims
+            or e.get("view") == "aggregate"  # not the clear update's victims
             or e["budget"] != max(cfg.rungs(e["attack"], d, b))
             or (state, e["seed"]) not in prior):
           continue
@@ -502,8 +500,7 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                  _fmt(r.get("label_accuracy"), "{:.2f}"),
                  _by_state(r.get("psnr_by_state")), _by_state(r.get("released_by_state"))])
   b.append(("table", header, rows))
-  baseline_line = _baselines_by_state(data.get("baselines", []), cfg.batch_sizes[0],
-                                      cfg.local_steps[0])
+  baseline_line = _baselines_by_state(data["ladder"], cfg.batch_sizes[0], cfg.local_steps[0])
   if baseline_line:
     b.append(("p", "What an attacker gets without the gradient (the baselines on the clear "
                    "update's victims, median PSNR dB by model; the prior-only baseline is the "
@@ -511,7 +508,7 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                    + baseline_line + "."))
   rows = [[r["defense"], r["state"], f"{r['attack']} at {r['budget']}", f"{r['psnr']:.1f}",
            f"{r['prior_only']:.1f}", f"{r['difference']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]",
-           str(r["n"]), r["within"]] for r in against_prior_only(cfg, data)]
+           str(r["n"]), r["within"]] for r in data["against_prior_only"]]
   if rows:
     b.append(("h", 3, "The best attack on what the server sees, against the prior-only "
                       "baseline"))
@@ -651,6 +648,7 @@ def write(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
           wall_seconds: float) -> dict[str, Any]:
   data = gather(cfg, out, fl, attack_plan)
   data["ladder"] = ladder(cfg, data)
+  data["against_prior_only"] = against_prior_only(cfg, data)
   figs = figures(cfg, out, data)
   b = blocks(cfg, out, data, fl, attack_plan, figs, wall_seconds)
   (out / "report.md").write_text(to_markdown(b) + "\n")
@@ -661,6 +659,5 @@ def write(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict, *,
                                     else dataclasses.asdict(r["interval"])} for r in e["rows"]],
                           "baselines": {k: dataclasses.asdict(v) for k, v in e["baselines"].items()}}
                          for e in data["ladder"]]
-  json_data["against_prior_only"] = against_prior_only(cfg, data)
   (out / "report.json").write_text(json.dumps(json_data, indent=1, default=float) + "\n")
   return data

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from diffusion import prior as prior_lib
 from diffusion import schedules, training
 from fljax import datasets
+from tests.fashion import needs_fashion_mnist
 
 
 def test_shipped_prior_loads_and_denoises():
@@ -27,9 +27,6 @@ def test_shipped_prior_loads_and_denoises():
   assert float(jnp.mean((eps - noise) ** 2)) < 0.1
 
 
-FASHION_DATA = (datasets.Path(datasets.FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists()
-
-
 def test_the_fashion_mnist_prior_loads_samples_and_saw_its_training_split_only():
   from diffusion import evaluation
   from inversion import held_out
@@ -46,8 +43,7 @@ def test_the_fashion_mnist_prior_loads_samples_and_saw_its_training_split_only()
   held_out.check(seen, dataset="fashion_mnist", split="test")
 
 
-@pytest.mark.skipif(not FASHION_DATA, reason="Fashion-MNIST is not installed: "
-                                             "apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_the_fashion_mnist_prior_denoises_held_out_test_images():
   p = prior_lib.load(prior_lib.shipped("fashion_mnist"))
   ds = datasets.load("fashion_mnist", image_size=32, channels=1, train_subset=10,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fljax import datasets
+from tests.fashion import needs_fashion_mnist
 
 
 def test_mnist_embedded_split():
@@ -107,9 +108,7 @@ def test_idx_bad_magic(tmp_path):
     datasets.read_idx(tmp_path / "bad")
 
 
-@pytest.mark.skipif(not (datasets.Path(datasets.FASHION_MNIST_DIR)
-                         / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@needs_fashion_mnist
 def test_fashion_mnist_debian_package():
   ds = datasets.load("fashion_mnist", train_subset=100, test_subset=100)
   assert ds.x_train.shape == (100, 28, 28, 1) and ds.num_classes == 10
