@@ -9,8 +9,9 @@ round's aggregate) at the model state (`untrained`: the run's initial parameters
 
 Each cell lives in `cells/<kind>/<hash>/`, the hash covering what determines its result.
 Its outcome is `done.json` or `failed.json` (the reason and traceback), written
-atomically: a done cell is never run again, a failed one is run again by the next study
-(`reopen`), its record keeping the reasons of the earlier failures. A file that is not
+atomically: a done cell is not run again (unless a prior it sampled has been retrained
+since: `priors_of`), a failed one is run again by the next study (`reopen`), its record
+keeping the reasons of the earlier failures. A file that is not
 valid JSON is named in a warning and its cell run again. Attack cells whose shapes agree
 are attacked in one compiled computation (`attack_group`, one model per row).
 """
@@ -55,6 +56,45 @@ def config_hash(cfg: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def priors_of(cell: dict[str, Any]) -> dict[str, str]:
+  """The generative priors an attack or baseline cell samples, folder -> digest of their
+  weights and configs. A cell's hash names a prior, not its weights, so a done cell
+  records these and a study runs it again once they changed (`read_cell`, `reopen`):
+  retraining a shipped prior leaves no result of the old weights in the cache."""
+  if cell.get("kind") not in ("attack", "baseline"):
+    return {}
+  from diffusion import prior as prior_lib
+  from inversion import gan as gan_lib
+  name, overrides = parse_variant(cell["variant"])
+  spec = specs.AttackSpec(name=name, **overrides)
+  try:
+    folders = [specs.prior_folder(spec)]
+  except prior_lib.PriorError:  # a shipped prior not trained yet
+    folders = [prior_lib.SHIPPED[spec.prior]]
+  if cell["kind"] == "baseline":
+    if not cell["prior_steps"]:
+      return {}
+    folders.append(gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN))
+  return {Path(f).name: _folder_digest(Path(f)) for f in folders if f is not None}
+
+
+def _folder_digest(folder: Path) -> str:
+  """sha256 (16 hex digits) of a prior folder's weights and configs (*.msgpack, *.json);
+  "missing" when it has none (a prior not trained yet)."""
+  files = sorted(f for f in folder.glob("*") if f.suffix in (".msgpack", ".json"))
+  stats = [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files]
+  return _digest_files(tuple(stats)) if files else "missing"
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_files(files: tuple[tuple[str, int, int], ...]) -> str:
+  digest = hashlib.sha256()
+  for name, *_ in files:
+    digest.update(Path(name).name.encode())
+    digest.update(Path(name).read_bytes())
+  return digest.hexdigest()[:16]
+
+
 def environment() -> dict[str, Any]:
   """Library versions and the machine, recorded with every cell."""
   import flax
@@ -81,8 +121,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def read_cell(folder: Path) -> dict[str, Any] | None:
-  """The cell's outcome (done.json, else failed.json); None while it has none."""
-  return _read_json(folder / DONE) or _read_json(folder / FAILED)
+  """The cell's outcome (done.json, else failed.json); None while it has none, or when it
+  is done with priors whose weights have changed since (`priors_of`)."""
+  done = _read_json(folder / DONE)
+  if done is not None:
+    return None if _stale(done) else done
+  return _read_json(folder / FAILED)
+
+
+def _stale(result: dict[str, Any]) -> bool:
+  """Whether a done cell sampled other weights of its priors than the current ones (cells
+  recorded before digests were kept have none and count as current)."""
+  return "priors" in result and result["priors"] != priors_of(result["config"])
 
 
 def is_done(folder: Path) -> bool:
@@ -91,25 +141,39 @@ def is_done(folder: Path) -> bool:
 
 
 def reopen(folder: Path) -> None:
-  """Marks a failed cell as to be run again (its failed.json becomes retry.json), so that
-  other hosts wait for its new outcome."""
-  if (folder / FAILED).exists() and not (folder / DONE).exists():
+  """Marks a failed cell, or a done one whose priors were retrained since, as to be run
+  again (its record becomes retry.json, with the reason), so that other hosts wait for
+  its new outcome."""
+  done = _read_json(folder / DONE)
+  if done is not None and _stale(done):
+    _write_json(folder / RETRY, {**done, "status": "failed", "reason": (
+        f"ran with other weights of its priors (digests {done['priors']}; now "
+        f"{priors_of(done['config'])})")})
+    (folder / DONE).unlink()
+  elif (folder / FAILED).exists() and done is None:
     (folder / FAILED).replace(folder / RETRY)
 
 
 def write_cell(folder: Path, result: dict[str, Any]) -> None:
   """Writes done.json or failed.json (atomically; the other files removed). A cell that
-  failed before keeps those reasons in `previous_failures`."""
+  failed before keeps those reasons in `previous_failures`; a done one records the
+  digests of the priors it sampled (`priors_of`)."""
   folder.mkdir(parents=True, exist_ok=True)
   old = _read_json(folder / RETRY) or _read_json(folder / FAILED)
   if old is not None:
     result = {**result, "previous_failures": old.get("previous_failures", []) + [old["reason"]]}
+  if result["status"] == "done" and (priors := priors_of(result.get("config", {}))):
+    result = {**result, "priors": priors}
   name = DONE if result["status"] == "done" else FAILED
-  tmp = folder / (name + ".tmp")
-  tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
-  tmp.replace(folder / name)
+  _write_json(folder / name, result)
   for other in {DONE, FAILED, RETRY} - {name}:
     (folder / other).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(content, indent=1, default=float) + "\n")
+  tmp.replace(path)
 
 
 def failure(cell: dict[str, Any], e: BaseException, **extra: Any) -> dict[str, Any]:

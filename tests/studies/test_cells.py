@@ -33,6 +33,30 @@ def test_an_unreadable_cell_file_is_named_and_its_cell_runs_again(tmp_path):
     assert not cells.is_done(folder)
 
 
+def test_a_cell_of_a_retrained_prior_runs_again(tmp_path):
+  prior = tmp_path / "prior"
+  prior.mkdir()
+  (prior / "params.msgpack").write_bytes(b"weights 1")
+  (prior / "config.json").write_text("{}")
+  cell = {"kind": "attack", "variant": f"dps[prior={prior}]"}
+  folder = tmp_path / "cell"
+  cells.write_cell(folder, {"status": "done", "config": cell})
+  assert cells.read_cell(folder)["priors"] == cells.priors_of(cell) and cells.is_done(folder)
+  (prior / "samples.png").write_bytes(b"png")  # neither weights nor config
+  assert cells.is_done(folder)
+  (prior / "params.msgpack").write_bytes(b"weights 2")  # retrained
+  assert cells.read_cell(folder) is None and not cells.is_done(folder)
+  cells.reopen(folder)
+  assert sorted(p.name for p in folder.iterdir()) == ["retry.json"]
+  cells.write_cell(folder, {"status": "done", "config": cell})
+  record = cells.read_cell(folder)
+  assert record["priors"] == cells.priors_of(cell) != {}
+  assert record["previous_failures"][0].startswith("ran with other weights of its priors")
+  ig = {"kind": "attack", "variant": "ig[lr=0.1]"}  # no prior: nothing to go stale
+  cells.write_cell(tmp_path / "ig", {"status": "done", "config": ig})
+  assert "priors" not in cells.read_cell(tmp_path / "ig")
+
+
 def test_cells_that_see_the_same_upload_share_one_hash():
   cfg = grid.make(grid.StudyConfig, grid.PRESETS["tiny"])
   none, dp = (cells.attack_cell(cfg, "iid", d, 0, "ig", 1, 1, "untrained", "h", None, 4)
