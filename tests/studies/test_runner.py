@@ -239,6 +239,8 @@ def test_scale_preset_plans_valid_cells(tmp_path):
   # under all 18, at the 3 states
   assert len(attacks) == 3 * (2 * 4 + 4) + 17 * 2 * 3 + 18 * 3
   assert {c["model"].get("round") for k, (_, c) in attacks.items() if k[6] == "midway"} == {50}
+  # DESIGN.md: at least 16 victims per number (an aggregate holds a round's ~100 images)
+  assert {c["victims"] for _, c in attacks.values() if c["view"]["kind"] != "aggregate"} == {16}
   base = cells.plan_baselines(attacks, scale.prior_only_steps)  # one per model state
   assert sorted(c["model"]["state"] for c in base.values()) == sorted(grid.ALL_MODEL_STATES)
   assert all(c["view"] == {"kind": "clear"} for c in base.values())  # not the released model
