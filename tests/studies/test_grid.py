@@ -1,10 +1,14 @@
 """studies.grid: names checked against the registries, presets, the calibrated noise."""
 
+import functools
 import math
 
+import jax
+import numpy as np
 import pytest
 
-from studies import grid
+from fljax import partitions
+from studies import cells, grid
 
 
 def test_unknown_names_are_refused_with_the_valid_ones_listed():
@@ -83,3 +87,22 @@ def test_the_lenet_is_dlgs_with_its_init_and_other_models_keep_their_cell_hashes
   assert cells.fl_cell(grid.StudyConfig(model="lenet", rounds=7), "iid", "none", 0)["rounds"] == 7
   with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
     grid.StudyConfig(rounds=0)
+
+
+def test_the_study_partitions_at_the_scale_population():
+  """Every study partition but NIID-Bench's per-class draw at 0.1 fits 3,000 clients of
+  Fashion-MNIST's 60,000 balanced labels; that one says what to use instead."""
+  scale = grid.make(grid.StudyConfig, grid.PRESETS["scale"])
+  labels = np.repeat(np.arange(10), 6000)
+  for name in grid.PARTITIONS:
+    cell = cells.fl_cell(scale, name, "none", 0)
+    data = cells.fl_experiment(cell).data
+    call = functools.partial(partitions.partition, data.partition, labels, scale.clients,
+                             key=jax.random.key(0), **data.partition_kwargs())
+    if name == "dirichlet0.1":
+      with pytest.raises(ValueError, match="use the partition dirichlet_per_client"):
+        call()
+      continue
+    parts = call()
+    assert sorted(np.concatenate(parts)) == list(range(len(labels))), name
+    assert min(map(len, parts)) >= 1, name
