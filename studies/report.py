@@ -380,6 +380,9 @@ def _baselines_by_state(ladder_: list[dict[str, Any]], batch: int, steps: int) -
                    + f" (n = {found[0][1].n})" for name, found in sorted(by_name.items()))
 
 
+BLIND = ("blank", "mean_image", "gan_sample")  # baselines that need nothing from the update
+
+
 def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: float = 1.0
                        ) -> list[dict[str, Any]]:
   """Each defense's best attack on what the server sees (the highest pooled median among
@@ -388,35 +391,53 @@ def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: f
   first of the clear update's: `cells.victim_batches`), pooled over the attack seeds; not
   under secure aggregation, whose aggregate holds other clients' images too.
   `within`: 'yes' when the difference's 95% interval lies at or below `margin` dB, 'no'
-  when above it, 'unresolved' otherwise."""
+  when above it, 'unresolved' otherwise.
+
+  The prior-only sample takes the labels inferred from the clear update, which a defense
+  may hide, so each row is also paired with the best *blind* baseline (`BLIND`: the one
+  of highest median on these victims among the blank image, the training mean image and
+  a GAN sample, outputs that need nothing from the update): `blind`, `blind_psnr` and
+  `blind_difference`, `blind_low`, `blind_high`, `blind_within` as above."""
   b, steps = cfg.batch_sizes[0], cfg.local_steps[0]
-  prior = {(e["state"], e["seed"]): e["scores"]["prior_only"]["psnr"]
-           for e in data.get("baselines", [])
-           if (e["batch"], e["local_steps"]) == (b, steps) and "prior_only" in e["scores"]}
+  scores = {(e["state"], e["seed"]): e["scores"] for e in data.get("baselines", [])
+            if (e["batch"], e["local_steps"]) == (b, steps) and "prior_only" in e["scores"]}
   out = []
   for d in (d for d in cfg.defenses if d != "none"):
     for state in grid.ALL_MODEL_STATES:
-      runs: dict[str, tuple[list[float], list[float]]] = {}
+      runs: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
       for e in data["attacks"]:
         if ((e["defense"], e["batch"], e["local_steps"], e["state"]) != (d, b, steps, state)
             or e.get("view") == "aggregate"  # not the clear update's victims
             or e["budget"] != max(cfg.rungs(e["attack"], d, b))
-            or (state, e["seed"]) not in prior):
+            or (state, e["seed"]) not in scores):
           continue
-        a, base = runs.setdefault(e["attack"], ([], []))
+        a, base = runs.setdefault(e["attack"], ([], {}))
         a += e["psnrs"]
-        base += prior[(state, e["seed"])][:len(e["psnrs"])]
+        for name, score in scores[(state, e["seed"])].items():
+          base.setdefault(name, []).extend(score["psnr"][:len(e["psnrs"])])
       if not runs:
         continue
       attack = max(runs, key=lambda k: float(np.median(runs[k][0])))
-      a, base = (baselines.cap_psnr(v) for v in runs[attack])
-      diff = stats.paired_difference(a, base, group=b)
-      within = ("yes" if diff.high <= margin else "no" if diff.low > margin else "unresolved")
-      out.append({"defense": d, "state": state, "attack": attack,
-                  "budget": max(cfg.rungs(attack, d, b)), "psnr": float(np.median(a)),
-                  "prior_only": float(np.median(base)), "difference": diff.estimate,
-                  "low": diff.low, "high": diff.high, "n": len(a) // b, "within": within})
+      a, base = runs[attack]
+      blind = max((n for n in BLIND if n in base), key=lambda n: float(np.median(base[n])),
+                  default=None)
+      row = {"defense": d, "state": state, "attack": attack,
+             "budget": max(cfg.rungs(attack, d, b)),
+             "psnr": float(np.median(baselines.cap_psnr(a))), "n": len(a) // b, **_paired(a, base["prior_only"], b, margin, "prior_only", "")}
+      if blind is not None:
+        row.update(blind=blind, **_paired(a, base[blind], b, margin, "blind_psnr", "blind_"))
+      out.append(row)
   return out
+
+
+def _paired(a: list[float], base: list[float], b: int, margin: float, name: str,
+            prefix: str) -> dict[str, Any]:
+  """The baseline's median as `name` and the paired difference of `a` from it."""
+  a, base = baselines.cap_psnr(a), baselines.cap_psnr(base)
+  diff = stats.paired_difference(a, base, group=b)
+  within = "yes" if diff.high <= margin else "no" if diff.low > margin else "unresolved"
+  return {name: float(np.median(base)), prefix + "difference": diff.estimate,
+          prefix + "low": diff.low, prefix + "high": diff.high, prefix + "within": within}
 
 
 def _fmt(v, spec="{:.3g}") -> str:
@@ -508,7 +529,11 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                    + baseline_line + "."))
   rows = [[r["defense"], r["state"], f"{r['attack']} at {r['budget']}", f"{r['psnr']:.1f}",
            f"{r['prior_only']:.1f}", f"{r['difference']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]",
-           str(r["n"]), r["within"]] for r in data["against_prior_only"]]
+           r["within"], *([f"{r['blind'].replace('_', ' ')} {r['blind_psnr']:.1f}",
+                           f"{r['blind_difference']:+.1f} [{r['blind_low']:+.1f}, "
+                           f"{r['blind_high']:+.1f}]", r["blind_within"]]
+                          if "blind" in r else ["-"] * 3), str(r["n"])]
+          for r in data["against_prior_only"]]
   if rows:
     b.append(("h", 3, "The best attack on what the server sees, against the prior-only "
                       "baseline"))
@@ -516,9 +541,14 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                    "prior-only baseline's on the same victims, and their paired difference "
                    "(median of per-victim differences, bootstrap 95% interval). Within +1 dB: "
                    "yes when the interval lies at or below +1 dB (the attack recovers no more "
-                   "than the prior alone plus 1 dB), no when above, unresolved otherwise."))
+                   "than the prior alone plus 1 dB), no when above, unresolved otherwise. "
+                   "The prior-only sample takes the labels the clear update leaks, which a "
+                   "defense may hide; the blind baseline is the best of the outputs that need "
+                   "nothing from the update (blank image, training mean image, GAN sample) on "
+                   "the same victims, paired the same way."))
     b.append(("table", ["defense", "model", "best attack", "PSNR dB", "prior-only dB",
-                        "difference dB [95% CI]", "victims", "within +1 dB"], rows))
+                        "difference dB [95% CI]", "within +1 dB", "blind baseline dB",
+                        "difference dB [95% CI]", "within +1 dB", "victims"], rows))
   b.append(("h", 2, "Quality against compute (clear update)"))
   b.append(("p", "Each attack at each budget of the ladder on the clear update (defense "
                  "`none`), a run of its own per budget. PSNR: median over every victim image "

@@ -18,7 +18,8 @@ def test_the_best_attack_is_paired_with_the_prior_only_baseline_on_its_victims()
   prior = np.linspace(10.0, 14.0, 16)  # the clear update's 16 victims
   data = {"baselines": [{"batch": 1, "local_steps": 1, "state": s, "seed": 0,
                          "scores": {"prior_only": {"psnr": list(prior)},
-                                    "blank": {"psnr": [5.0] * 16}}}
+                                    "blank": {"psnr": [5.0] * 16},
+                                    "mean_image": {"psnr": [7.0] * 16}}}
                         for s in ("untrained", "trained")],
           "attacks": [_attack("none", "ig", "untrained", prior + 9),  # the clear update: no row
                       _attack("forward", "ig", "untrained", prior[:8] - 3),
@@ -37,3 +38,10 @@ def test_the_best_attack_is_paired_with_the_prior_only_baseline_on_its_victims()
   assert rows[("forward", "trained")]["within"] == "yes"  # +0.5 on every victim
   assert rows[("prune", "untrained")]["within"] == "no"
   assert rows[("prune", "untrained")]["low"] == pytest.approx(4)
+  # the blind baseline is the better of the blank (5 dB) and mean image (7 dB): prune's
+  # attack, 7 to 8.9 dB above it on every victim, recovers more than an output that needs
+  # nothing from the update; forward's, 0 to 1.9 dB above it, is unresolved
+  blind = rows[("prune", "untrained")]
+  assert blind["blind"] == "mean_image" and blind["blind_psnr"] == pytest.approx(7)
+  assert blind["blind_within"] == "no" and blind["blind_low"] > 6
+  assert far_below["blind_within"] == "unresolved" and far_below["blind_low"] >= 0
