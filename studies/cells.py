@@ -64,7 +64,6 @@ def priors_of(cell: dict[str, Any]) -> dict[str, str]:
   if cell.get("kind") not in ("attack", "baseline"):
     return {}
   from diffusion import prior as prior_lib
-  from inversion import gan as gan_lib
   name, overrides = parse_variant(cell["variant"])
   spec = specs.AttackSpec(name=name, **overrides)
   try:
@@ -74,8 +73,14 @@ def priors_of(cell: dict[str, Any]) -> dict[str, str]:
   if cell["kind"] == "baseline":
     if not cell["prior_steps"]:
       return {}
-    folders.append(gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN))
+    folders.append(_baseline_gan(cell))
   return {Path(f).name: _folder_digest(Path(f)) for f in folders if f is not None}
+
+
+def _baseline_gan(cell: dict[str, Any]) -> Path:
+  """The GAN a baseline cell samples: the one trained on its dataset, else MNIST's."""
+  from inversion import gan as gan_lib
+  return gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN)
 
 
 def _folder_digest(folder: Path) -> str:
@@ -715,9 +720,8 @@ def run_baseline_cell(cell: dict[str, Any], h: str, cells_dir: Path) -> dict[str
       except ValueError as e:
         skipped["prior_only"] = str(e)
       try:
-        gan = gan_lib.SHIPPED.get(cell["data"]["name"], gan_lib.MNIST_GAN)
-        samples["gan_sample"] = baselines.gan_sample(gan_lib.load(gan), p.threat, len(p.x),
-                                                     key=jax.random.fold_in(key, 1))
+        samples["gan_sample"] = baselines.gan_sample(gan_lib.load(_baseline_gan(cell)), p.threat,
+                                                     len(p.x), key=jax.random.fold_in(key, 1))
       except gan_lib.GANError:
         raise
       except ValueError as e:

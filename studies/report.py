@@ -423,7 +423,8 @@ def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: f
                   default=None)
       row = {"defense": d, "state": state, "attack": attack,
              "budget": max(cfg.rungs(attack, d, b)),
-             "psnr": float(np.median(baselines.cap_psnr(a))), "n": len(a) // b, **_paired(a, base["prior_only"], b, margin, "prior_only", "")}
+             "psnr": float(np.median(baselines.cap_psnr(a))), "n": len(a) // b,
+             **_paired(a, base["prior_only"], b, margin, "prior_only", "")}
       if blind is not None:
         row.update(blind=blind, **_paired(a, base[blind], b, margin, "blind_psnr", "blind_"))
       out.append(row)
