@@ -303,8 +303,23 @@ def _find_idx(root: Path, stem: str) -> Path:
       f"the four IDX files")
 
 
+def fashion_mnist_dir(data_dir: str | None = None) -> Path:
+  """Where Fashion-MNIST's IDX files are read: `data_dir`, else `$FLJAX_FASHION_MNIST_DIR`,
+  else Debian's folder (`FASHION_MNIST_DIR`)."""
+  return Path(data_dir or os.environ.get("FLJAX_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+
+
+def has_fashion_mnist(data_dir: str | None = None) -> bool:
+  """Whether the training images are there (`fashion_mnist_dir`), gzipped or not."""
+  try:
+    _find_idx(fashion_mnist_dir(data_dir), "train-images-idx3-ubyte")
+  except DatasetError:
+    return False
+  return True
+
+
 def _load_fashion_mnist(data_dir: str | None) -> Dataset:
-  root = Path(data_dir or os.environ.get("FLJAX_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+  root = fashion_mnist_dir(data_dir)
   arrays = {}
   for split, prefix in (("train", "train"), ("test", "t10k")):
     images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
