@@ -522,7 +522,7 @@ def privacy_fields(defense: str, *, rounds: int, q: float, clients: int) -> dict
 TUNED = Path(__file__).with_name("tuned.json")  # written by studies.tuning (--write_defaults)
 
 
-def _read_tuned(path: Path) -> dict[str, Any]:
+def read_tuned(path: Path) -> dict[str, Any]:
   """The tuned values file ({} when absent); ValueError when it cannot be read."""
   if not path.exists():
     return {}
@@ -541,7 +541,7 @@ def tuned_overrides(dataset: str, model: str, attack: str, *,
     ValueError: the file is unreadable or names a key that is not an AttackSpec field.
   """
   path = Path(path)
-  values = dict(_read_tuned(path).get(f"{dataset}/{model}", {}).get(attack, {}))
+  values = dict(read_tuned(path).get(f"{dataset}/{model}", {}).get(attack, {}))
   fields = {f.name for f in dataclasses.fields(specs.AttackSpec)} - {"name"}
   bad = sorted(set(values) - fields)
   if bad:
@@ -574,7 +574,7 @@ TUNING_FALLBACK = {"fashion_mnist": "mnist"}
 
 def tuning_dataset(dataset: str, model: str, *, path: str | Path = TUNED) -> str:
   """The dataset whose tuned values a study on `dataset` uses (`TUNING_FALLBACK`)."""
-  if f"{dataset}/{model}" not in _read_tuned(Path(path)) and dataset in TUNING_FALLBACK:
+  if f"{dataset}/{model}" not in read_tuned(Path(path)) and dataset in TUNING_FALLBACK:
     return TUNING_FALLBACK[dataset]
   return dataset
 

@@ -120,6 +120,14 @@ VARIANTS: dict[str, str] = {name: grid.ATTACKS[name][0] if name in grid.ATTACKS 
                             for name in SPACES}
 
 
+def variant(attack: str, dataset: str) -> str:
+  """The variant a trial of `attack` runs on `dataset`: its study variant (`VARIANTS`) with
+  the generative prior trained on that dataset when one ships (`grid.prior_overrides`), as
+  the study runs it; on MNIST (the default priors) exactly `VARIANTS[attack]`."""
+  own = grid.prior_overrides(attack, dataset)
+  return grid.with_overrides(VARIANTS[attack], own) if own else VARIANTS[attack]
+
+
 def defaults(attack: str) -> dict[str, Any]:
   """The attack's current values of its tuned hyperparameters (None: the attack's own
   default, resolved by its plan builder), with its study variant's overrides."""
@@ -128,8 +136,10 @@ def defaults(attack: str) -> dict[str, Any]:
   return {k: getattr(spec, k) for k in SPACES[attack]}
 
 
-def draws(attack: str, trials: int, seed: int) -> list[dict[str, Any]]:
-  """The attack's `trials` distinct candidates: its defaults, then `trials - 1` stratified
+def draws(attack: str, trials: int, seed: int,
+          start: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """The attack's `trials` distinct candidates: its defaults (with `start`'s values, e.g.
+  those tuned on another dataset, over them), then `trials - 1` stratified
   draws from its space (a Latin hypercube: per hyperparameter, stratum s of `trials - 1`
   equal quantile ranges goes to the trial at its place in a shuffled order, and the value
   is drawn uniformly within it). Every key derives from the seed folded with the attack's
@@ -146,7 +156,7 @@ def draws(attack: str, trials: int, seed: int) -> list[dict[str, Any]]:
   k_order, k_within = jax.random.split(key)
   order = {name: np.asarray(jax.random.permutation(k, n)) if n else np.zeros(0, int)
            for name, k in zip(space, jax.random.split(k_order, len(space)))}
-  out = [defaults(attack)]
+  out = [{**defaults(attack), **{k: v for k, v in (start or {}).items() if k in space}}]
   for t in range(1, trials):
     for attempt in range(100):  # a draw equal to an earlier candidate is drawn again
       keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_within, t), attempt),
@@ -186,6 +196,9 @@ class TuningConfig:
     victim_indices: test-split indices of the V x B victim images (none: drawn from the
       tuning split); they must not be evaluation images.
     chunk: attack steps per compiled call.
+    start_from: a dataset whose values tuned for this model (in the defaults file) are each
+      attack's trial 0 instead of its own default: a warm start where a dataset has run on
+      another's tuning (`grid.TUNING_FALLBACK`), so that what it ran is a candidate too.
   """
 
   data: grid.DataSpec = grid.DataSpec()
@@ -199,6 +212,7 @@ class TuningConfig:
   seed: int = 0
   victim_indices: tuple[int, ...] | None = None
   chunk: int = 25
+  start_from: str | None = None
 
   def __post_init__(self):
     grid.check_names("attack", self.attacks, SPACES)
@@ -224,6 +238,7 @@ TINY: dict[str, Any] = {"data.name": "digits", "data.image_size": None, "data.ch
 class Setup:
   """What every trial shares: the model, the victims and what the server observed."""
 
+  dataset: str  # whose generative priors the attacks sample (`variant`)
   model: models.Model
   threat: ob.ThreatModel
   obs: ob.Observation  # updates [V, ...], params shared
@@ -267,19 +282,19 @@ def prepare(cfg: TuningConfig) -> Setup:
   threat = ob.ThreatModel(batch_size=cfg.batch_size, input_shape=ds.image_shape,
                           num_classes=ds.num_classes)
   for attack in cfg.attacks:  # every attack checked before any runs
-    _plan(model, threat, attack, defaults(attack), cfg.budget)
+    _plan(model, threat, variant(attack, cfg.data.name), defaults(attack), cfg.budget)
   key = jax.random.key(cfg.seed)
   params = model.init(jax.random.split(key, 3)[1])  # the FL run's initialisation (fljax.train)
   x, y = ds.x_test[index], ds.y_test[index]
   obs = engine.observe_all(model, params, x, y, threat, fed.identity_defense,
                            key=jax.random.fold_in(key, 2))
   keys = jax.random.split(jax.random.fold_in(key, 3), cfg.victims)
-  return Setup(model, threat, obs, np.asarray(x), np.asarray(y), index, keys)
+  return Setup(cfg.data.name, model, threat, obs, np.asarray(x), np.asarray(y), index, keys)
 
 
-def _plan(model: models.Model, threat: ob.ThreatModel, attack: str, values: dict[str, Any],
+def _plan(model: models.Model, threat: ob.ThreatModel, variant_: str, values: dict[str, Any],
           budget: int) -> specs.AttackPlan:
-  name, overrides = parse_variant(VARIANTS[attack])
+  name, overrides = parse_variant(variant_)
   spec = specs.AttackSpec(name=name, budget=budget, retries=0, **{**overrides, **values})
   return specs.ATTACKS[name](model, threat, spec, specs.DefenseSpec(name="none"))
 
@@ -288,7 +303,7 @@ def run_trial(setup: Setup, attack: str, values: dict[str, Any], budget: int, *,
               chunk: int = 25) -> dict[str, Any]:
   """Attacks every victim with `values`; returns the scores (Hungarian-matched, a diverged
   victim scored as the blank image) and what was spent."""
-  plan = _plan(setup.model, setup.threat, attack, values, budget)
+  plan = _plan(setup.model, setup.threat, variant(attack, setup.dataset), values, budget)
   t0 = time.perf_counter()
   states = engine.attack_batched(plan, setup.obs, setup.keys, mode=cells.batching_mode(),
                                  chunk=chunk)
@@ -323,7 +338,7 @@ def trial_hash(cfg: TuningConfig, index: np.ndarray, attack: str, values: dict[s
   content = {"data": dataclasses.asdict(cfg.data), "model": cfg.model,
              **grid.init_field(cfg.model), "seed": cfg.seed,
              "victims": index.tolist(), "budget": cfg.budget, "attack": attack,
-             "variant": VARIANTS[attack], "values": values}
+             "variant": variant(attack, cfg.data.name), "values": values}
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -350,12 +365,13 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
+  start = starting_values(cfg, defaults_file)
   setup = prepare(cfg)
   (workdir / "trials").mkdir(parents=True, exist_ok=True)
   out: dict[str, Any] = {}
   for attack in cfg.attacks:
     trials = []
-    for t, values in enumerate(draws(attack, cfg.trials, cfg.seed)):
+    for t, values in enumerate(draws(attack, cfg.trials, cfg.seed, start.get(attack))):
       path = workdir / "trials" / f"{attack}-{trial_hash(cfg, setup.indices, attack, values)}.json"
       result = _read(path)
       if result is None:
@@ -372,7 +388,7 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
       score = (f"{result['median_psnr']['estimate']:.2f} dB" if result["status"] == "done"
                else result["reason"])
       log(f"{attack} trial {t}: {_show(values)}: {score}")
-    out[attack] = {"variant": VARIANTS[attack], "chosen": chosen(trials), "trials": trials,
+    out[attack] = {"variant": variant(attack, cfg.data.name), "chosen": chosen(trials), "trials": trials,
                    "space": {k: {"kind": type(d).__name__, **dataclasses.asdict(d)}
                              for k, d in SPACES[attack].items()}}
   text = json.dumps({"config": config_lib.to_dict(cfg), "victims": setup.indices.tolist(),
@@ -383,6 +399,24 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
   if write_defaults:
     write_tuned(result, defaults_file)
   return result
+
+
+def starting_values(cfg: TuningConfig, path: str | Path = TUNED) -> dict[str, dict[str, Any]]:
+  """attack -> the values tuned on `cfg.start_from` for `cfg.model` in `path` ({} without
+  --start_from).
+
+  Raises:
+    ValueError: `path` holds no values tuned on that dataset and model.
+  """
+  if cfg.start_from is None:
+    return {}
+  key = f"{cfg.start_from}/{cfg.model}"
+  if key not in grid.read_tuned(Path(path)):
+    raise ValueError(f"--start_from {cfg.start_from}: {path} holds no values tuned on {key}; "
+                     f"tune there first (--data.name {cfg.start_from}) or leave --start_from "
+                     f"out")
+  return {attack: tuned_overrides(cfg.start_from, cfg.model, attack, path=path)
+          for attack in cfg.attacks}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -402,10 +436,12 @@ def tables(result: dict[str, Any]) -> str:
   """tuning.md: one table per attack (the chosen trial in bold), then the chosen values."""
   cfg = result["config"]
   data = cfg["data"]
+  trial0 = ("the default" if cfg.get("start_from") is None
+            else f"the values tuned on {cfg['start_from']}")
   lines = [f"# Attack tuning: {data['name']} / {cfg['model']}", "",
            f"{cfg['victims']} victims of B = {cfg['batch_size']} from the test split's tuning "
            f"quarter (indices {result['victims']}), untrained model (seed {cfg['seed']}), "
-           f"FedSGD, no defense; {cfg['trials']} trials per attack (trial 0: the default), "
+           f"FedSGD, no defense; {cfg['trials']} trials per attack (trial 0: {trial0}), "
            f"{cfg['budget']} double-backward evaluations per victim; median PSNR over the "
            f"victims' images with its bootstrap 95 % interval (`studies.tuning`).", ""]
   best = ["## Chosen values", "", "| attack | variant | values | median PSNR [95 % CI] | trial |",

@@ -111,6 +111,38 @@ def test_chosen_values_become_the_defaults_of_the_dataset_and_model(tuned, tmp_p
     assert isinstance(tuning.tuned_overrides("mnist", "cnn", attack), dict)
 
 
+def test_a_warm_start_makes_another_datasets_tuned_values_trial_0(tuned, tmp_path, capsys):
+  _, path, _ = tuned
+  start = {a: tuning.tuned_overrides("digits", "mlp", a, path=path) for a in ("ig", "idlg")}
+  result = tuning.run(_tiny(start_from="digits"), tmp_path / "run", defaults_file=path,
+                      log=lambda line: None)
+  for attack, a in result["attacks"].items():
+    assert a["trials"][0]["values"] == {**tuning.defaults(attack), **start[attack]}
+    # the draws after it (one that repeats trial 0, as the tiny run's own choice does here,
+    # drawn again)
+    assert a["trials"][1]["values"] == tuning.draws(attack, 2, 0, start[attack])[1]
+    assert a["trials"][1]["values"] != a["trials"][0]["values"]
+  assert "(trial 0: the values tuned on digits)" in (tmp_path / "run" / "tuning.md").read_text()
+  with pytest.raises(SystemExit, match=r"^error: --start_from mnist: .* holds no values tuned "
+                                       r"on mnist/mlp; tune there first"):
+    script.main(["--tiny", "--workdir", str(tmp_path / "other"), "--start_from", "mnist",
+                 "--defaults_file", str(path)])
+  assert not (tmp_path / "other").exists()  # refused before any computation
+
+
+def test_a_trial_runs_what_the_study_runs_with_the_datasets_own_prior():
+  for dataset in ("mnist", "fashion_mnist"):
+    for attack in tuning.SPACES:
+      values = tuning.tuned_overrides(tuning.grid.tuning_dataset(dataset, "cnn"), "cnn", attack)
+      assert (tuning.with_overrides(tuning.variant(attack, dataset), values)
+              == tuning.grid.variant(attack, dataset, "cnn"))
+  assert tuning.variant("dps", "mnist") == tuning.VARIANTS["dps"]  # MNIST's trial hashes hold
+  assert compare.parse_variant(tuning.variant("ggdm", "fashion_mnist"))[1]["prior"] == (
+      "fashion_mnist")
+  assert compare.parse_variant(tuning.variant("gifd", "fashion_mnist"))[1]["gan"] == (
+      "fashion_mnist")
+
+
 def test_overlapping_victims_are_refused_in_one_sentence_before_any_computation(
     tmp_path, monkeypatch, capsys):
   def never(*args, **kwargs):
