@@ -33,8 +33,10 @@ SHIPPED: dict[str, Path] = {
     "mnist": MNIST_PRIOR,
     "fashion_mnist": Path(__file__).parent / "priors" / "fashion_mnist32",
 }
+#: The training steps of each shipped prior (README's table of shipped weights).
+SHIPPED_STEPS: dict[str, int] = {"mnist": 5000, "fashion_mnist": 4000}
 TRAIN_COMMAND = ("python scripts/train_diffusion.py --workdir runs/ddpm_{name} --data.name {name} "
-                 "--steps 5000, then copy runs/ddpm_{name}/prior to {folder}")
+                 "--steps {steps}, then copy runs/ddpm_{name}/prior to {folder}")
 
 
 def shipped(name: str) -> Path:
@@ -50,7 +52,7 @@ def shipped(name: str) -> Path:
   folder = SHIPPED[name]
   if not (folder / "params.msgpack").is_file():
     raise PriorError(f"the {name} diffusion prior is not trained yet: "
-                     + TRAIN_COMMAND.format(name=name, folder=folder))
+                     + TRAIN_COMMAND.format(name=name, folder=folder, steps=SHIPPED_STEPS[name]))
   return folder
 
 

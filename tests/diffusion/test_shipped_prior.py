@@ -1,8 +1,11 @@
 """The priors that ship in the repository (see docs/diffusion.md: how it was trained)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion import prior as prior_lib
 from diffusion import schedules, training
@@ -54,3 +57,16 @@ def test_the_fashion_mnist_prior_denoises_held_out_test_images():
   eps = jax.jit(p.denoiser(jnp.asarray(ds.y_test[:4])))(
       schedules.q_sample(p.schedule, x0, t, noise), t)
   assert float(jnp.mean((eps - noise) ** 2)) < 0.1
+
+
+def test_a_missing_prior_names_the_command_that_trained_the_shipped_one(tmp_path, monkeypatch):
+  readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+  assert set(prior_lib.SHIPPED_STEPS) == set(prior_lib.SHIPPED)
+  for name, steps in prior_lib.SHIPPED_STEPS.items():
+    monkeypatch.setitem(prior_lib.SHIPPED, name, tmp_path / name)
+    with pytest.raises(prior_lib.PriorError, match=rf"{name} diffusion prior is not trained "
+                                                   rf"yet: python .*--steps {steps}, then"):
+      prior_lib.shipped(name)
+    # the README's table of shipped weights gives the same number of steps
+    assert any(f"--steps {steps}`" in line for line in readme.splitlines()
+               if f"diffusion UNet | `diffusion/priors/{name}32`" in line)
