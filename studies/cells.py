@@ -675,15 +675,15 @@ def baseline_cell(attack: dict[str, Any], prior_steps: int) -> dict[str, Any]:
 
 
 def plan_baselines(attack_plan: dict[tuple, tuple[str, dict[str, Any]]], prior_steps: int
-                   ) -> dict[str, dict[str, Any]]:
-  """hash -> config of the baseline cells: one per victim set and model of the ladder (the
-  attack cells on the clear update, defense `none`, not those on the released model; keys as
-  `studies.runner.plan_attacks`)."""
+                   ) -> dict[str, tuple[str, dict[str, Any]]]:
+  """hash -> (partition, config) of the baseline cells: one per victim set and model of the
+  ladder (the attack cells on the clear update, defense `none`, not those on the released
+  model; keys as `studies.runner.plan_attacks`, whose first is the partition)."""
   out = {}
   for key, (_, cell) in attack_plan.items():
     if key[1] == "none" and not key[3].endswith(grid.RELEASED):
       b = baseline_cell(cell, prior_steps)
-      out[config_hash(b)] = b
+      out[config_hash(b)] = (key[0], b)
   return out
 
 

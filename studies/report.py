@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import itertools
 import json
 import math
 from pathlib import Path
@@ -126,13 +127,14 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
                      if at + (state,) in found}
       summary.append(row)
   base = []
-  for h, cell in cells.plan_baselines(attack_plan, cfg.prior_only_steps).items():
+  for h, (p, cell) in cells.plan_baselines(attack_plan, cfg.prior_only_steps).items():
     r = cells.read_cell(cells_dir / "baseline" / h)
     if r is None or r["status"] != "done":
       failed.append({"kind": "baseline", "hash": h, "what": f"baselines B={cell['batch']} / "
                      f"{cell['model']['state']}", "reason": "not run" if r is None else r["reason"]})
       continue
-    base.append({"batch": cell["batch"], "local_steps": cell["local_steps"],
+    base.append({"partition": p, "batch": cell["batch"],
+                 "local_steps": cell["local_steps"],
                  "state": cell["model"]["state"], "seed": cell["partition_seed"],
                  "data": cell["data"], "scores": r["baselines"]})
   return {"summary": summary, "attacks": attack_rows, "released": released_rows,
@@ -386,9 +388,10 @@ BLIND = ("blank", "mean_image", "gan_sample")  # baselines that need nothing fro
 def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: float = 1.0
                        ) -> list[dict[str, Any]]:
   """Each defense's best attack on what the server sees (the highest pooled median among
-  the attacks at their largest budget there) at each model state of the first grid point,
-  paired with the prior-only baseline on the same victims (a defense's victims are the
-  first of the clear update's: `cells.victim_batches`), pooled over the attack seeds; not
+  the attacks at their largest budget there) in each partition at each model state of the
+  first grid point, paired with the prior-only baseline on the same victims (a defense's
+  victims are the first of the clear update's in its partition: `cells.victim_batches`),
+  pooled over the attack seeds; not
   under secure aggregation, whose aggregate holds other clients' images too.
   `within`: 'yes' when the difference's 95% interval lies at or below `margin` dB, 'no'
   when above it, 'unresolved' otherwise.
@@ -399,35 +402,38 @@ def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: f
   a GAN sample, outputs that need nothing from the update): `blind`, `blind_psnr` and
   `blind_difference`, `blind_low`, `blind_high`, `blind_within` as above."""
   b, steps = cfg.batch_sizes[0], cfg.local_steps[0]
-  scores = {(e["state"], e["seed"]): e["scores"] for e in data.get("baselines", [])
+  scores = {(e["partition"], e["state"], e["seed"]): e["scores"]
+            for e in data.get("baselines", [])
             if (e["batch"], e["local_steps"]) == (b, steps) and "prior_only" in e["scores"]}
   out = []
-  for d in (d for d in cfg.defenses if d != "none"):
-    for state in grid.ALL_MODEL_STATES:
-      runs: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
-      for e in data["attacks"]:
-        if ((e["defense"], e["batch"], e["local_steps"], e["state"]) != (d, b, steps, state)
-            or e.get("view") == "aggregate"  # not the clear update's victims
-            or e["budget"] != max(cfg.rungs(e["attack"], d, b))
-            or (state, e["seed"]) not in scores):
-          continue
-        a, base = runs.setdefault(e["attack"], ([], {}))
-        a += e["psnrs"]
-        for name, score in scores[(state, e["seed"])].items():
-          base.setdefault(name, []).extend(score["psnr"][:len(e["psnrs"])])
-      if not runs:
+  for p, d, state in itertools.product(cfg.partitions, cfg.defenses, grid.ALL_MODEL_STATES):
+    if d == "none":
+      continue
+    runs: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
+    for e in data["attacks"]:
+      if ((e["partition"], e["defense"], e["batch"], e["local_steps"], e["state"])
+          != (p, d, b, steps, state)
+          or e.get("view") == "aggregate"  # not the clear update's victims
+          or e["budget"] != max(cfg.rungs(e["attack"], d, b))
+          or (p, state, e["seed"]) not in scores):
         continue
-      attack = max(runs, key=lambda k: float(np.median(runs[k][0])))
-      a, base = runs[attack]
-      blind = max((n for n in BLIND if n in base), key=lambda n: float(np.median(base[n])),
-                  default=None)
-      row = {"defense": d, "state": state, "attack": attack,
-             "budget": max(cfg.rungs(attack, d, b)),
-             "psnr": float(np.median(baselines.cap_psnr(a))), "n": len(a) // b,
-             **_paired(a, base["prior_only"], b, margin, "prior_only", "")}
-      if blind is not None:
-        row.update(blind=blind, **_paired(a, base[blind], b, margin, "blind_psnr", "blind_"))
-      out.append(row)
+      a, base = runs.setdefault(e["attack"], ([], {}))
+      a += e["psnrs"]
+      for name, score in scores[(p, state, e["seed"])].items():
+        base.setdefault(name, []).extend(score["psnr"][:len(e["psnrs"])])
+    if not runs:
+      continue
+    attack = max(runs, key=lambda k: float(np.median(runs[k][0])))
+    a, base = runs[attack]
+    blind = max((n for n in BLIND if n in base), key=lambda n: float(np.median(base[n])),
+                default=None)
+    row = {"partition": p, "defense": d, "state": state, "attack": attack,
+           "budget": max(cfg.rungs(attack, d, b)),
+           "psnr": float(np.median(baselines.cap_psnr(a))), "n": len(a) // b,
+           **_paired(a, base["prior_only"], b, margin, "prior_only", "")}
+    if blind is not None:
+      row.update(blind=blind, **_paired(a, base[blind], b, margin, "blind_psnr", "blind_"))
+    out.append(row)
   return out
 
 
@@ -528,7 +534,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                    "update's victims, median PSNR dB by model; the prior-only baseline is the "
                    "diffusion prior's sample at the labels inferred from the update): "
                    + baseline_line + "."))
-  rows = [[r["defense"], r["state"], f"{r['attack']} at {r['budget']}", f"{r['psnr']:.1f}",
+  rows = [[r["partition"], r["defense"], r["state"], f"{r['attack']} at {r['budget']}",
+           f"{r['psnr']:.1f}",
            f"{r['prior_only']:.1f}", f"{r['difference']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]",
            r["within"], *([f"{r['blind'].replace('_', ' ')} {r['blind_psnr']:.1f}",
                            f"{r['blind_difference']:+.1f} [{r['blind_low']:+.1f}, "
@@ -538,8 +545,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
   if rows:
     b.append(("h", 3, "The best attack on what the server sees, against the prior-only "
                       "baseline"))
-    b.append(("p", "Per defense and model state: the best attack's median PSNR, the "
-                   "prior-only baseline's on the same victims, and their paired difference "
+    b.append(("p", "Per partition, defense and model state: the best attack's median PSNR, "
+                   "the prior-only baseline's on the same victims, and their paired difference "
                    "(median of per-victim differences, bootstrap 95% interval). Within +1 dB: "
                    "yes when the interval lies at or below +1 dB (the attack recovers no more "
                    "than the prior alone plus 1 dB), no when above, unresolved otherwise. "
@@ -547,7 +554,8 @@ def blocks(cfg: grid.StudyConfig, out: Path, data: dict, fl: dict, attack_plan: 
                    "defense may hide; the blind baseline is the best of the outputs that need "
                    "nothing from the update (blank image, training mean image, GAN sample) on "
                    "the same victims, paired the same way."))
-    b.append(("table", ["defense", "model", "best attack", "PSNR dB", "prior-only dB",
+    b.append(("table", ["partition", "defense", "model", "best attack", "PSNR dB",
+                        "prior-only dB",
                         "difference dB [95% CI]", "within +1 dB", "blind baseline dB",
                         "difference dB [95% CI]", "within +1 dB", "victims"], rows))
   b.append(("h", 2, "Quality against compute (clear update)"))

@@ -207,7 +207,7 @@ def run(cfg: grid.StudyConfig, workdir: str | os.PathLike, *, progress: bool = T
   todo = _pending(cells_dir / "baseline", list(base), hosts)
   say(f"baselines: {len(base)} victim sets on the clear update ({len(todo)} to score)")
   for h in todo:
-    outcome = cells.run_baseline_cell(base[h], h, cells_dir)
+    outcome = cells.run_baseline_cell(base[h][1], h, cells_dir)
     if outcome["status"] == "failed":
       say(f"baseline cell {h} failed: {outcome['reason']}")
   _wait_for(cells_dir / "baseline", list(base), hosts, say)

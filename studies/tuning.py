@@ -371,7 +371,8 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
   out: dict[str, Any] = {}
   for attack in cfg.attacks:
     trials = []
-    for t, values in enumerate(draws(attack, cfg.trials, cfg.seed, start.get(attack))):
+    candidates = draws(attack, cfg.trials, cfg.seed, start.get(attack))
+    for t, values in enumerate(candidates):
       path = workdir / "trials" / f"{attack}-{trial_hash(cfg, setup.indices, attack, values)}.json"
       result = _read(path)
       if result is None:

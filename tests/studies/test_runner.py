@@ -242,12 +242,15 @@ def test_scale_preset_plans_valid_cells(tmp_path):
   # DESIGN.md: at least 16 victims per number (an aggregate holds a round's ~100 images)
   assert {c["victims"] for _, c in attacks.values() if c["view"]["kind"] != "aggregate"} == {16}
   base = cells.plan_baselines(attacks, scale.prior_only_steps)  # one per model state
-  assert sorted(c["model"]["state"] for c in base.values()) == sorted(grid.ALL_MODEL_STATES)
-  assert all(c["view"] == {"kind": "clear"} for c in base.values())  # not the released model
+  assert sorted(c["model"]["state"] for _, c in base.values()) == sorted(grid.ALL_MODEL_STATES)
+  assert all(c["view"] == {"kind": "clear"} for _, c in base.values())  # not the released model
+  assert {p for p, _ in base.values()} == {"iid"}
   variants = {k[3]: c["variant"] for k, (_, c) in attacks.items() if k[1] == "none"}
-  # Fashion-MNIST's own priors, and the tuning of MNIST (same geometry and model) for all
+  # Fashion-MNIST's own priors and tuning (studies/tuned.json)
   assert "gan=fashion_mnist" in variants["gifd"] and "prior=fashion_mnist" in variants["ggdm"]
-  assert variants["ig"] == grid.variant("ig", "mnist", "cnn")
+  # (on the clear update the adaptive attack is dps itself: one shared cell)
+  assert all(v == grid.variant("dps" if a == "adaptive" else a, "fashion_mnist", "cnn")
+             for a, v in variants.items() if not a.endswith(grid.RELEASED))
   baseline = cells.baseline_cell(attacks[next(iter(attacks))][1], scale.prior_only_steps)
   assert "prior=fashion_mnist" in baseline["variant"]
 
