@@ -372,9 +372,14 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
   for attack in cfg.attacks:
     trials = []
     candidates = draws(attack, cfg.trials, cfg.seed, start.get(attack))
+    # the hash names a prior, not its weights: a trial of other weights runs again (a trial
+    # recorded without them counts as current, as `cells.read_cell` does)
+    priors = cells.priors_of({"kind": "attack", "variant": variant(attack, cfg.data.name)})
     for t, values in enumerate(candidates):
       path = workdir / "trials" / f"{attack}-{trial_hash(cfg, setup.indices, attack, values)}.json"
       result = _read(path)
+      if result is not None and result.get("priors", priors) != priors:
+        result = None
       if result is None:
         try:
           result = run_trial(setup, attack, values, cfg.budget, chunk=cfg.chunk)
@@ -382,6 +387,7 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
           result = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc()}
         else:
+          result["priors"] = priors
           tmp = path.with_suffix(".tmp")
           tmp.write_text(json.dumps({**result, "values": values}, indent=1) + "\n")
           tmp.replace(path)
@@ -389,7 +395,8 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
       score = (f"{result['median_psnr']['estimate']:.2f} dB" if result["status"] == "done"
                else result["reason"])
       log(f"{attack} trial {t}: {_show(values)}: {score}")
-    out[attack] = {"variant": variant(attack, cfg.data.name), "chosen": chosen(trials), "trials": trials,
+    out[attack] = {"variant": variant(attack, cfg.data.name), "chosen": chosen(trials),
+                   "trials": trials,
                    "space": {k: {"kind": type(d).__name__, **dataclasses.asdict(d)}
                              for k, d in SPACES[attack].items()}}
   text = json.dumps({"config": config_lib.to_dict(cfg), "victims": setup.indices.tolist(),

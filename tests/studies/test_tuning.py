@@ -72,6 +72,23 @@ def test_a_rerun_skips_the_finished_trials(tuned, tmp_path, monkeypatch):
   assert after["attacks"] == before["attacks"]
 
 
+def test_a_trial_of_other_prior_weights_runs_again(tuned, tmp_path, monkeypatch):
+  workdir = shutil.copytree(tuned[0], tmp_path / "run")
+  for f in (workdir / "trials").glob("*.json"):  # as if each had sampled a prior
+    f.write_text(json.dumps({**json.loads(f.read_text()), "priors": {"prior": "old"}}))
+  ran = []
+  real = tuning.run_trial
+  monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: ran.append(a[1]) or real(*a, **k))
+  monkeypatch.setattr(tuning.cells, "priors_of", lambda cell: {"prior": "old"})
+  tuning.run(_tiny(), workdir, log=lambda line: None)
+  assert ran == []  # the same weights: every trial cached
+  monkeypatch.setattr(tuning.cells, "priors_of", lambda cell: {"prior": "retrained"})
+  tuning.run(_tiny(), workdir, log=lambda line: None)
+  assert sorted(ran) == ["idlg", "idlg", "ig", "ig"]  # every trial again
+  assert {json.loads(f.read_text())["priors"]["prior"]
+          for f in (workdir / "trials").glob("*.json")} == {"retrained"}
+
+
 def test_a_failed_trial_is_reported_and_retried(tuned, tmp_path, monkeypatch):
   workdir = shutil.copytree(tuned[0], tmp_path / "run")
   data = json.loads((workdir / "tuning.json").read_text())
