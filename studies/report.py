@@ -130,8 +130,9 @@ def gather(cfg: grid.StudyConfig, out: Path, fl: dict, attack_plan: dict) -> dic
   for h, (p, cell) in cells.plan_baselines(attack_plan, cfg.prior_only_steps).items():
     r = cells.read_cell(cells_dir / "baseline" / h)
     if r is None or r["status"] != "done":
-      failed.append({"kind": "baseline", "hash": h, "what": f"baselines B={cell['batch']} / "
-                     f"{cell['model']['state']}", "reason": "not run" if r is None else r["reason"]})
+      failed.append({"kind": "baseline", "hash": h,
+                     "what": f"{p} / baselines B={cell['batch']} / {cell['model']['state']}",
+                     "reason": "not run" if r is None else r["reason"]})
       continue
     base.append({"partition": p, "batch": cell["batch"],
                  "local_steps": cell["local_steps"],
