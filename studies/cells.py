@@ -63,18 +63,28 @@ def priors_of(cell: dict[str, Any]) -> dict[str, str]:
   retraining a shipped prior leaves no result of the old weights in the cache."""
   if cell.get("kind") not in ("attack", "baseline"):
     return {}
-  from diffusion import prior as prior_lib
-  name, overrides = parse_variant(cell["variant"])
-  spec = specs.AttackSpec(name=name, **overrides)
-  try:
-    folders = [specs.prior_folder(spec)]
-  except prior_lib.PriorError:  # a shipped prior not trained yet
-    folders = [prior_lib.SHIPPED[spec.prior]]
   if cell["kind"] == "baseline":
     if not cell["prior_steps"]:
       return {}
-    folders.append(_baseline_gan(cell))
-  return {Path(f).name: _folder_digest(Path(f)) for f in folders if f is not None}
+    return {**variant_priors(cell["variant"]), **_digests([_baseline_gan(cell)])}
+  return variant_priors(cell["variant"])
+
+
+def variant_priors(variant: str) -> dict[str, str]:
+  """The generative prior an attack variant samples (`inversion.compare.parse_variant`'s
+  syntax), folder -> digest of its weights and configs; {} for an attack without one."""
+  from diffusion import prior as prior_lib
+  name, overrides = parse_variant(variant)
+  spec = specs.AttackSpec(name=name, **overrides)
+  try:
+    folder = specs.prior_folder(spec)
+  except prior_lib.PriorError:  # a shipped prior not trained yet
+    folder = prior_lib.SHIPPED[spec.prior]
+  return _digests([folder] if folder is not None else [])
+
+
+def _digests(folders: list[str | Path]) -> dict[str, str]:
+  return {Path(f).name: _folder_digest(Path(f)) for f in folders}
 
 
 def _baseline_gan(cell: dict[str, Any]) -> Path:

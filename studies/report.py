@@ -392,8 +392,8 @@ def against_prior_only(cfg: grid.StudyConfig, data: dict[str, Any], *, margin: f
   the attacks at their largest budget there) in each partition at each model state of the
   first grid point, paired with the prior-only baseline on the same victims (a defense's
   victims are the first of the clear update's in its partition: `cells.victim_batches`),
-  pooled over the attack seeds; not
-  under secure aggregation, whose aggregate holds other clients' images too.
+  pooled over the attack seeds; not under secure aggregation, whose aggregate holds other
+  clients' images too.
   `within`: 'yes' when the difference's 95% interval lies at or below `margin` dB, 'no'
   when above it, 'unresolved' otherwise.
 

@@ -373,8 +373,8 @@ def run(cfg: TuningConfig, workdir: str | Path, *, write_defaults: bool = False,
     trials = []
     candidates = draws(attack, cfg.trials, cfg.seed, start.get(attack))
     # the hash names a prior, not its weights: a trial of other weights runs again (a trial
-    # recorded without them counts as current, as `cells.read_cell` does)
-    priors = cells.priors_of({"kind": "attack", "variant": variant(attack, cfg.data.name)})
+    # recorded without them counts as current, as the study's cells do: `cells.read_cell`)
+    priors = cells.variant_priors(variant(attack, cfg.data.name))
     for t, values in enumerate(candidates):
       path = workdir / "trials" / f"{attack}-{trial_hash(cfg, setup.indices, attack, values)}.json"
       result = _read(path)

@@ -79,10 +79,10 @@ def test_a_trial_of_other_prior_weights_runs_again(tuned, tmp_path, monkeypatch)
   ran = []
   real = tuning.run_trial
   monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: ran.append(a[1]) or real(*a, **k))
-  monkeypatch.setattr(tuning.cells, "priors_of", lambda cell: {"prior": "old"})
+  monkeypatch.setattr(tuning.cells, "variant_priors", lambda variant: {"prior": "old"})
   tuning.run(_tiny(), workdir, log=lambda line: None)
   assert ran == []  # the same weights: every trial cached
-  monkeypatch.setattr(tuning.cells, "priors_of", lambda cell: {"prior": "retrained"})
+  monkeypatch.setattr(tuning.cells, "variant_priors", lambda variant: {"prior": "retrained"})
   tuning.run(_tiny(), workdir, log=lambda line: None)
   assert sorted(ran) == ["idlg", "idlg", "ig", "ig"]  # every trial again
   assert {json.loads(f.read_text())["priors"]["prior"]
